@@ -1,0 +1,1 @@
+"""Converters from an IntCheckpoint to deployment formats (one module per format)."""

@@ -1,0 +1,182 @@
+"""`lrqat` command line (contract in DESIGN.md). Exit status: 0 ok, 1 a check failed, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import CheckFailed, UserError
+
+EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization grid")
+    g.add_argument("--preset", help="named grid: q4_0, q8_0, q4_1, w4pc, w4g64, w3g64, w4g128, w3g128, ... "
+                                    "(default w4pc); --bits/--group-size/--asym override it")
+    g.add_argument("--bits", type=int, help="code width, 2..8")
+    g.add_argument("--group-size", type=int, help="input features per scale; -1 = per output channel")
+    g.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points")
+    g.add_argument("--range-method", default="lp", choices=["lp", "mse", "minmax"],
+                   help="scale initialisation by range search (default lp: Lp-norm p=4 grid search, as the paper)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, train: bool, eval_: bool) -> None:
+    g = p.add_argument_group("data")
+    if train:
+        g.add_argument("--train-data", nargs="+", default=["pydoc"],
+                       help="UTF-8 text files to train on; 'pydoc' = the embedded corpus (Python's help text)")
+        g.add_argument("--seq-len", type=int, default=256, help="training window length in tokens (default 256)")
+        g.add_argument("--max-train-windows", type=int, help="use at most this many training windows")
+    if eval_:
+        g.add_argument("--eval-data", nargs="+", help="UTF-8 text files to evaluate on ('pydoc' = embedded corpus)")
+        g.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length (default 512)")
+        g.add_argument("--eval-windows", type=int, default=8, help="number of evaluation windows (default 8)")
+        g.add_argument("--protocol", default="full", choices=["full", "second_half"],
+                       help="score all next-token predictions, or only the second half (llama-perplexity's way)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
+    g = p.add_argument_group("LR-QAT")
+    g.add_argument("--rank", type=int, default=32, help="adapter rank r (default 32, the paper's)")
+    g.add_argument("--alpha", type=float, default=1.0, help="adapter scale numerator α; A·B is scaled by α/r")
+    g.add_argument("--phi", default="int8", choices=["int8", "int4", "bf16", "fp32"],
+                   help="storage of the frozen Φ0: int8 fixed point (default), int4 double-packed, bf16, fp32")
+    g.add_argument("--no-checkpointing", action="store_true", help="keep weight-sized intermediates for backward")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=int, default=2, help="windows per step (default 2)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    g.add_argument("--lr-ab", type=float, default=1e-3, help="learning rate of A and B (default 1e-3)")
+    g.add_argument("--lr-scale", type=float, default=1e-5, help="learning rate of the scales (default 1e-5; 0 = frozen)")
+    g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default 0.1)")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ckpt-every", type=int, default=50, help="steps between resumable checkpoints (0 = end only)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+
+
+def _spec(args):
+    from .quant import spec_from_args
+
+    return spec_from_args(args.preset, args.bits, args.group_size, args.asym)
+
+
+def _train_cfg(args):
+    from .train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_ab=args.lr_ab,
+                       lr_scale=args.lr_scale, warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed,
+                       ckpt_every=args.ckpt_every)
+
+
+def _opts(args):
+    from .pipeline import LRQATOptions
+
+    return LRQATOptions(rank=args.rank, alpha=args.alpha, phi=args.phi, range_method=args.range_method,
+                        checkpointing=not args.no_checkpointing)
+
+
+def cmd_train(args) -> int:
+    from .pipeline import run_train
+
+    res = run_train(args.model, args.train_data, args.out, _spec(args), _opts(args), _train_cfg(args),
+                    args.seq_len, args.max_train_windows, args.resume, args.overwrite)
+    c = res["parameters"]
+    print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
+    print(f"IntCheckpoint: {res['intckpt']}")
+    return EXIT_OK
+
+
+def cmd_ptq(args) -> int:
+    from .pipeline import run_ptq
+
+    print(f"IntCheckpoint: {run_ptq(args.model, args.out, _spec(args), args.method, args.range_method, args.overwrite)}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import perplexity
+    from .pipeline import eval_windows, load_for_eval
+
+    if not args.eval_data:
+        raise UserError("--eval-data: expected at least one text file")
+    model, tok, kind = load_for_eval(args.target)
+    w = eval_windows(tok, args.eval_data, args.eval_seq_len, args.eval_windows)
+    r = perplexity(model, w, args.protocol, progress=True)
+    print(json.dumps({"target": args.target, "runtime": "torch", "kind": kind, "ppl": r["ppl"], "tokens": r["tokens"],
+                      "windows": int(w.shape[0]), "seq_len": args.eval_seq_len, "protocol": args.protocol}))
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_path
+
+    print(inspect_path(args.target))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .run import run_pipeline
+
+    report = run_pipeline(args)
+    return EXIT_OK if report.get("parity", {}).get("passed", True) else EXIT_CHECK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lrqat", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="LR-QAT: prepare, train, fuse → IntCheckpoint in OUT")
+    p.add_argument("--model", default="smollm2-135m", help="HF model dir, .gguf file, or smollm2-135m (default)")
+    p.add_argument("--out", required=True, help="output directory (IntCheckpoint + resumable train state)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_spec_args(p), _add_data_args(p, True, False), _add_train_args(p, steps=300)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ptq", help="post-training quantization baseline → IntCheckpoint")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="rtn", help="rtn (round to nearest after range search)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_spec_args(p)
+    p.set_defaults(func=cmd_ptq)
+
+    p = sub.add_parser("eval", help="perplexity of a float model or an IntCheckpoint (torch)")
+    p.add_argument("target", help="IntCheckpoint dir, HF model dir, .gguf file or smollm2-135m")
+    _add_data_args(p, False, True)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="types, shapes and metadata of an IntCheckpoint")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="the whole pipeline on one model: FP and RTN baselines, LR-QAT, fuse, evaluate")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    _add_spec_args(p), _add_data_args(p, True, True), _add_train_args(p, steps=150)
+    p.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"lrqat {args.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except CheckFailed as e:
+        print(f"lrqat {args.cmd}: check failed: {e}", file=sys.stderr)
+        return EXIT_CHECK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Text files → token ids → fixed-length windows.
+
+Windows are non-overlapping slices of one token stream (no BOS inserted; every position after the first is a
+next-token target). The embedded default corpus is CPython's own help text (`pydoc_data.topics`, ~0.7 MB of
+English that ships with every Python installation), so the default pipeline works offline; WikiText-2 in
+../shared/data is what tests and benchmarks use, with a fallback to the embedded corpus when it is absent.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "pydoc"  # the name accepted wherever a text file is expected
+
+
+def embedded_corpus() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_texts(paths: list[str] | tuple[str, ...]) -> str:
+    parts = []
+    for p in paths:
+        if p == DEFAULT_CORPUS:
+            parts.append(embedded_corpus())
+            continue
+        path = Path(p)
+        if not path.is_file():
+            raise UserError(f"data file {p}: not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"data file {p}: expected UTF-8 text, got undecodable bytes ({e})") from None
+        if not text.strip():
+            raise UserError(f"data file {p}: expected text, got an empty file")
+        parts.append(text)
+    if not parts:
+        raise UserError("data: expected at least one text file, got none")
+    return "\n\n".join(parts)
+
+
+def split_corpus(text: str, eval_fraction: float = 0.1) -> tuple[str, str]:
+    """Train/eval split of one text by characters (the tail is held out), cut at a line break."""
+    cut = int(len(text) * (1 - eval_fraction))
+    nl = text.rfind("\n", 0, cut)
+    cut = nl if nl > 0 else cut
+    return text[:cut], text[cut:]
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """1-D LongTensor of ids, no special tokens. Long texts are tokenized in line-aligned chunks (the tokenizer's
+    pre-tokenizer splits at whitespace, so chunking at line breaks does not change the ids)."""
+    ids: list[int] = []
+    chunk = 200_000
+    start = 0
+    while start < len(text) and (max_tokens is None or len(ids) < max_tokens):
+        end = min(len(text), start + chunk)
+        if end < len(text):
+            nl = text.rfind("\n", start, end)
+            end = nl + 1 if nl > start else end
+        ids.extend(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        start = end
+    t = torch.tensor(ids, dtype=torch.long)
+    return t if max_tokens is None else t[:max_tokens]
+
+
+def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, what: str = "data") -> torch.Tensor:
+    """(N, seq_len) non-overlapping windows; the remainder is dropped."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise UserError(f"{what}: expected at least one window of {seq_len} tokens, got {ids.numel()} tokens")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def text_windows(tokenizer, paths, seq_len: int, max_windows: int | None = None, what: str = "data") -> torch.Tensor:
+    text = read_texts(paths)
+    max_tokens = None if max_windows is None else (max_windows + 1) * seq_len
+    return windows(tokenize(tokenizer, text, max_tokens), seq_len, max_windows, what)
+
+
+def shared_wikitext(split: str) -> Path | None:
+    """../shared/data/wikitext-2/{split}.txt next to the checkout, if present."""
+    here = Path(__file__).resolve().parent.parent
+    p = here.parent / "shared" / "data" / "wikitext-2" / f"{split}.txt"
+    return p if p.is_file() else None

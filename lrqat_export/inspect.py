@@ -1,0 +1,41 @@
+"""`lrqat inspect`: a readable summary of an artefact (IntCheckpoint directory)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+from .intckpt import is_intckpt, load_intckpt
+
+
+def inspect_intckpt(path: str | Path) -> str:
+    ck = load_intckpt(path)
+    m = ck.manifest
+    lines = [
+        f"IntCheckpoint {path}",
+        f"  format        {m['format']} v{m['format_version']} (tool {m['tool']['name']} {m['tool']['version']})",
+        f"  method        {m.get('method')}",
+        f"  architecture  {m['architecture']}  ({ck.config.num_hidden_layers} layers, hidden {ck.config.hidden_size})",
+        f"  spec          {ck.spec.name}: bits {ck.spec.bits}, group_size {ck.spec.group_size}, "
+        f"{'symmetric' if ck.spec.symmetric else 'asymmetric'}",
+        f"  source        {m.get('source', {}).get('name')} ({m.get('source', {}).get('kind')})",
+        f"  quantized     {len(ck.layers)} layers",
+        "",
+        f"  {'tensor':<48} {'shape':>14} {'codes':>10} {'scale min..max':>24}",
+    ]
+    for name, q in ck.layers.items():
+        s = q.scales.float()
+        lines.append(f"  {name:<48} {str(tuple(q.codes.shape)):>14} "
+                     f"{f'[{int(q.codes.min())},{int(q.codes.max())}]':>10} "
+                     f"{f'{s.min().item():.3g}..{s.max().item():.3g}':>24}")
+    lines.append("")
+    for name, t in ck.float_tensors.items():
+        lines.append(f"  {name:<48} {str(tuple(t.shape)):>14} {str(t.dtype).replace('torch.', ''):>10}")
+    return "\n".join(lines)
+
+
+def inspect_path(target: str) -> str:
+    p = Path(target)
+    if is_intckpt(p):
+        return inspect_intckpt(p)
+    raise UserError(f"inspect {target}: expected an IntCheckpoint directory (with lrqat_manifest.json), "
+                    f"a .gguf file or a GPTQ directory")

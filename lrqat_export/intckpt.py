@@ -1,0 +1,259 @@
+"""IntCheckpoint: the on-disk contract between fusing and the converters.
+
+A directory:
+
+    lrqat_manifest.json   format name + version, QuantSpec, architecture, quantized layer list, source, provenance
+    model.safetensors     per quantized layer L (e.g. "model.layers.0.self_attn.q_proj"):
+                            L.codes   int8    (out, in)  signed codes c in [-2^(b-1), 2^(b-1)-1]
+                            L.scales  float16 (out, G)   G = in/group_size (1 for per channel)
+                            L.zeros   int8    (out, G)   integer zero points, asymmetric grids only
+                            L.bias    float32 (out,)     when the projection has a bias (Qwen2 q/k/v)
+                          every other tensor of the model under its HF name, original dtype (float32);
+                          a tied lm_head is not stored (config.tie_word_embeddings)
+    config.json           the source model's HF config (architecture)
+    tokenizer files       tokenizer.json, tokenizer_config.json, ... (tokenizer.save_pretrained)
+
+Dequantization: W[o, i] = scales[o, i // g] · (codes[o, i] − zeros[o, i // g]), in float32 (exact; quant.py).
+Converters read only this directory: no training code, no source model needed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import UserError
+from .fsio import atomic_dir, read_json, write_json
+from .quant import QuantSpec, dequantize
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "lrqat-intckpt"
+FORMAT_VERSION = 1
+MANIFEST = "lrqat_manifest.json"
+TENSORS = "model.safetensors"
+LAYER_SUFFIXES = (".codes", ".scales", ".zeros", ".bias")
+
+
+@dataclass
+class QuantLayer:
+    codes: torch.Tensor  # (out, in) int8
+    scales: torch.Tensor  # (out, G) float16
+    zeros: torch.Tensor | None = None  # (out, G) int8
+    bias: torch.Tensor | None = None  # (out,) float32
+
+
+@dataclass
+class IntCheckpoint:
+    spec: QuantSpec
+    config: Any  # transformers PretrainedConfig
+    layers: dict[str, QuantLayer]
+    float_tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest["architecture"]
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """s · (c − z) as float32 (out, in): the weight every runtime must reproduce."""
+        q = self.layers[name]
+        return dequantize(q.codes, q.scales, q.zeros, self.spec)
+
+    def to_torch_model(self) -> nn.Module:
+        """A plain float32 HF model whose quantized projections hold s·W_int (eval mode)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        sd = dict(self.float_tensors)
+        for name, q in self.layers.items():
+            sd[f"{name}.weight"] = self.dequantized(name)
+            if q.bias is not None:
+                sd[f"{name}.bias"] = q.bias.float()
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise UserError(f"IntCheckpoint {self.path}: tensors do not match architecture {self.architecture}: "
+                            f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        if tied:
+            model.tie_weights()
+        return model.eval()
+
+
+def _manifest(spec: QuantSpec, config: Any, layers: list[str], source: dict, method: str, extra: dict) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "lrqat-export", "version": __version__},
+        "method": method,
+        "spec": spec.to_dict(),
+        "architecture": config.architectures[0] if getattr(config, "architectures", None) else None,
+        "codes": "signed int8 container, values in [qmin, qmax]",
+        "dequant": "W[o,i] = scales[o, i//g] * (codes[o,i] - zeros[o, i//g]) in float32",
+        "quantized_layers": layers,
+        "source": source,
+        **extra,
+    }
+
+
+def write_intckpt(
+    out: str | Path, ckpt: IntCheckpoint, tokenizer: Any, overwrite: bool = False, in_place: bool = False,
+) -> Path:
+    """Write atomically (temp dir + rename; or, in_place, file by file with the manifest last). Returns the path."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, q in ckpt.layers.items():
+        tensors[f"{name}.codes"] = q.codes.to(torch.int8).contiguous()
+        tensors[f"{name}.scales"] = q.scales.to(torch.float16).contiguous()
+        if q.zeros is not None:
+            tensors[f"{name}.zeros"] = q.zeros.to(torch.int8).contiguous()
+        if q.bias is not None:
+            tensors[f"{name}.bias"] = q.bias.float().contiguous()
+    for name, t in ckpt.float_tensors.items():
+        tensors[name] = t.detach().contiguous()
+    out = Path(out)
+
+    def write_all(d: Path) -> None:
+        save_file(tensors, str(d / TENSORS), metadata={"format": "pt", "lrqat": FORMAT_NAME})
+        ckpt.config.save_pretrained(d)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d)
+
+    if in_place:
+        # The directory also holds training state (train_state/, train_log.json): write the files one by one
+        # through temp names; the manifest, written last, marks the checkpoint complete.
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".intckpt.") as tmp:
+            write_all(Path(tmp))
+            for f in Path(tmp).iterdir():
+                os.replace(f, out / f.name)
+        write_json(out / MANIFEST, ckpt.manifest)
+    else:
+        with atomic_dir(out, overwrite) as tmp:
+            write_all(tmp)
+            write_json(tmp / MANIFEST, ckpt.manifest)
+    log.info("wrote IntCheckpoint %s (%d quantized layers)", out, len(ckpt.layers))
+    return out
+
+
+def is_intckpt(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_intckpt(path: str | Path) -> IntCheckpoint:
+    """Read and validate an IntCheckpoint directory; every defect is a UserError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"IntCheckpoint {path}: expected a directory, not found")
+    m = read_json(path / MANIFEST, "IntCheckpoint manifest")
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise UserError(f"IntCheckpoint manifest {path / MANIFEST}: expected format {FORMAT_NAME!r}, "
+                        f"got {m.get('format') if isinstance(m, dict) else type(m).__name__!r}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"IntCheckpoint manifest {path / MANIFEST}: expected format_version {FORMAT_VERSION}, "
+                        f"got {m.get('format_version')!r}")
+    try:
+        spec = QuantSpec.from_dict(m["spec"])
+        layer_names = list(m["quantized_layers"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"IntCheckpoint manifest {path / MANIFEST}: missing or malformed field {e}") from None
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"IntCheckpoint {path}: config.json unreadable ({e})") from None
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"IntCheckpoint tensors {path / TENSORS}: unreadable or corrupted safetensors ({e})") from None
+    layers: dict[str, QuantLayer] = {}
+    for name in layer_names:
+        q = QuantLayer(*(tensors.pop(f"{name}{s}", None) for s in LAYER_SUFFIXES))
+        _validate_layer(path, name, q, spec)
+        layers[name] = q
+    return IntCheckpoint(spec, config, layers, tensors, m, path)
+
+
+def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> None:
+    where = f"IntCheckpoint {path}: layer {name}"
+    if q.codes is None or q.scales is None:
+        raise UserError(f"{where}: expected tensors {name}.codes and {name}.scales, missing")
+    if q.codes.dtype != torch.int8 or q.codes.dim() != 2:
+        raise UserError(f"{where}: codes expected int8 2-D, got {q.codes.dtype} {tuple(q.codes.shape)}")
+    out_f, in_f = q.codes.shape
+    spec.check_layer(name, in_f)
+    g_shape = (out_f, spec.n_groups(in_f))
+    if q.scales.dtype != torch.float16 or tuple(q.scales.shape) != g_shape:
+        raise UserError(f"{where}: scales expected float16 {g_shape}, got {q.scales.dtype} {tuple(q.scales.shape)}")
+    if not torch.isfinite(q.scales).all() or (q.scales <= 0).any():
+        raise UserError(f"{where}: scales expected finite and > 0, got min {q.scales.float().min().item()}")
+    if int(q.codes.min()) < spec.qmin or int(q.codes.max()) > spec.qmax:
+        raise UserError(f"{where}: codes expected in [{spec.qmin}, {spec.qmax}], "
+                        f"got [{int(q.codes.min())}, {int(q.codes.max())}]")
+    if spec.symmetric != (q.zeros is None):
+        raise UserError(f"{where}: zeros expected {'absent' if spec.symmetric else 'present'} for spec {spec.name}")
+    if q.zeros is not None and (q.zeros.dtype != torch.int8 or tuple(q.zeros.shape) != g_shape):
+        raise UserError(f"{where}: zeros expected int8 {g_shape}, got {q.zeros.dtype} {tuple(q.zeros.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building an IntCheckpoint from a model: fused LR-QAT layers, or round-to-nearest PTQ.
+
+
+def _float_tensors(model: nn.Module, quantized: list[str]) -> dict[str, torch.Tensor]:
+    skip = {f"{n}{s}" for n in quantized for s in (".weight", ".bias")}
+    sd = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k in skip or any(k.startswith(f"{n}.") for n in quantized):
+            continue
+        if k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            continue
+        out[k] = v.detach().clone()
+    return out
+
+
+def fuse(model: nn.Module, source: dict, extra: dict | None = None) -> IntCheckpoint:
+    """Fuse every LRQATLinear into integers: W_int = clip(round(Φ0 + (α/r)AB)), fp16 scales, zero points."""
+    from .prepare import lrqat_layers
+
+    lr = lrqat_layers(model)
+    if not lr:
+        raise UserError("fuse: the model has no LRQATLinear layers; expected a prepared (trained) model")
+    spec = next(iter(lr.values())).spec
+    layers = {name: QuantLayer(m.fused_codes(), m.fused_scales(), None if m.zero is None else m.zero.clone(),
+                               None if m.bias is None else m.bias.clone()) for name, m in lr.items()}
+    names = list(layers)
+    return IntCheckpoint(spec, model.config, layers, _float_tensors(model, names),
+                         _manifest(spec, model.config, names, source, "lrqat", extra or {}))
+
+
+def ptq_rtn(model: nn.Module, spec: QuantSpec, source: dict, range_method: str = "lp") -> IntCheckpoint:
+    """Round-to-nearest PTQ baseline with the same range search, as an IntCheckpoint."""
+    from .prepare import quantized_layer_names
+    from .quant import rtn_quantize
+
+    names = quantized_layer_names(model)
+    layers = {}
+    for name in names:
+        lin = model.get_submodule(name)
+        spec.check_layer(name, lin.in_features)
+    for name in names:
+        lin = model.get_submodule(name)
+        codes, scales, zeros = rtn_quantize(lin.weight.detach().float(), spec, range_method)
+        layers[name] = QuantLayer(codes, scales, zeros, None if lin.bias is None else lin.bias.detach().float().clone())
+    return IntCheckpoint(spec, model.config, layers, _float_tensors(model, names),
+                         _manifest(spec, model.config, names, source, "rtn", {"range_method": range_method}))

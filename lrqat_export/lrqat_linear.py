@@ -1,0 +1,217 @@
+"""The LR-QAT linear layer (Bondarenko, Del Chiaro, Nagel 2024, Eq. 8):
+
+    Ŵ = s · ( clip(⌊Φ0 + (α/r)·A·B⌉, qmin, qmax) − z )          ⌊·⌉ with a straight-through estimator
+
+* Φ0 = φ(W0/s0 + z) is frozen. φ is the downcast that makes the frozen weight cheap to hold:
+    - "fp32" / "bf16": a float copy;
+    - "int8": fixed point Q(b).(8−b) in one int8 per weight: φ(x) = round(2^(8−b)·clip(x, qmin, qmax)),
+      upcast as y / 2^(8−b) (Q4.4 for 4-bit, Q3.5 for 3-bit, plain codes for 8-bit) — the paper's default;
+    - "int4": fixed point Q(b).(4−b) in a nibble, two per byte (0.5 byte per weight; b ≤ 4) — the paper's
+      "double-packed" variant; for b = 4 it keeps exactly the RTN codes.
+  Ties: fixed point (and bf16) can land exactly on k + 1/2, which round-half-even may send away from the RTN code
+  of the unrounded W0/s0. Those values are moved one step of the fixed-point grid toward the RTN code, so with
+  A·B = 0 the layer equals its round-to-nearest start exactly (DESIGN.md, trap 1).
+* A (out × r) starts at zero, B (r × in) Kaiming-uniform, so training starts at the RTN point; s (out × G) is
+  trainable and used fp16-rounded (straight-through), the exactness rule; z is a frozen integer (asymmetric grids).
+* The whole upcast + A·B + round + clip + scale + matmul runs under activation checkpointing when gradients are
+  on, so no weight-sized intermediate is kept for backward.
+* `fused_codes()` gives W_int = clip(round(Φ0 + (α/r)AB)) — exactly the integers the forward used.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import UserError
+from .quant import FP16_MAX, FP16_TINY, QuantSpec, grouped, init_scales
+
+PHI_CHOICES = ("int8", "int4", "bf16", "fp32")
+
+
+class RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g
+
+
+def fp16_ste(s: torch.Tensor) -> torch.Tensor:
+    """Value: s rounded to fp16 (exactly, see quant.py); gradient: identity."""
+    s_c = s.clamp(FP16_TINY, FP16_MAX)
+    return s_c + (s_c.to(torch.float16).to(s.dtype) - s_c).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# φ: downcast of x = W0/s0 + z (in code units) and its upcast.
+
+
+def frac_bits(phi: str, bits: int) -> int:
+    return {"int8": 8 - bits, "int4": 4 - bits}.get(phi, 0)
+
+
+def _untie(y: torch.Tensor, rtn: torch.Tensor, step: float) -> torch.Tensor:
+    """Move exact .5 ties of y (code units) one `step` toward the RTN code, so round(y) == rtn."""
+    tie = (y - torch.floor(y)) == 0.5
+    return torch.where(tie, y + step * torch.sign(rtn - y), y)
+
+
+def pack_int4(v: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7], (out, in) with even in -> uint8 (out, in/2): low nibble = even column."""
+    u = (v.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4 -> int8 (out, in) in [-8, 7]."""
+    lo = (p & 0xF).to(torch.int8)
+    hi = (p >> 4).to(torch.int8)
+    v = torch.stack((lo, hi), dim=-1).reshape(p.shape[0], p.shape[1] * 2)
+    return torch.where(v >= 8, v - 16, v)
+
+
+def phi_down(x: torch.Tensor, spec: QuantSpec, phi: str) -> torch.Tensor:
+    """Frozen storage of x = W0/s0 + z (float32, (out, in)). Ties resolved toward round(x) (see module doc)."""
+    rtn = torch.round(x).clamp(spec.qmin, spec.qmax)
+    if phi == "fp32":
+        return x.clone()
+    if phi == "bf16":
+        y = x.to(torch.bfloat16)
+        tie = (y.float() - torch.floor(y.float())) == 0.5
+        toward = rtn.to(torch.bfloat16)
+        return torch.where(tie, torch.nextafter(y, toward), y)
+    f = frac_bits(phi, spec.bits)
+    y = torch.round(x.clamp(spec.qmin, spec.qmax) * 2**f) / 2**f  # fixed point, still in code units
+    y = _untie(y, rtn, 2.0**-f) * 2**f  # integer fixed-point values
+    if phi == "int8":
+        return y.to(torch.int8)
+    return pack_int4(y)
+
+
+def phi_up(stored: torch.Tensor, spec: QuantSpec, phi: str) -> torch.Tensor:
+    """Upcast the frozen storage back to code units, float32 (division by a power of two: exact)."""
+    if phi in ("fp32", "bf16"):
+        return stored.float()
+    v = stored if phi == "int8" else unpack_int4(stored)
+    return v.float() / 2 ** frac_bits(phi, spec.bits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lrqat_weight(
+    phi0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor,
+    zero: torch.Tensor | None, spec: QuantSpec, phi: str, lora_scale: float,
+) -> torch.Tensor:
+    """Ŵ (out, in) float32 from the layer's state; RoundSTE inside, gradients reach A, B and s.
+    Autocast is off here: the codes must not depend on bf16 matmul rounding (fused_codes computes them in fp32)."""
+    with torch.autocast(device_type=phi0.device.type, enabled=False):
+        return _lrqat_weight_fp32(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale)
+
+
+def _lrqat_weight_fp32(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale):
+    z_int = phi_up(phi0, spec, phi) + lora_scale * (lora_a.float() @ lora_b.float())  # (out, in) code units
+    c = torch.clamp(RoundSTE.apply(z_int), spec.qmin, spec.qmax)
+    c = grouped(c, spec)  # (out, G, g)
+    if zero is not None:
+        c = c - zero.float().unsqueeze(-1)
+    return (c * fp16_ste(scale.float()).unsqueeze(-1)).reshape(phi0.shape[0], -1)
+
+
+def _lrqat_forward(x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_scale):
+    w = _lrqat_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class LRQATLinear(nn.Module):
+    """Drop-in replacement for nn.Linear during LR-QAT. State-dict keys: phi0, zero (asym), bias (if any),
+    lora_A, lora_B, scale. Build with `from_linear`; the float weight is not kept."""
+
+    def __init__(
+        self, in_features: int, out_features: int, spec: QuantSpec, rank: int = 32, alpha: float = 1.0,
+        phi: str = "int8", bias: bool = False, checkpointing: bool = True,
+    ) -> None:
+        super().__init__()
+        if phi not in PHI_CHOICES:
+            raise UserError(f"phi: expected one of {PHI_CHOICES}, got {phi!r}")
+        if phi == "int4" and spec.bits > 4:
+            raise UserError(f"phi int4 (double-packed Q(b).(4-b)) needs bits <= 4, got bits {spec.bits}; use phi int8")
+        if phi == "int4" and in_features % 2:
+            raise UserError(f"phi int4 packs two weights per byte: in_features must be even, got {in_features}")
+        if rank < 1:
+            raise UserError(f"rank: expected >= 1, got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.spec, self.rank, self.alpha, self.phi = spec, rank, float(alpha), phi
+        self.checkpointing = checkpointing
+        n_groups = spec.n_groups(in_features)
+        store = {"int8": (torch.int8, in_features), "int4": (torch.uint8, in_features // 2),
+                 "bf16": (torch.bfloat16, in_features), "fp32": (torch.float32, in_features)}[phi]
+        self.register_buffer("phi0", torch.zeros(out_features, store[1], dtype=store[0]))
+        self.register_buffer("zero", None if spec.symmetric else torch.zeros(out_features, n_groups, dtype=torch.int8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.lora_A = nn.Parameter(torch.zeros(out_features, rank))
+        self.lora_B = nn.Parameter(torch.empty(rank, in_features))
+        nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        self.scale = nn.Parameter(torch.ones(out_features, n_groups))
+
+    @property
+    def lora_scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls, linear: nn.Linear, spec: QuantSpec, rank: int = 32, alpha: float = 1.0, phi: str = "int8",
+        range_method: str = "lp", checkpointing: bool = True, name: str = "linear",
+    ) -> LRQATLinear:
+        spec.check_layer(name, linear.in_features)
+        w = linear.weight.detach().float()
+        if not torch.isfinite(w).all():
+            raise UserError(f"layer {name}: weight has NaN/Inf values; expected finite weights")
+        layer = cls(linear.in_features, linear.out_features, spec, rank, alpha, phi,
+                    bias=linear.bias is not None, checkpointing=checkpointing)
+        s0, z0 = init_scales(w, spec, range_method)
+        x = grouped(w, spec) / s0.unsqueeze(-1)
+        if z0 is not None:
+            x = x + z0.unsqueeze(-1)
+            layer.zero.copy_(z0.to(torch.int8))
+        layer.phi0.copy_(phi_down(x.reshape(w.shape), spec, phi))
+        layer.scale.copy_(s0)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer.to(linear.weight.device)
+
+    def weight(self) -> torch.Tensor:
+        """Ŵ (out, in) float32 — the fake-quantized weight the forward uses."""
+        return _lrqat_weight(self.phi0, self.lora_A, self.lora_B, self.scale, self.zero, self.spec, self.phi,
+                             self.lora_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.phi0, self.lora_A, self.lora_B, self.scale, self.zero, self.bias, self.spec, self.phi,
+                self.lora_scale)
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(_lrqat_forward, *args, use_reentrant=False)
+        return _lrqat_forward(*args)
+
+    @torch.no_grad()
+    def fused_codes(self) -> torch.Tensor:
+        """W_int = clip(round(Φ0 + (α/r)AB)), int8 (out, in): the integers the forward uses."""
+        z = phi_up(self.phi0, self.spec, self.phi) + self.lora_scale * (self.lora_A.float() @ self.lora_B.float())
+        return torch.round(z).clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
+
+    @torch.no_grad()
+    def fused_scales(self) -> torch.Tensor:
+        """fp16 scales (out, G) — the values the forward multiplies by."""
+        return self.scale.detach().float().clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, spec={self.spec.name}, r={self.rank}, "
+                f"alpha={self.alpha}, phi={self.phi}, bias={self.bias is not None}")

