@@ -100,15 +100,44 @@ def cmd_ptq(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import perplexity
-    from .pipeline import eval_windows, load_for_eval
+    from .models import load_tokenizer
+    from .pipeline import eval_windows, load_for_eval, target_kind
 
     if not args.eval_data:
         raise UserError("--eval-data: expected at least one text file")
-    model, tok, kind = load_for_eval(args.target)
-    w = eval_windows(tok, args.eval_data, args.eval_seq_len, args.eval_windows)
-    r = perplexity(model, w, args.protocol, progress=True)
-    print(json.dumps({"target": args.target, "runtime": "torch", "kind": kind, "ppl": r["ppl"], "tokens": r["tokens"],
+    kind = target_kind(args.target, args.runtime)
+    if kind == "gguf":  # real llama.cpp
+        from .llamacpp import gguf_tokenizer, perplexity_gguf
+
+        tok = load_tokenizer(args.tokenizer) if args.tokenizer else gguf_tokenizer(args.target)
+        w = eval_windows(tok, args.eval_data, args.eval_seq_len, args.eval_windows)
+        r, runtime = perplexity_gguf(args.target, w, args.protocol), "llama.cpp"
+    elif kind == "gptq":  # transformers + GPTQModel
+        from .gptq_loader import perplexity_gptq
+
+        tok = load_tokenizer(args.tokenizer or args.target)
+        w = eval_windows(tok, args.eval_data, args.eval_seq_len, args.eval_windows)
+        r, runtime = perplexity_gptq(args.target, w, args.protocol), "transformers+gptqmodel"
+    else:
+        model, tok, kind = load_for_eval(args.target)
+        w = eval_windows(tok, args.eval_data, args.eval_seq_len, args.eval_windows)
+        r, runtime = perplexity(model, w, args.protocol, progress=True), "torch"
+    print(json.dumps({"target": args.target, "runtime": runtime, "kind": kind, "ppl": r["ppl"], "tokens": r["tokens"],
                       "windows": int(w.shape[0]), "seq_len": args.eval_seq_len, "protocol": args.protocol}))
+    return EXIT_OK
+
+
+def cmd_export_gguf(args) -> int:
+    from converters.gguf import export_gguf
+
+    print(f"GGUF: {export_gguf(args.intckpt, args.out, embed_type=args.embed_type, overwrite=args.overwrite)}")
+    return EXIT_OK
+
+
+def cmd_export_gptq(args) -> int:
+    from converters.gptq import export_gptq
+
+    print(f"GPTQ: {export_gptq(args.intckpt, args.out, fmt=args.format, strict_vllm=args.strict_vllm, overwrite=args.overwrite, max_shard_size=args.max_shard_size)}")
     return EXIT_OK
 
 
@@ -146,12 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.set_defaults(func=cmd_ptq)
 
-    p = sub.add_parser("eval", help="perplexity of a float model or an IntCheckpoint (torch)")
-    p.add_argument("target", help="IntCheckpoint dir, HF model dir, .gguf file or smollm2-135m")
+    p = sub.add_parser("eval", help="perplexity: IntCheckpoint / float model (torch), .gguf (llama.cpp), GPTQ dir")
+    p.add_argument("target", help="IntCheckpoint dir, HF model dir, .gguf file, GPTQ dir or smollm2-135m")
+    p.add_argument("--runtime", choices=["auto", "torch"], default="auto",
+                   help="auto: by type (.gguf → llama.cpp, GPTQ dir → GPTQ loader); torch: load .gguf as a float model")
+    p.add_argument("--tokenizer", help="tokenizer directory for the eval text (default: the target's own)")
     _add_data_args(p, False, True)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("inspect", help="types, shapes and metadata of an IntCheckpoint")
+    p = sub.add_parser("export", help="write an IntCheckpoint into a deployment format")
+    esub = p.add_subparsers(dest="format_name", required=True)
+    e = esub.add_parser("gguf", help="llama.cpp GGUF (Q4_0 / Q4_1 / Q8_0 blocks written from the integers)")
+    e.add_argument("intckpt")
+    e.add_argument("--out", required=True, help="output .gguf file")
+    e.add_argument("--embed-type", default="f16", choices=["f16", "q8_0", "f32"],
+                   help="type of token embeddings / output (default f16)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_gguf)
+    e = esub.add_parser("gptq", help="GPTQ safetensors checkpoint (transformers, GPTQModel, AutoGPTQ, vLLM)")
+    e.add_argument("intckpt")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"],
+                   help="gptq = AutoGPTQ v1 (stored zero - 1, default); gptq_v2 = true zeros (GPTQModel)")
+    e.add_argument("--strict-vllm", action="store_true", help="fail (exit 2) when vLLM would reject the checkpoint")
+    e.add_argument("--max-shard-size", default="4GB", help="shard safetensors above this size (default 4GB)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_gptq)
+
+    p = sub.add_parser("inspect", help="types, shapes and metadata of an IntCheckpoint, a .gguf file or a GPTQ dir")
     p.add_argument("target")
     p.set_defaults(func=cmd_inspect)
 

@@ -37,5 +37,13 @@ def inspect_path(target: str) -> str:
     p = Path(target)
     if is_intckpt(p):
         return inspect_intckpt(p)
+    if p.is_file() and p.suffix == ".gguf":
+        from converters.gguf import inspect_gguf
+
+        return inspect_gguf(p)
+    if p.is_dir() and (p / "quantize_config.json").is_file():
+        from converters.gptq import inspect_gptq
+
+        return inspect_gptq(p)
     raise UserError(f"inspect {target}: expected an IntCheckpoint directory (with lrqat_manifest.json), "
                     f"a .gguf file or a GPTQ directory")

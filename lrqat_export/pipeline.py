@@ -89,3 +89,15 @@ def load_for_eval(target: str):
 
 def eval_windows(tok, eval_data: list[str], seq_len: int, max_windows: int | None) -> torch.Tensor:
     return D.text_windows(tok, eval_data, seq_len, max_windows, what=f"eval data {', '.join(eval_data)}")
+
+
+def target_kind(target: str, runtime: str = "auto") -> str:
+    """'gguf' (run by llama.cpp), 'gptq' (GPTQ directory), 'intckpt' or 'float' (torch)."""
+    p = Path(target)
+    if runtime == "torch":
+        return "intckpt" if is_intckpt(p) else "float"
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
+    if p.is_dir() and (p / "quantize_config.json").is_file():
+        return "gptq"
+    return "intckpt" if is_intckpt(p) else "float"
