@@ -1,0 +1,506 @@
+"""IntCheckpoint → GGUF (llama.cpp), written straight from the integer codes; read-back and inspect beside it.
+
+Legacy GGUF blocks hold 32 weights of one row with fp16 fields (formats.md A2), and dequantize as
+
+    Q4_0, Q5_0:  w = d·(q − 2^(b−1))        Q8_0:  w = d·q (q signed)        Q4_1, Q5_1:  w = d·q + m
+
+An IntCheckpoint layer holds signed codes c ∈ [−2^(b−1), 2^(b−1)−1], fp16 scales s and (asymmetric) integer zeros z
+with w = s·(c − z). Every 32-block lies inside one scale group (group size a multiple of 32, or per channel), so
+the block inherits its group's (s, z) and
+
+    symmetric:   q = c + 2^(b−1), d = s              → d·(q − 2^(b−1)) = s·c           exact
+    Q8_0:        q = c,           d = s              → s·c                             exact
+    asymmetric:  q = c + 2^(b−1), d = s, m = fp16(−s·(z + 2^(b−1)))  → s·(c − z) + (m − (−s·(z + 2^(b−1))))
+
+so Q4_1/Q5_1 are exact where s·(z + 2^(b−1)) is fp16-representable and otherwise off by the fp16 rounding of m,
+at most 2^−11·|m| < 2^(b−1)·2^−10·s — never more than a 1/64 step at 4 bits (measured by `verify_gguf`).
+Weights are never dequantized and re-quantized: re-running a GGUF quantizer on s·W_int moves codes (the naive
+path, scripts/gguf_direct_vs_naive.py).
+
+Llama/Mistral store Q and K rows in llama.cpp's interleaved RoPE order (convert_hf_to_gguf `permute`): rows of
+codes, scales, zeros and biases are permuted together. Qwen2 uses NEOX RoPE and is not permuted.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from lrqat_export import __version__
+from lrqat_export.errors import UserError
+from lrqat_export.fsio import check_output_path
+from lrqat_export.intckpt import IntCheckpoint, load_intckpt
+from lrqat_export.quant import QuantSpec
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Format tables.
+
+BLOCK = 32  # weights per block in every legacy type
+# ggml type → (weights per block, bytes per block): the layouts of formats.md A2, as arithmetic.
+LAYOUT: dict[QT, tuple[int, int]] = {
+    QT.Q4_0: (BLOCK, 2 + BLOCK // 2),  # d, 16 nibble bytes
+    QT.Q4_1: (BLOCK, 2 + 2 + BLOCK // 2),  # d, m, 16 nibble bytes
+    QT.Q5_0: (BLOCK, 2 + 4 + BLOCK // 2),  # d, qh (u32 of 5th bits), 16 nibble bytes
+    QT.Q5_1: (BLOCK, 2 + 2 + 4 + BLOCK // 2),  # d, m, qh, nibbles
+    QT.Q8_0: (BLOCK, 2 + BLOCK),  # d, 32 int8
+}
+# (bits, symmetric) → the type that stores these codes at their own width.
+NATIVE_TYPES: dict[tuple[int, bool], QT] = {
+    (4, True): QT.Q4_0, (4, False): QT.Q4_1, (5, True): QT.Q5_0, (5, False): QT.Q5_1, (8, True): QT.Q8_0,
+}
+FILE_TYPES: dict[QT, gguf.LlamaFileType] = {
+    QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+EMBED_TYPES: dict[str, QT] = {"f16": QT.F16, "q8_0": QT.Q8_0, "f32": QT.F32}  # token_embd / output
+
+# HF architecture → (GGUF architecture, Q/K rows permuted to llama.cpp's RoPE order)
+ARCHS: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+# HF tensor name → GGUF tensor name ({bid} = layer index)
+TENSOR_NAMES: dict[str, str] = {  # in file order: embeddings, blocks, output
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
+    "model.layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
+    "model.layers.{bid}.self_attn.q_proj.bias": "blk.{bid}.attn_q.bias",
+    "model.layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
+    "model.layers.{bid}.self_attn.k_proj.bias": "blk.{bid}.attn_k.bias",
+    "model.layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
+    "model.layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
+    "model.layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
+    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
+    "model.layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
+    "model.layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
+    "model.layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+EMBED_NAMES = ("token_embd.weight", "output.weight")
+# GGUF tensor-name stem → config field giving the head count its rows are permuted with
+QK_PERMUTE = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
+# source-GGUF general.* keys that still describe the model after our export
+GENERAL_COPY = ("general.organization", "general.basename", "general.finetune", "general.size_label",
+                "general.license", "general.languages")
+
+
+def ggml_type_for(spec: QuantSpec, widen: bool = False) -> QT:
+    """The GGUF type that holds this grid's codes exactly, or a UserError naming the spec and the types that would.
+
+    widen=True also accepts narrower grids in the next wider type of the same symmetry (e.g. 3-bit symmetric codes
+    in Q4_0, exact at 4.5 bits/weight instead of ~3.5)."""
+    if spec.group_size != -1 and spec.group_size % BLOCK:
+        raise UserError(f"GGUF export: spec {spec.name} (group_size {spec.group_size}) cannot be written exactly: GGUF "
+                        f"blocks hold {BLOCK} weights under one scale, so the group size must be {BLOCK}, a multiple "
+                        f"of {BLOCK}, or -1 (per channel)")
+    t = NATIVE_TYPES.get((spec.bits, spec.symmetric))
+    if t is None and widen:
+        wider = sorted(b for b, sym in NATIVE_TYPES if sym == spec.symmetric and b > spec.bits)
+        t = NATIVE_TYPES[(wider[0], spec.symmetric)] if wider else None
+    if t is None:
+        exact = ", ".join(f"{t.name} ({b}-bit {'symmetric' if s else 'asymmetric'})" for (b, s), t in NATIVE_TYPES.items())
+        raise UserError(f"GGUF export: spec {spec.name} ({spec.bits}-bit {'symmetric' if spec.symmetric else 'asymmetric'})"
+                        f" has no GGUF type that stores its codes exactly; exact types: {exact}, each with group size "
+                        f"{BLOCK}, a multiple of {BLOCK} or per channel. K-quants (Q2_K..Q6_K) use their own 6-bit "
+                        f"sub-scale grid. Narrower symmetric/asymmetric grids fit exactly into a wider type with "
+                        f"widen=True (no size saving).")
+    return t
+
+
+def byte_shape(shape: tuple[int, int], qtype: QT) -> tuple[int, int]:
+    """(rows, cols) weights → (rows, bytes per row) of qtype, or a UserError with the numbers."""
+    block, size = LAYOUT[qtype] if qtype in LAYOUT else gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        raise UserError(f"GGUF {qtype.name}: row length {shape[-1]} is not a multiple of the block size {block}")
+    return shape[0], shape[-1] // block * size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure layout functions (numpy). Rows are output features; blocks run along the input features.
+
+
+def permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half Q/K row order → llama.cpp interleaved pairs: new row 2i+j of a head = old row j·hd/2 + i."""
+    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of permute_rows."""
+    return x.reshape(n_head, x.shape[0] // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def block_fields(scales: np.ndarray, zeros: np.ndarray | None, spec: QuantSpec, in_f: int
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-block d (out, nb) fp16 = the group's scale, and m (out, nb) fp16 = −s·(z + 2^(b−1)) or None."""
+    reps = spec.group_len(in_f) // BLOCK  # 32-blocks per scale group
+    d = np.repeat(scales.astype(np.float16), reps, axis=1)  # (out, nb)
+    if zeros is None:
+        return d, None
+    m = -(scales.astype(np.float64) * (zeros.astype(np.float64) + 2 ** (spec.bits - 1)))  # exact in float64
+    return d, np.repeat(m.astype(np.float16), reps, axis=1)  # (out, nb): the one rounding of the asymmetric path
+
+
+def offset_rounding(ck: IntCheckpoint) -> tuple[float, float]:
+    """Asymmetric grids: (fraction of groups whose m = −s·(z + 2^(b−1)) is not fp16-representable, largest
+    resulting deviation in units of s)."""
+    bad = total = 0
+    worst = 0.0
+    for q in ck.layers.values():
+        exact = q.scales.double().numpy() * (q.zeros.double().numpy() + 2 ** (ck.spec.bits - 1))  # (out, G)
+        err = np.abs(exact.astype(np.float16).astype(np.float64) - exact) / q.scales.double().numpy()
+        bad, total, worst = bad + int((err > 0).sum()), total + err.size, max(worst, float(err.max()))
+    return bad / max(total, 1), worst
+
+
+def pack_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, qtype: QT) -> np.ndarray:
+    """Signed codes (out, in) int8 + block fields → uint8 (out, bytes per row) in qtype's block layout."""
+    out_f, in_f = codes.shape
+    nb = in_f // BLOCK
+    head = [d.astype("<f2").view(np.uint8).reshape(out_f, nb, 2)]
+    if m is not None:
+        head.append(m.astype("<f2").view(np.uint8).reshape(out_f, nb, 2))
+    c = codes.reshape(out_f, nb, BLOCK).astype(np.int16)
+    if qtype == QT.Q8_0:
+        body = [c.astype(np.int8).view(np.uint8)]  # (out, nb, 32) two's complement
+    else:
+        q = (c + (16 if qtype in (QT.Q5_0, QT.Q5_1) else 8)).astype(np.uint8)  # unsigned q = c + 2^(b-1)
+        lo = q & 0x0F
+        nib = lo[..., : BLOCK // 2] | (lo[..., BLOCK // 2:] << 4)  # byte j: element j (low), j+16 (high)
+        body = [nib]
+        if qtype in (QT.Q5_0, QT.Q5_1):
+            hi = ((q >> 4) & 1).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)  # bit j = 5th bit of element j
+            qh = hi.sum(axis=-1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(out_f, nb, 4)
+            body = [qh, nib]
+    out = np.concatenate(head + body, axis=-1).reshape(out_f, -1)
+    assert out.shape == byte_shape(codes.shape, qtype), (out.shape, qtype)
+    return out
+
+
+def represent(x: np.ndarray, qtype: QT) -> np.ndarray:
+    """The float32 values a float tensor takes after being written as qtype (F32 = itself)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == QT.F32:
+        return x
+    return gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype).reshape(x.shape)
+
+
+def _encode_float(x: np.ndarray, qtype: QT) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == QT.F16:
+        return x.astype(np.float16)
+    return x if qtype == QT.F32 else gguf.quants.quantize(x, qtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names and metadata.
+
+
+def tensor_name_map(n_layers: int) -> dict[str, str]:
+    """Every HF tensor name of an n_layers model → its GGUF name (the table expanded once)."""
+    block = {hf: gg for hf, gg in TENSOR_NAMES.items() if "{bid}" in hf}
+    out = {hf: gg for hf, gg in TENSOR_NAMES.items() if gg == "token_embd.weight"}
+    for bid in range(n_layers):
+        out.update({hf.format(bid=bid): gg.format(bid=bid) for hf, gg in block.items()})
+    out.update({hf: gg for hf, gg in TENSOR_NAMES.items() if "{bid}" not in hf and hf not in out})
+    return out
+
+
+def _arch(ck: IntCheckpoint) -> tuple[str, bool]:
+    if ck.architecture not in ARCHS:
+        raise UserError(f"GGUF export: architecture {ck.architecture} is not supported; expected one of {sorted(ARCHS)}")
+    return ARCHS[ck.architecture]
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _rope(cfg: Any) -> tuple[float, dict]:
+    """(rope theta, rope parameters) from a transformers 4 or 5 config."""
+    rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return float(theta), rp
+
+
+def _add_arch_metadata(w: gguf.GGUFWriter, cfg: Any, n_vocab: int) -> None:
+    theta, rp = _rope(cfg)
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type != "default":
+        raise UserError(f"GGUF export: rope scaling {rope_type!r} is not supported by this converter; "
+                        f"expected a model without rope scaling (rope_type 'default')")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(_head_dim(cfg))
+    if _head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(_head_dim(cfg))
+        w.add_value_length(_head_dim(cfg))
+    w.add_vocab_size(n_vocab)
+
+
+def _add_provenance(w: gguf.GGUFWriter, ck: IntCheckpoint, qtype: QT, src: gguf.GGUFReader | None) -> None:
+    m, spec = ck.manifest, ck.spec
+    base = m.get("source", {}).get("name") or getattr(ck.config, "_name_or_path", "") or ck.architecture
+    if src is not None and "general.name" in src.fields:
+        base = src.fields["general.name"].contents()
+    w.add_type("model")
+    w.add_name(f"{base} {spec.name} ({m.get('method', 'lrqat')})")
+    w.add_quantized_by(f"lrqat-export {__version__}")
+    w.add_file_type(int(FILE_TYPES[qtype]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string("lrqat.spec", spec.name)
+    w.add_string("lrqat.spec_json", json.dumps(spec.to_dict(), sort_keys=True))
+    w.add_string("lrqat.method", str(m.get("method")))
+    w.add_string("lrqat.gguf_type", qtype.name)
+    if src is not None:
+        _copy_fields(w, src, lambda k: k in GENERAL_COPY)
+
+
+def _copy_fields(w: gguf.GGUFWriter, src: gguf.GGUFReader, keep) -> list[str]:
+    copied = []
+    for k, f in src.fields.items():
+        if not keep(k):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(k, f.contents(), f.types[0])
+        copied.append(k)
+    return copied
+
+
+def _source_gguf(ck: IntCheckpoint) -> gguf.GGUFReader | None:
+    p = (ck.manifest.get("source") or {}).get("gguf_path")
+    if not p:
+        return None
+    if not Path(p).is_file():
+        log.warning("source GGUF %s named in the manifest is gone; building the tokenizer from the HF files", p)
+        return None
+    return gguf.GGUFReader(p)
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, ck: IntCheckpoint, src: gguf.GGUFReader | None) -> int:
+    """Tokenizer keys from the source GGUF, else from the IntCheckpoint's HF tokenizer files. Returns n_vocab."""
+    from converters.gguf_vocab import add_hf_tokenizer
+
+    if src is not None:
+        copied = _copy_fields(w, src, lambda k: k.startswith("tokenizer."))
+        if "tokenizer.ggml.tokens" not in copied:
+            raise UserError(f"source GGUF {src.data.filename}: expected tokenizer.ggml.tokens, not found")
+        return len(src.fields["tokenizer.ggml.tokens"].data)
+    if ck.path is None:
+        raise UserError("GGUF export: the IntCheckpoint has no directory to read tokenizer files from")
+    return add_hf_tokenizer(w, ck.path, ck.config.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writer.
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling path that replaces `path` on success and is removed on any failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def gguf_tensors(ck: IntCheckpoint, qtype: QT, embed_type: str) -> Iterator[tuple[str, np.ndarray, QT]]:
+    """(GGUF name, array to write, type) for every tensor, in the model's order; unmapped tensors are an error."""
+    cfg = ck.config
+    _, permute = _arch(ck)
+    names = tensor_name_map(cfg.num_hidden_layers)
+    heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
+    sources = {f"{n}.weight": ("q", n) for n in ck.layers}
+    sources.update({f"{n}.bias": ("b", n) for n, q in ck.layers.items() if q.bias is not None})
+    sources.update({n: ("f", n) for n in ck.float_tensors})
+    unmapped = sorted(set(sources) - set(names))
+    if unmapped:
+        raise UserError(f"GGUF export: tensors with no GGUF name in {ck.architecture}: {unmapped[:5]}")
+    for hf, gg in names.items():
+        if hf not in sources:
+            continue
+        kind, src = sources[hf]
+        stem = gg.split(".")[-2]
+        n_head = heads.get(stem) if permute else None
+        if kind == "q":
+            q = ck.layers[src]
+            codes, scales = q.codes.numpy(), q.scales.numpy()
+            zeros = None if q.zeros is None else q.zeros.numpy()
+            if n_head:
+                codes, scales = permute_rows(codes, n_head), permute_rows(scales, n_head)
+                zeros = None if zeros is None else permute_rows(zeros, n_head)
+            if codes.shape[1] % BLOCK:
+                raise UserError(f"GGUF export: layer {src}: in_features {codes.shape[1]} is not a multiple of "
+                                f"{BLOCK} (the GGUF block size)")
+            d, m = block_fields(scales, zeros, ck.spec, codes.shape[1])
+            yield gg, pack_blocks(codes, d, m, qtype), qtype
+        elif kind == "b":
+            b = ck.layers[src].bias.float().numpy()
+            yield gg, (permute_rows(b, n_head) if n_head else b).astype(np.float32), QT.F32
+        else:
+            t = ck.float_tensors[src].float().numpy()
+            ftype = EMBED_TYPES[embed_type] if gg in EMBED_NAMES else QT.F32  # norms: always F32
+            if ftype not in (QT.F32, QT.F16):
+                byte_shape(t.shape, ftype)
+            yield gg, _encode_float(t, ftype), ftype
+
+
+def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f16", overwrite: bool = False,
+                widen: bool = False) -> Path:
+    """Write the IntCheckpoint as a GGUF file (atomically). Returns the path."""
+    if embed_type not in EMBED_TYPES:
+        raise UserError(f"--embed-type: expected one of {sorted(EMBED_TYPES)}, got {embed_type!r}")
+    ck = load_intckpt(intckpt_path)
+    arch, _ = _arch(ck)
+    qtype = ggml_type_for(ck.spec, widen)
+    out = Path(out)
+    check_output_path(out, overwrite)
+    tensors = list(gguf_tensors(ck, qtype, embed_type))  # all checks before anything is written
+    if not ck.spec.symmetric:
+        frac, step = offset_rounding(ck)
+        if frac:
+            log.warning("GGUF %s: m = fp16(-s*(z+%d)) is rounded in %.1f %% of groups (max %.2g of a step); "
+                        "those weights differ from s*W_int (verify_gguf reports it)", qtype.name,
+                        2 ** (ck.spec.bits - 1), 100 * frac, step)
+    src = _source_gguf(ck)
+    w = gguf.GGUFWriter(None, arch)
+    n_vocab = _add_tokenizer(w, ck, src)
+    emb = ck.float_tensors["model.embed_tokens.weight"]
+    if emb.shape[0] != n_vocab:
+        raise UserError(f"GGUF export: token embedding has {emb.shape[0]} rows but the tokenizer has {n_vocab} tokens")
+    _add_arch_metadata(w, ck.config, n_vocab)
+    _add_provenance(w, ck, qtype, src)
+    for name, arr, t in tensors:
+        if t in (QT.F32, QT.F16):
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, arr, raw_dtype=t)
+    with _atomic_path(out) as tmp:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    log.info("wrote %s: %d tensors, linear %s, embeddings %s", out, len(tensors), qtype.name, embed_type)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Read-back, parity reference, inspect.
+
+
+def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> dict:
+    """Dequantize every tensor of the file with gguf.quants.dequantize and compare it with the IntCheckpoint:
+    quantized weights with s·W_int (after the inverse Q/K permutation), biases exactly, float tensors with their
+    GGUF representation (and, for information, with the original float values).
+
+    Returns {"exact": bool, "quantized": {...}, "tensors": {gguf name: {...}}}; max_step is the largest deviation
+    in units of the group's scale (0 when exact)."""
+    ck = intckpt if isinstance(intckpt, IntCheckpoint) else load_intckpt(intckpt)
+    cfg = ck.config
+    _, permute = _arch(ck)
+    r = gguf.GGUFReader(gguf_path)
+    file_tensors = {t.name: t for t in r.tensors}
+    names = tensor_name_map(cfg.num_hidden_layers)
+    heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
+    report: dict[str, dict] = {}
+
+    def read(hf: str) -> tuple[str, np.ndarray, QT]:
+        gg = names[hf]
+        if gg not in file_tensors:
+            raise UserError(f"GGUF {gguf_path}: tensor {gg} (for {hf}) missing")
+        t = file_tensors[gg]
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        n_head = heads.get(gg.split(".")[-2]) if permute else None
+        return gg, (unpermute_rows(a, n_head) if n_head else a), t.tensor_type
+
+    for name, q in ck.layers.items():
+        gg, got, t = read(f"{name}.weight")
+        want = ck.dequantized(name).numpy()
+        diff = np.abs(got - want)
+        step = diff / np.repeat(q.scales.float().numpy(), ck.spec.group_len(want.shape[1]), axis=1)
+        report[gg] = {"type": t.name, "shape": list(want.shape), "n_diff": int((diff > 0).sum()),
+                      "max_abs": float(diff.max()), "max_step": float(step.max()), "exact": bool((diff == 0).all())}
+        if q.bias is not None:
+            gb, gotb, tb = read(f"{name}.bias")
+            report[gb] = {"type": tb.name, "exact": bool(np.array_equal(gotb, q.bias.float().numpy()))}
+    for hf, x in ck.float_tensors.items():
+        gg, got, t = read(hf)
+        x = x.float().numpy()
+        report[gg] = {"type": t.name, "exact": bool(np.array_equal(got, represent(x, t))),
+                      "max_abs_vs_float": float(np.abs(got - x).max())}
+    qrep = [v for k, v in report.items() if "max_step" in v]
+    summary = {"n": len(qrep), "exact": all(v["exact"] for v in qrep),
+               "n_diff": sum(v["n_diff"] for v in qrep), "n_weights": sum(math.prod(v["shape"]) for v in qrep),
+               "max_abs": max(v["max_abs"] for v in qrep), "max_step": max(v["max_step"] for v in qrep)}
+    extra = sorted(set(file_tensors) - set(report))
+    return {"file": str(gguf_path), "exact": all(v["exact"] for v in report.values()) and not extra,
+            "quantized": summary, "unexpected_tensors": extra, "tensors": report}
+
+
+def reference_model(intckpt: str | Path | IntCheckpoint, embed_type: str = "f16"):
+    """The IntCheckpoint's float32 torch model (s·W_int) with token embeddings / untied output replaced by their
+    GGUF-represented values, so torch-vs-llama.cpp parity compares like with like."""
+    import torch
+
+    ck = intckpt if isinstance(intckpt, IntCheckpoint) else load_intckpt(intckpt)
+    model = ck.to_torch_model()
+    qtype = EMBED_TYPES[embed_type]
+    with torch.no_grad():
+        for mod in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            mod.weight.copy_(torch.from_numpy(represent(mod.weight.numpy(), qtype)))
+    return model
+
+
+def _fmt_value(f) -> str:
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        n = len(f.data)
+        head = [f.contents(i) for i in range(min(n, 4))]
+        return f"[{f.types[-1].name} × {n}] {str(head)[:60]}{' …' if n > 4 else ''}"
+    v = f.contents()
+    s = repr(v) if isinstance(v, str) else str(v)
+    return s if len(s) <= 90 else s[:87] + "..."
+
+
+def inspect_gguf(path: str | Path) -> str:
+    """Metadata, tensor types and shapes of a GGUF file."""
+    try:
+        r = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise UserError(f"GGUF {path}: not a readable GGUF file ({e})") from None
+    lines = [f"GGUF {path}  ({Path(path).stat().st_size / 2**20:.1f} MiB, {len(r.tensors)} tensors)", "", "metadata:"]
+    for k, f in r.fields.items():
+        lines.append(f"  {k:<44} {_fmt_value(f)}")
+    counts: dict[str, int] = {}
+    lines += ["", f"  {'tensor':<32} {'type':>6} {'shape (torch order)':>22} {'bytes':>12}"]
+    for t in r.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        lines.append(f"  {t.name:<32} {t.tensor_type.name:>6} {str(shape):>22} {int(t.n_bytes):>12,}")
+    lines += ["", "types: " + ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))]
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""GGUF tokenizer metadata built from Hugging Face tokenizer files (when the model did not come from a GGUF).
+
+Three vocab kinds, tried in convert_hf_to_gguf's order (formats.md A3):
+* `tokenizer.model` present → SentencePiece, `tokenizer.ggml.model = "llama"`, tokens + scores + types;
+* `tokenizer.json` BPE with byte_fallback (Llama 2, Mistral) → `"llama"` via gguf's LlamaHfVocab;
+* `tokenizer.json` byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2) → `"gpt2"` with merges and a pre-tokenizer name.
+
+llama.cpp picks its pre-tokenizer regex by name, so the name must describe the HF pre-tokenizer exactly.
+convert_hf_to_gguf identifies it by hashing a test tokenization; here the pre-tokenizer description in
+tokenizer.json is matched against a table, and an unknown one is refused rather than guessed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import gguf
+from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
+
+from lrqat_export.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# pre-tokenizer signature (see _signature) → llama.cpp `tokenizer.ggml.pre` name
+PRE_TOKENIZERS: dict[str, str] = {
+    "ByteLevel(regex)": "gpt-2",
+    "Digits(individual)+ByteLevel(regex)": "smollm",
+    f"Split({_LLAMA3_RE})+ByteLevel": "llama-bpe",
+    f"Split({_QWEN2_RE})+ByteLevel": "qwen2",
+}
+
+
+def _signature(pt: dict | None) -> str:
+    """A readable description of an HF pre-tokenizer: the parts llama.cpp's regexes depend on."""
+    if pt is None:
+        return "none"
+    t = pt["type"]
+    if t == "Sequence":
+        return "+".join(_signature(p) for p in pt["pretokenizers"])
+    if t == "ByteLevel":
+        return "ByteLevel(regex)" if pt.get("use_regex", True) else "ByteLevel"
+    if t == "Split":
+        return f"Split({pt['pattern'].get('Regex', pt['pattern'].get('String'))})"
+    if t == "Digits":
+        return f"Digits({'individual' if pt.get('individual_digits') else 'grouped'})"
+    return t
+
+
+def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
+    sig = _signature(tokenizer_json.get("pre_tokenizer"))
+    if sig not in PRE_TOKENIZERS:
+        raise UserError(f"GGUF export: tokenizer.json pre-tokenizer {sig[:200]!r} has no known llama.cpp name "
+                        f"(known: {sorted(set(PRE_TOKENIZERS.values()))}); add it to converters/gguf_vocab.py "
+                        f"PRE_TOKENIZERS, or export from the model's GGUF source")
+    return PRE_TOKENIZERS[sig]
+
+
+def add_hf_tokenizer(w: gguf.GGUFWriter, tok_dir: str | Path, vocab_size: int) -> int:
+    """Write tokenizer.* keys from the HF tokenizer files in tok_dir; pads to vocab_size. Returns the token count."""
+    d = Path(tok_dir)
+    tj_path = d / "tokenizer.json"
+    tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else None
+    scores = None
+    if (d / "tokenizer.model").is_file():
+        try:
+            vocab = SentencePieceVocab(d)
+        except RuntimeError as e:  # sentencepiece missing
+            raise UserError(f"GGUF export: {d / 'tokenizer.model'} needs the sentencepiece package ({e})") from None
+        model, pre = "llama", "default"
+    elif tj is not None and tj["model"]["type"] == "BPE" and tj["model"].get("byte_fallback"):
+        vocab, model, pre = LlamaHfVocab(d), "llama", "default"
+    elif tj is not None and tj["model"]["type"] == "BPE":
+        vocab, model, pre = BpeVocab(d), "gpt2", pre_tokenizer_name(tj)
+    else:
+        raise UserError(f"GGUF export: no usable tokenizer in {d}; expected tokenizer.model (SentencePiece) or a "
+                        f"BPE tokenizer.json")
+    toks = list(vocab.all_tokens())
+    texts = [t if isinstance(t, bytes) else t.encode("utf-8") for t, _, _ in toks]
+    types = [int(tt) for _, _, tt in toks]
+    if model == "gpt2" and tj is not None:  # as convert_hf_to_gguf: added tokens are CONTROL when special, else
+        added = {a["content"]: a.get("special", False) for a in tj.get("added_tokens", [])}  # USER_DEFINED
+        kind = {True: int(gguf.TokenType.CONTROL), False: int(gguf.TokenType.USER_DEFINED)}
+        types = [kind[added[t.decode("utf-8")]] if t.decode("utf-8", "replace") in added else ty
+                 for t, ty in zip(texts, types)]
+    if model == "llama":
+        scores = [float(s) for _, s, _ in toks]
+    if len(texts) > vocab_size:
+        raise UserError(f"GGUF export: tokenizer in {d} has {len(texts)} tokens, more than the model's vocab_size "
+                        f"{vocab_size}")
+    for i in range(len(texts), vocab_size):  # rows of the embedding no token uses
+        texts.append(f"[PAD{i}]".encode())
+        types.append(int(gguf.TokenType.UNUSED))
+        if scores is not None:
+            scores.append(-1000.0)
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(texts)
+    w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    SpecialVocab(d, load_merges=(model == "gpt2"), n_vocab=len(texts)).add_to_gguf(w, quiet=True)
+    log.info("tokenizer from %s: %s/%s, %d tokens", d, model, pre, len(texts))
+    return len(texts)

@@ -1,0 +1,106 @@
+"""Real llama.cpp (llama-cpp-python) on a GGUF file: logits, perplexity, greedy generation, tokenizer.
+
+Perplexity uses the same windows and the same scoring code as the torch side (evaluate.nll_from_logits), so the
+two numbers differ only by what the runtimes compute. Settings (env-llamacpp.md): 2 threads (the library default
+is cpu_count()//2), flash attention off (the Python default; `llama-perplexity -fa auto` turns it on and moves ppl
+by ~0.3 %), logits for every position, KV cache cleared between windows (reset + eval).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .evaluate import nll_from_logits
+
+log = logging.getLogger(__name__)
+
+N_THREADS = 2
+
+
+def load_llama(path: str | Path, n_ctx: int = 512):
+    """A llama_cpp.Llama for `path` with the project's fixed settings (all-position logits, 2 threads, no FA)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        raise UserError(f"llama.cpp runtime: llama-cpp-python is not installed ({e}); run scripts/install.sh") from None
+    if not Path(path).is_file():
+        raise UserError(f"GGUF {path}: file not found")
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=N_THREADS,
+                     n_threads_batch=N_THREADS, flash_attn=False, verbose=False)
+    except ValueError as e:  # llama-cpp-python reports a failed load as ValueError
+        raise UserError(f"GGUF {path}: llama.cpp could not load it ({e})") from None
+
+
+def window_logits(llm, ids: torch.Tensor | list[int]) -> np.ndarray:
+    """float32 (T, V) logits of one window; row i predicts token i+1. Clears the KV cache first."""
+    ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)  # copy: scores is a view reused by the next eval
+
+
+def perplexity_gguf(path: str | Path, windows: torch.Tensor, protocol: str = "full", llm=None) -> dict:
+    """{'ppl', 'nll_sum', 'tokens', 'per_window_nll', 'seconds'} of llama.cpp on (N, T) token windows."""
+    n, t = windows.shape
+    with contextlib.ExitStack() as stack:
+        if llm is None:
+            llm = stack.enter_context(contextlib.closing(load_llama(path, n_ctx=t)))
+        return _perplexity(llm, path, windows, protocol)
+
+
+def _perplexity(llm, path: str | Path, windows: torch.Tensor, protocol: str) -> dict:
+    if max(int(windows.max()), 0) >= llm.n_vocab():
+        raise UserError(f"GGUF {path}: token id {int(windows.max())} out of range for its vocab of {llm.n_vocab()}")
+    total, count, per_window = 0.0, 0, []
+    t0 = time.perf_counter()
+    for ids in windows:
+        nll, k = nll_from_logits(torch.from_numpy(window_logits(llm, ids)), ids, protocol)
+        total += nll
+        count += k
+        per_window.append(nll / k)
+    return {"ppl": math.exp(total / count), "nll_sum": total, "tokens": count, "per_window_nll": per_window,
+            "seconds": time.perf_counter() - t0}
+
+
+def generate_greedy(path: str | Path, prompt: str, max_new_tokens: int = 16, llm=None) -> str:
+    """Greedy continuation of `prompt` (argmax of llama.cpp's logits, token by token); returns the new text."""
+    with contextlib.ExitStack() as stack:
+        if llm is None:
+            llm = stack.enter_context(contextlib.closing(load_llama(path, n_ctx=512)))
+        return _generate(llm, prompt, max_new_tokens)
+
+
+def _generate(llm, prompt: str, max_new_tokens: int) -> str:
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)  # BOS only if the vocab wants it
+    llm.reset()
+    llm.eval(ids)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if nxt == llm.token_eos():
+            break
+        new.append(nxt)
+        llm.eval([nxt])
+    return llm.detokenize(new).decode("utf-8", errors="replace")
+
+
+def gguf_tokenizer(path: str | Path):
+    """An HF tokenizer built from the GGUF's own vocab (transformers reads the tokenizer.* keys)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"GGUF {path}: file not found")
+    try:
+        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"GGUF {path}: transformers could not build a tokenizer from it ({e}); "
+                        f"pass --tokenizer DIR") from None
