@@ -23,23 +23,23 @@ codes, scales, zeros and biases are permuted together. Qwen2 uses NEOX RoPE and 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from lrqat_export import __version__
 from lrqat_export.errors import UserError
 from lrqat_export.fsio import check_output_path
 from lrqat_export.intckpt import IntCheckpoint, load_intckpt
 from lrqat_export.quant import QuantSpec
+
+from . import gguf_meta as M
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ TENSOR_NAMES: dict[str, str] = {  # in file order: embeddings, blocks, output
 EMBED_NAMES = ("token_embd.weight", "output.weight")
 # GGUF tensor-name stem → config field giving the head count its rows are permuted with
 QK_PERMUTE = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
-# source-GGUF general.* keys that still describe the model after our export
-GENERAL_COPY = ("general.organization", "general.basename", "general.finetune", "general.size_label",
-                "general.license", "general.languages")
+
 
 
 def ggml_type_for(spec: QuantSpec, widen: bool = False) -> QT:
@@ -225,93 +223,6 @@ def _arch(ck: IntCheckpoint) -> tuple[str, bool]:
     return ARCHS[ck.architecture]
 
 
-def _head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def _rope(cfg: Any) -> tuple[float, dict]:
-    """(rope theta, rope parameters) from a transformers 4 or 5 config."""
-    rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-    theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    return float(theta), rp
-
-
-def _add_arch_metadata(w: gguf.GGUFWriter, cfg: Any, n_vocab: int) -> None:
-    theta, rp = _rope(cfg)
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type != "default":
-        raise UserError(f"GGUF export: rope scaling {rope_type!r} is not supported by this converter; "
-                        f"expected a model without rope scaling (rope_type 'default')")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    w.add_rope_freq_base(theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(_head_dim(cfg))
-    if _head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
-        w.add_key_length(_head_dim(cfg))
-        w.add_value_length(_head_dim(cfg))
-    w.add_vocab_size(n_vocab)
-
-
-def _add_provenance(w: gguf.GGUFWriter, ck: IntCheckpoint, qtype: QT, src: gguf.GGUFReader | None) -> None:
-    m, spec = ck.manifest, ck.spec
-    base = m.get("source", {}).get("name") or getattr(ck.config, "_name_or_path", "") or ck.architecture
-    if src is not None and "general.name" in src.fields:
-        base = src.fields["general.name"].contents()
-    w.add_type("model")
-    w.add_name(f"{base} {spec.name} ({m.get('method', 'lrqat')})")
-    w.add_quantized_by(f"lrqat-export {__version__}")
-    w.add_file_type(int(FILE_TYPES[qtype]))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_string("lrqat.spec", spec.name)
-    w.add_string("lrqat.spec_json", json.dumps(spec.to_dict(), sort_keys=True))
-    w.add_string("lrqat.method", str(m.get("method")))
-    w.add_string("lrqat.gguf_type", qtype.name)
-    if src is not None:
-        _copy_fields(w, src, lambda k: k in GENERAL_COPY)
-
-
-def _copy_fields(w: gguf.GGUFWriter, src: gguf.GGUFReader, keep) -> list[str]:
-    copied = []
-    for k, f in src.fields.items():
-        if not keep(k):
-            continue
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
-        else:
-            w.add_key_value(k, f.contents(), f.types[0])
-        copied.append(k)
-    return copied
-
-
-def _source_gguf(ck: IntCheckpoint) -> gguf.GGUFReader | None:
-    p = (ck.manifest.get("source") or {}).get("gguf_path")
-    if not p:
-        return None
-    if not Path(p).is_file():
-        log.warning("source GGUF %s named in the manifest is gone; building the tokenizer from the HF files", p)
-        return None
-    return gguf.GGUFReader(p)
-
-
-def _add_tokenizer(w: gguf.GGUFWriter, ck: IntCheckpoint, src: gguf.GGUFReader | None) -> int:
-    """Tokenizer keys from the source GGUF, else from the IntCheckpoint's HF tokenizer files. Returns n_vocab."""
-    from converters.gguf_vocab import add_hf_tokenizer
-
-    if src is not None:
-        copied = _copy_fields(w, src, lambda k: k.startswith("tokenizer."))
-        if "tokenizer.ggml.tokens" not in copied:
-            raise UserError(f"source GGUF {src.data.filename}: expected tokenizer.ggml.tokens, not found")
-        return len(src.fields["tokenizer.ggml.tokens"].data)
-    if ck.path is None:
-        raise UserError("GGUF export: the IntCheckpoint has no directory to read tokenizer files from")
-    return add_hf_tokenizer(w, ck.path, ck.config.vocab_size)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writer.
 
@@ -377,7 +288,7 @@ def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f1
     if embed_type not in EMBED_TYPES:
         raise UserError(f"--embed-type: expected one of {sorted(EMBED_TYPES)}, got {embed_type!r}")
     ck = load_intckpt(intckpt_path)
-    arch, _ = _arch(ck)
+    _arch(ck)  # unsupported architecture: refuse before any work
     qtype = ggml_type_for(ck.spec, widen)
     out = Path(out)
     check_output_path(out, overwrite)
@@ -388,14 +299,24 @@ def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f1
             log.warning("GGUF %s: m = fp16(-s*(z+%d)) is rounded in %.1f %% of groups (max %.2g of a step); "
                         "those weights differ from s*W_int (verify_gguf reports it)", qtype.name,
                         2 ** (ck.spec.bits - 1), 100 * frac, step)
-    src = _source_gguf(ck)
+    return write_gguf(ck, out, tensors, qtype, overwrite)
+
+
+def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.ndarray, QT]], qtype: QT,
+               overwrite: bool = False) -> Path:
+    """Metadata (architecture, tokenizer, provenance) + the given tensors → `out`, atomically. export_gguf's
+    back end; scripts/gguf_direct_vs_naive.py passes re-quantized tensors through it to build the naive file."""
+    out = Path(out)
+    check_output_path(out, overwrite)
+    arch, _ = _arch(ck)
+    src = M.source_gguf(ck)
     w = gguf.GGUFWriter(None, arch)
-    n_vocab = _add_tokenizer(w, ck, src)
+    n_vocab = M.add_tokenizer(w, ck, src)
     emb = ck.float_tensors["model.embed_tokens.weight"]
     if emb.shape[0] != n_vocab:
         raise UserError(f"GGUF export: token embedding has {emb.shape[0]} rows but the tokenizer has {n_vocab} tokens")
-    _add_arch_metadata(w, ck.config, n_vocab)
-    _add_provenance(w, ck, qtype, src)
+    M.add_arch_metadata(w, ck.config, n_vocab)
+    M.add_provenance(w, ck, int(FILE_TYPES[qtype]), qtype.name, src)
     for name, arr, t in tensors:
         if t in (QT.F32, QT.F16):
             w.add_tensor(name, arr)
@@ -406,7 +327,7 @@ def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f1
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    log.info("wrote %s: %d tensors, linear %s, embeddings %s", out, len(tensors), qtype.name, embed_type)
+    log.info("wrote %s: %d tensors, linear %s", out, len(tensors), qtype.name)
     return out
 
 

@@ -28,21 +28,28 @@ EXACT_SPECS = {  # every grid the converter supports, with the type it must prod
 ASYM_SPECS = {"q4_1": (PRESETS["q4_1"], QT.Q4_1), "w5g64a": (QuantSpec(5, 64, False), QT.Q5_1)}
 
 
+_LOADED: dict[Path, tuple] = {}  # tiny model dir → (model, tokenizer), loaded once per test session
+
+
 def make_ckpt(model_dir: Path, out: Path, spec: QuantSpec, random_codes: bool = False, seed: int = 0,
               source_gguf: str | None = None) -> Path:
-    """RTN IntCheckpoint of a tiny model; random_codes replaces every code (and zero) by uniform draws over the
-    whole grid, so the extreme codes (−2^(b−1), 2^(b−1)−1) are certainly packed."""
+    """RTN (min-max) IntCheckpoint of a tiny model; random_codes replaces every code (and zero) by uniform draws
+    over the whole grid, so the extreme codes (−2^(b−1), 2^(b−1)−1) are certainly packed."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ck = ptq_rtn(model, spec, {"name": model_dir.name, "kind": "hf", "path": str(model_dir), "gguf_path": source_gguf})
+    if model_dir not in _LOADED:
+        _LOADED[model_dir] = (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                              load_tokenizer(model_dir))
+    model, tok = _LOADED[model_dir]
+    src = {"name": model_dir.name, "kind": "hf", "path": str(model_dir), "gguf_path": source_gguf}
+    ck = ptq_rtn(model, spec, src, range_method="minmax")
     if random_codes:
         g = torch.Generator().manual_seed(seed)
         for q in ck.layers.values():
             q.codes = torch.randint(spec.qmin, spec.qmax + 1, q.codes.shape, generator=g, dtype=torch.int8)
             if q.zeros is not None:
                 q.zeros = torch.randint(spec.qmin, spec.qmax + 1, q.zeros.shape, generator=g, dtype=torch.int8)
-    return write_intckpt(out, ck, load_tokenizer(model_dir))
+    return write_intckpt(out, ck, tok)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +207,7 @@ def test_tokenizer_copied_from_source_gguf(tiny_models, q4_llama_gguf, tmp_path)
 
 
 def test_unknown_pre_tokenizer_is_refused():
-    from converters.gguf_vocab import pre_tokenizer_name
+    from converters.gguf_meta import pre_tokenizer_name
 
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     with pytest.raises(UserError, match="pre-tokenizer .*Whitespace.* no known llama.cpp name"):

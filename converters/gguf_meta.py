@@ -1,6 +1,8 @@
-"""GGUF tokenizer metadata built from Hugging Face tokenizer files (when the model did not come from a GGUF).
+"""GGUF metadata of an exported IntCheckpoint: architecture keys, provenance, and the tokenizer.
 
-Three vocab kinds, tried in convert_hf_to_gguf's order (formats.md A3):
+The tokenizer comes from the source GGUF's tokenizer.* keys when the model was loaded from one (manifest
+source.gguf_path), else from the Hugging Face tokenizer files in the IntCheckpoint directory, one of three vocab
+kinds tried in convert_hf_to_gguf's order (formats.md A3):
 * `tokenizer.model` present → SentencePiece, `tokenizer.ggml.model = "llama"`, tokens + scores + types;
 * `tokenizer.json` BPE with byte_fallback (Llama 2, Mistral) → `"llama"` via gguf's LlamaHfVocab;
 * `tokenizer.json` byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2) → `"gpt2"` with merges and a pre-tokenizer name.
@@ -19,7 +21,9 @@ from typing import Any
 import gguf
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
+from lrqat_export import __version__
 from lrqat_export.errors import UserError
+from lrqat_export.intckpt import IntCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ PRE_TOKENIZERS: dict[str, str] = {
     f"Split({_LLAMA3_RE})+ByteLevel": "llama-bpe",
     f"Split({_QWEN2_RE})+ByteLevel": "qwen2",
 }
+# source-GGUF general.* keys that still describe the model after our export
+GENERAL_COPY = ("general.organization", "general.basename", "general.finetune", "general.size_label",
+                "general.license", "general.languages")
 
 
 def _signature(pt: dict | None) -> str:
@@ -56,7 +63,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     sig = _signature(tokenizer_json.get("pre_tokenizer"))
     if sig not in PRE_TOKENIZERS:
         raise UserError(f"GGUF export: tokenizer.json pre-tokenizer {sig[:200]!r} has no known llama.cpp name "
-                        f"(known: {sorted(set(PRE_TOKENIZERS.values()))}); add it to converters/gguf_vocab.py "
+                        f"(known: {sorted(set(PRE_TOKENIZERS.values()))}); add it to converters/gguf_meta.py "
                         f"PRE_TOKENIZERS, or export from the model's GGUF source")
     return PRE_TOKENIZERS[sig]
 
@@ -107,3 +114,89 @@ def add_hf_tokenizer(w: gguf.GGUFWriter, tok_dir: str | Path, vocab_size: int) -
     SpecialVocab(d, load_merges=(model == "gpt2"), n_vocab=len(texts)).add_to_gguf(w, quiet=True)
     log.info("tokenizer from %s: %s/%s, %d tokens", d, model, pre, len(texts))
     return len(texts)
+
+
+def head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _rope(cfg: Any) -> tuple[float, dict]:
+    """(rope theta, rope parameters) from a transformers 4 or 5 config."""
+    rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return float(theta), rp
+
+
+def add_arch_metadata(w: gguf.GGUFWriter, cfg: Any, n_vocab: int) -> None:
+    theta, rp = _rope(cfg)
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type != "default":
+        raise UserError(f"GGUF export: rope scaling {rope_type!r} is not supported by this converter; "
+                        f"expected a model without rope scaling (rope_type 'default')")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim(cfg))
+    if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim(cfg))
+        w.add_value_length(head_dim(cfg))
+    w.add_vocab_size(n_vocab)
+
+
+def add_provenance(w: gguf.GGUFWriter, ck: IntCheckpoint, file_type: int, qtype_name: str,
+                   src: gguf.GGUFReader | None) -> None:
+    m, spec = ck.manifest, ck.spec
+    base = m.get("source", {}).get("name") or getattr(ck.config, "_name_or_path", "") or ck.architecture
+    if src is not None and "general.name" in src.fields:
+        base = src.fields["general.name"].contents()
+    w.add_type("model")
+    w.add_name(f"{base} {spec.name} ({m.get('method', 'lrqat')})")
+    w.add_quantized_by(f"lrqat-export {__version__}")
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string("lrqat.spec", spec.name)
+    w.add_string("lrqat.spec_json", json.dumps(spec.to_dict(), sort_keys=True))
+    w.add_string("lrqat.method", str(m.get("method")))
+    w.add_string("lrqat.gguf_type", qtype_name)
+    if src is not None:
+        _copy_fields(w, src, lambda k: k in GENERAL_COPY)
+
+
+def _copy_fields(w: gguf.GGUFWriter, src: gguf.GGUFReader, keep) -> list[str]:
+    copied = []
+    for k, f in src.fields.items():
+        if not keep(k):
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(k, f.contents(), f.types[0])
+        copied.append(k)
+    return copied
+
+
+def source_gguf(ck: IntCheckpoint) -> gguf.GGUFReader | None:
+    p = (ck.manifest.get("source") or {}).get("gguf_path")
+    if not p:
+        return None
+    if not Path(p).is_file():
+        log.warning("source GGUF %s named in the manifest is gone; building the tokenizer from the HF files", p)
+        return None
+    return gguf.GGUFReader(p)
+
+
+def add_tokenizer(w: gguf.GGUFWriter, ck: IntCheckpoint, src: gguf.GGUFReader | None) -> int:
+    """Tokenizer keys from the source GGUF, else from the IntCheckpoint's HF tokenizer files. Returns n_vocab."""
+    if src is not None:
+        copied = _copy_fields(w, src, lambda k: k.startswith("tokenizer."))
+        if "tokenizer.ggml.tokens" not in copied:
+            raise UserError(f"source GGUF {src.data.filename}: expected tokenizer.ggml.tokens, not found")
+        return len(src.fields["tokenizer.ggml.tokens"].data)
+    if ck.path is None:
+        raise UserError("GGUF export: the IntCheckpoint has no directory to read tokenizer files from")
+    return add_hf_tokenizer(w, ck.path, ck.config.vocab_size)
