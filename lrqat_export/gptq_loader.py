@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +44,9 @@ def load_gptq(path: str | Path, dtype: torch.dtype = DTYPE, backend: str = BACKE
                         f"(without it transformers silently loads random weights), got {qc!r:.120}")
     # Only loading attributes (the backend) are taken from this object; bits, group size, format come from the file.
     loading = GPTQConfig(bits=qc["bits"], backend=backend)
-    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=dtype, quantization_config=loading)
+    with warnings.catch_warnings():  # "...quantization_config from the model will be used" is exactly the intent
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=dtype, quantization_config=loading)
     return model.eval()
 
 
