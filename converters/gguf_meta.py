@@ -133,6 +133,11 @@ def add_arch_metadata(w: gguf.GGUFWriter, cfg: Any, n_vocab: int) -> None:
     if rope_type != "default":
         raise UserError(f"GGUF export: rope scaling {rope_type!r} is not supported by this converter; "
                         f"expected a model without rope scaling (rope_type 'default')")
+    sw = getattr(cfg, "sliding_window", None)
+    if sw and getattr(cfg, "use_sliding_window", True) and sw < cfg.max_position_embeddings:
+        log.warning("sliding_window %d is not written (llama.cpp's %s graph attends to the whole context, as "
+                    "convert_hf_to_gguf); outputs match the HF model only for contexts up to %d tokens", sw,
+                    w.arch, sw)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import gguf
@@ -257,6 +258,9 @@ def test_existing_output_needs_overwrite_and_failed_write_leaves_nothing(q4_llam
 def test_cli_export_and_inspect(q4_llama, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     assert cli_main(["export", "gguf", str(q4_llama), "--out", str(out), "--embed-type", "q8_0"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert cli_main(["export", "gguf", str(q4_llama), "--out", str(out)]) == 2  # exists, no --overwrite
     assert cli_main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
