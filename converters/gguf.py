@@ -55,6 +55,8 @@ LAYOUT: dict[QT, tuple[int, int]] = {
     QT.Q5_1: (BLOCK, 2 + 2 + 4 + BLOCK // 2),  # d, m, qh, nibbles
     QT.Q8_0: (BLOCK, 2 + BLOCK),  # d, 32 int8
 }
+# ggml type → offset o of its unsigned codes q = c + o (Q8_0 stores the signed code itself)
+OFFSET: dict[QT, int] = {QT.Q4_0: 8, QT.Q4_1: 8, QT.Q5_0: 16, QT.Q5_1: 16, QT.Q8_0: 0}
 # (bits, symmetric) → the type that stores these codes at their own width.
 NATIVE_TYPES: dict[tuple[int, bool], QT] = {
     (4, True): QT.Q4_0, (4, False): QT.Q4_1, (5, True): QT.Q5_0, (5, False): QT.Q5_1, (8, True): QT.Q8_0,
@@ -93,7 +95,6 @@ TENSOR_NAMES: dict[str, str] = {  # in file order: embeddings, blocks, output
 EMBED_NAMES = ("token_embd.weight", "output.weight")
 # GGUF tensor-name stem → config field giving the head count its rows are permuted with
 QK_PERMUTE = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
-
 
 
 def ggml_type_for(spec: QuantSpec, widen: bool = False) -> QT:
@@ -141,24 +142,24 @@ def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, x.shape[0] // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def block_fields(scales: np.ndarray, zeros: np.ndarray | None, spec: QuantSpec, in_f: int
+def block_fields(scales: np.ndarray, zeros: np.ndarray | None, spec: QuantSpec, in_f: int, qtype: QT
                  ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-block d (out, nb) fp16 = the group's scale, and m (out, nb) fp16 = −s·(z + 2^(b−1)) or None."""
+    """Per-block d (out, nb) fp16 = the group's scale, and m (out, nb) fp16 = −s·(z + o) or None (o = OFFSET)."""
     reps = spec.group_len(in_f) // BLOCK  # 32-blocks per scale group
     d = np.repeat(scales.astype(np.float16), reps, axis=1)  # (out, nb)
     if zeros is None:
         return d, None
-    m = -(scales.astype(np.float64) * (zeros.astype(np.float64) + 2 ** (spec.bits - 1)))  # exact in float64
+    m = -(scales.astype(np.float64) * (zeros.astype(np.float64) + OFFSET[qtype]))  # exact in float64
     return d, np.repeat(m.astype(np.float16), reps, axis=1)  # (out, nb): the one rounding of the asymmetric path
 
 
-def offset_rounding(ck: IntCheckpoint) -> tuple[float, float]:
-    """Asymmetric grids: (fraction of groups whose m = −s·(z + 2^(b−1)) is not fp16-representable, largest
-    resulting deviation in units of s)."""
+def offset_rounding(ck: IntCheckpoint, qtype: QT) -> tuple[float, float]:
+    """Asymmetric grids: (fraction of groups whose m = −s·(z + o) is not fp16-representable, largest resulting
+    deviation in units of s)."""
     bad = total = 0
     worst = 0.0
     for q in ck.layers.values():
-        exact = q.scales.double().numpy() * (q.zeros.double().numpy() + 2 ** (ck.spec.bits - 1))  # (out, G)
+        exact = q.scales.double().numpy() * (q.zeros.double().numpy() + OFFSET[qtype])  # (out, G)
         err = np.abs(exact.astype(np.float16).astype(np.float64) - exact) / q.scales.double().numpy()
         bad, total, worst = bad + int((err > 0).sum()), total + err.size, max(worst, float(err.max()))
     return bad / max(total, 1), worst
@@ -172,10 +173,13 @@ def pack_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, qtype: Q
     if m is not None:
         head.append(m.astype("<f2").view(np.uint8).reshape(out_f, nb, 2))
     c = codes.reshape(out_f, nb, BLOCK).astype(np.int16)
+    lo_c, hi_c = -OFFSET[qtype] if qtype != QT.Q8_0 else -128, OFFSET[qtype] - 1 if qtype != QT.Q8_0 else 127
+    if c.size and (c.min() < lo_c or c.max() > hi_c):  # out-of-range codes would wrap into other nibbles: refuse
+        raise ValueError(f"{qtype.name}: codes must lie in [{lo_c}, {hi_c}], got [{c.min()}, {c.max()}]")
     if qtype == QT.Q8_0:
         body = [c.astype(np.int8).view(np.uint8)]  # (out, nb, 32) two's complement
     else:
-        q = (c + (16 if qtype in (QT.Q5_0, QT.Q5_1) else 8)).astype(np.uint8)  # unsigned q = c + 2^(b-1)
+        q = (c + OFFSET[qtype]).astype(np.uint8)  # unsigned q = c + o in [0, 2o)
         lo = q & 0x0F
         nib = lo[..., : BLOCK // 2] | (lo[..., BLOCK // 2:] << 4)  # byte j: element j (low), j+16 (high)
         body = [nib]
@@ -204,7 +208,7 @@ def _encode_float(x: np.ndarray, qtype: QT) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Names and metadata.
+# Names.
 
 
 def tensor_name_map(n_layers: int) -> dict[str, str]:
@@ -272,7 +276,7 @@ def gguf_tensors(ck: IntCheckpoint, qtype: QT, embed_type: str) -> Iterator[tupl
             if codes.shape[1] % BLOCK:
                 raise UserError(f"GGUF export: layer {src}: in_features {codes.shape[1]} is not a multiple of "
                                 f"{BLOCK} (the GGUF block size)")
-            d, m = block_fields(scales, zeros, ck.spec, codes.shape[1])
+            d, m = block_fields(scales, zeros, ck.spec, codes.shape[1], qtype)
             yield gg, pack_blocks(codes, d, m, qtype), qtype
         elif kind == "b":
             b = ck.layers[src].bias.float().numpy()
@@ -297,11 +301,11 @@ def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f1
     check_output_path(out, overwrite)
     tensors = list(gguf_tensors(ck, qtype, embed_type))  # all checks before anything is written
     if not ck.spec.symmetric:
-        frac, step = offset_rounding(ck)
+        frac, step = offset_rounding(ck, qtype)
         if frac:
             log.warning("GGUF %s: m = fp16(-s*(z+%d)) is rounded in %.1f %% of groups (max %.2g of a step); "
                         "those weights differ from s*W_int (verify_gguf reports it)", qtype.name,
-                        2 ** (ck.spec.bits - 1), 100 * frac, step)
+                        OFFSET[qtype], 100 * frac, step)
     return write_gguf(ck, out, tensors, qtype, overwrite)
 
 

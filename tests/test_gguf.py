@@ -232,10 +232,23 @@ def test_unrepresentable_spec_is_refused_naming_spec_and_working_types(tiny_mode
     assert cli_main(["export", "gguf", str(ck), "--out", str(tmp_path / "m.gguf")]) == 2
 
 
-def test_widen_writes_a_narrow_grid_exactly_into_the_wider_type(tiny_models, tmp_path):
-    ck = make_ckpt(tiny_models["llama"], tmp_path / "ck", PRESETS["w3g64"], random_codes=True)
+@pytest.mark.parametrize("spec,qtype", [(PRESETS["w3g64"], "Q4_0"), (QuantSpec(2, 32, False), "Q4_1"),
+                                        (QuantSpec(6, -1, True), "Q8_0")])
+def test_widen_writes_a_narrow_grid_into_the_wider_type(tiny_models, tmp_path, spec, qtype):
+    ck = make_ckpt(tiny_models["llama"], tmp_path / "ck", spec, random_codes=True)
     rep = G.verify_gguf(G.export_gguf(ck, tmp_path / "m.gguf", widen=True), ck)
-    assert rep["exact"] and {v["type"] for v in rep["tensors"].values() if "max_step" in v} == {"Q4_0"}
+    assert {v["type"] for v in rep["tensors"].values() if "max_step" in v} == {qtype}
+    if spec.symmetric:
+        assert rep["exact"]
+    else:  # m = fp16(−s·(z + 8)): same bound as native Q4_1
+        assert rep["quantized"]["max_step"] <= 8 * 2.0**-10
+
+
+def test_out_of_range_codes_are_refused_not_wrapped():
+    s = np.ones((1, 1), np.float16)
+    with pytest.raises(ValueError, match=r"Q4_0: codes must lie in \[-8, 7\], got \[0, 8\]"):
+        G.pack_blocks(np.eye(1, 32, dtype=np.int8) * 8, s, None, QT.Q4_0)
+    G.pack_blocks(np.full((1, 32), -128, np.int8), s, None, QT.Q8_0)  # the whole int8 range is valid Q8_0
 
 
 def test_existing_output_needs_overwrite_and_failed_write_leaves_nothing(q4_llama, q4_llama_gguf, tmp_path,
