@@ -55,6 +55,7 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default 0.1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1)")
     g.add_argument("--ckpt-every", type=int, default=50, help="steps between resumable checkpoints (0 = end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
 
@@ -84,7 +85,7 @@ def cmd_train(args) -> int:
     from .pipeline import run_train
 
     res = run_train(args.model, args.train_data, args.out, _spec(args), _opts(args), _train_cfg(args),
-                    args.seq_len, args.max_train_windows, args.resume, args.overwrite)
+                    args.seq_len, args.max_train_windows, args.resume, args.overwrite, device=args.device)
     c = res["parameters"]
     print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
     print(f"IntCheckpoint: {res['intckpt']}")
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     _add_spec_args(p), _add_data_args(p, True, True), _add_train_args(p, steps=150)
+    p.add_argument("--ood-data", nargs="+", help="out-of-domain text evaluated beside --eval-data (default: the "
+                                                 "held-out tail of the embedded corpus when training on other text)")
     p.set_defaults(func=cmd_run)
     return ap
 

@@ -42,7 +42,7 @@ def perplexity(model, windows: torch.Tensor, protocol: str = "full", batch_size:
 
         it = tqdm(it, desc="ppl (torch)", unit="batch", leave=False)
     for i in it:
-        batch = windows[i: i + batch_size]
+        batch = windows[i: i + batch_size].to(model.device)
         logits = model(input_ids=batch).logits.float()
         for row, ids in zip(logits, batch):
             nll, n = nll_from_logits(row, ids, protocol)

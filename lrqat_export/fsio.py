@@ -16,6 +16,12 @@ from typing import Any, Iterator
 from .errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output_path(path: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked to (nothing is written either way)."""
     if path.exists() and not overwrite:
@@ -28,6 +34,7 @@ def check_output_path(path: Path, overwrite: bool) -> None:
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; published files get the usual mode
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -46,6 +53,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     path = Path(path)
     check_output_path(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
         if path.exists():

@@ -112,14 +112,14 @@ def write_intckpt(
 
     tensors: dict[str, torch.Tensor] = {}
     for name, q in ckpt.layers.items():
-        tensors[f"{name}.codes"] = q.codes.to(torch.int8).contiguous()
-        tensors[f"{name}.scales"] = q.scales.to(torch.float16).contiguous()
+        tensors[f"{name}.codes"] = q.codes.cpu().to(torch.int8).contiguous()
+        tensors[f"{name}.scales"] = q.scales.cpu().to(torch.float16).contiguous()
         if q.zeros is not None:
-            tensors[f"{name}.zeros"] = q.zeros.to(torch.int8).contiguous()
+            tensors[f"{name}.zeros"] = q.zeros.cpu().to(torch.int8).contiguous()
         if q.bias is not None:
-            tensors[f"{name}.bias"] = q.bias.float().contiguous()
+            tensors[f"{name}.bias"] = q.bias.cpu().float().contiguous()
     for name, t in ckpt.float_tensors.items():
-        tensors[name] = t.detach().contiguous()
+        tensors[name] = t.detach().cpu().contiguous()
     out = Path(out)
 
     def write_all(d: Path) -> None:

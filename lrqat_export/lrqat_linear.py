@@ -171,14 +171,24 @@ class LRQATLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, spec: QuantSpec, rank: int = 32, alpha: float = 1.0, phi: str = "int8",
         range_method: str = "lp", checkpointing: bool = True, name: str = "linear",
+        init: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> LRQATLinear:
+        """init: precomputed (scales (out, G), zeros (out, G) | None), e.g. from a PTQ IntCheckpoint; else range
+        search with `range_method`."""
         spec.check_layer(name, linear.in_features)
         w = linear.weight.detach().float()
         if not torch.isfinite(w).all():
             raise UserError(f"layer {name}: weight has NaN/Inf values; expected finite weights")
         layer = cls(linear.in_features, linear.out_features, spec, rank, alpha, phi,
                     bias=linear.bias is not None, checkpointing=checkpointing)
-        s0, z0 = init_scales(w, spec, range_method)
+        if init is None:
+            s0, z0 = init_scales(w, spec, range_method)
+        else:
+            s0 = init[0].float().to(w.device)
+            z0 = None if init[1] is None else init[1].float().to(w.device)
+            if s0.shape != (linear.out_features, spec.n_groups(linear.in_features)) or (z0 is None) != spec.symmetric:
+                raise UserError(f"layer {name}: initial scales/zeros do not fit spec {spec.name} "
+                                f"(scales {tuple(s0.shape)}, zeros {'absent' if z0 is None else 'present'})")
         x = grouped(w, spec) / s0.unsqueeze(-1)
         if z0 is not None:
             x = x + z0.unsqueeze(-1)

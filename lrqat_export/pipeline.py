@@ -37,7 +37,7 @@ def train_windows_for(tok, train_data: list[str], seq_len: int, max_windows: int
 def run_train(
     model_name: str, train_data: list[str], out: str | Path, spec: QuantSpec, opts: LRQATOptions,
     cfg: TrainConfig, seq_len: int = 256, max_train_windows: int | None = None, resume: bool = False,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, device: str = "cpu",
 ) -> dict:
     """Train LR-QAT and leave the fused IntCheckpoint in `out` (with out/train_state for --resume)."""
     out = Path(out)
@@ -48,6 +48,7 @@ def run_train(
             raise UserError(f"output {out}: parent directory {out.parent} does not exist")
     t0 = time.perf_counter()
     model, tok, src = load_model(model_name)
+    model.to(device)
     windows = train_windows_for(tok, train_data, seq_len, max_train_windows)
     t_load = time.perf_counter()
     prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing)

@@ -45,13 +45,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def prepare(
     model: nn.Module, spec: QuantSpec, rank: int = 32, alpha: float = 1.0, phi: str = "int8",
-    range_method: str = "lp", checkpointing: bool = True,
+    range_method: str = "lp", checkpointing: bool = True, init=None,
 ) -> nn.Module:
     """In place: freeze everything, then replace each projection by LRQATLinear.from_linear. Returns the model.
 
     Every layer is validated before any is replaced, so a bad spec leaves the model untouched.
+    init: an IntCheckpoint of the same model and spec (e.g. the RTN baseline) whose scales and zero points start
+    the training instead of a new range search.
     """
     names = quantized_layer_names(model)
+    if init is not None and (init.spec != spec or set(init.layers) != set(names)):
+        raise UserError(f"prepare: init checkpoint has spec {init.spec.name} and {len(init.layers)} layers; "
+                        f"expected spec {spec.name} and {len(names)} layers")
     for name in names:
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
@@ -61,8 +66,10 @@ def prepare(
         p.requires_grad_(False)
     for name in names:
         lin = model.get_submodule(name)
+        q = None if init is None else init.layers[name]
         _set_module(model, name, LRQATLinear.from_linear(
-            lin, spec, rank, alpha, phi, range_method, checkpointing, name=name))
+            lin, spec, rank, alpha, phi, range_method, checkpointing, name=name,
+            init=None if q is None else (q.scales, q.zeros)))
     log.info("prepared %d layers with %s, r=%d, alpha=%g, phi=%s", len(names), spec.name, rank, alpha, phi)
     return model
 

@@ -194,7 +194,8 @@ def init_scales(
         c = torch.round(x).clamp_(spec.qmin, spec.qmax)
         if z is not None:
             c = c - z.unsqueeze(-1)
-        err = (c * s.unsqueeze(-1) - wg).abs_().pow_(p).sum(dim=-1)  # (out, G)
+        e = c * s.unsqueeze(-1) - wg
+        err = (e.square_().square_() if p == 4.0 else e.abs_().pow_(p)).sum(dim=-1)  # (out, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)

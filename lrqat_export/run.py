@@ -46,6 +46,7 @@ def run_pipeline(args) -> dict:
 
     _say(f"loading {args.model}")
     model, tok, src = load_model(args.model)
+    model.to(args.device)
     text = D.read_texts(args.train_data)
     if args.eval_data:
         train_text, eval_text, eval_name = text, D.read_texts(args.eval_data), ", ".join(args.eval_data)
@@ -55,27 +56,41 @@ def run_pipeline(args) -> dict:
     train_w = D.windows(D.tokenize(tok, train_text), args.seq_len, args.max_train_windows, "train data")
     eval_w = D.windows(D.tokenize(tok, eval_text, (args.eval_windows + 1) * args.eval_seq_len),
                        args.eval_seq_len, args.eval_windows, "eval data")
+    # Training on a text also adapts the model to its domain (DESIGN.md, trap 2): evaluate out of domain too.
+    ood_w, ood_name = None, None
+    if args.ood_data:
+        ood_text, ood_name = D.read_texts(args.ood_data), ", ".join(args.ood_data)
+    elif D.DEFAULT_CORPUS not in args.train_data:
+        ood_text, ood_name = D.split_corpus(D.embedded_corpus())[1], "held-out 10 % of pydoc (embedded corpus)"
+    if ood_name:
+        ood_w = D.windows(D.tokenize(tok, ood_text, (args.eval_windows + 1) * args.eval_seq_len),
+                          args.eval_seq_len, args.eval_windows, "ood data")
     timings["load_s"] = time.perf_counter() - t
     ppl: dict[str, float] = {}
+    ppl_ood: dict[str, float] = {}
 
     def evaluate(name: str, m) -> None:
         t0 = time.perf_counter()
         ppl[name] = perplexity(m, eval_w, args.protocol, progress=True)["ppl"]
+        msg = f"perplexity {name}: {ppl[name]:.4f}"
+        if ood_w is not None:
+            ppl_ood[name] = perplexity(m, ood_w, args.protocol, progress=True)["ppl"]
+            msg += f" (out of domain: {ppl_ood[name]:.4f})"
         timings[f"eval_{name}_s"] = time.perf_counter() - t0
-        _say(f"perplexity {name}: {ppl[name]:.4f}")
+        _say(msg)
 
     evaluate("fp", model)
 
     _say(f"RTN baseline ({spec.name})")
     t = time.perf_counter()
-    rtn_dir = write_intckpt(out / "rtn", ptq_rtn(model, spec, src.to_dict(), opts.range_method), tok,
-                            overwrite=args.overwrite)
+    rtn_ck = ptq_rtn(model, spec, src.to_dict(), opts.range_method)
+    rtn_dir = write_intckpt(out / "rtn", rtn_ck, tok, overwrite=args.overwrite)
     timings["rtn_s"] = time.perf_counter() - t
-    evaluate("rtn", load_intckpt(rtn_dir).to_torch_model())
+    evaluate("rtn", load_intckpt(rtn_dir).to_torch_model().to(args.device))
 
     _say(f"LR-QAT: {cfg.steps} steps x {cfg.batch_size} x {args.seq_len} tokens, r={opts.rank}, phi={opts.phi}")
     t = time.perf_counter()
-    prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing)
+    prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing, init=rtn_ck)
     counts = parameter_counts(model)
     history = train(model, train_w, cfg, out / "lrqat", resume=args.resume)
     timings["train_s"] = time.perf_counter() - t
@@ -83,10 +98,10 @@ def run_pipeline(args) -> dict:
     ck = fuse(model, src.to_dict(), extra={"training": {"config": dataclasses.asdict(cfg),
                                                         "lrqat": dataclasses.asdict(opts), "seq_len": args.seq_len}})
     lrqat_dir = write_intckpt(out / "lrqat", ck, tok, in_place=True)
-    fused = load_intckpt(lrqat_dir).to_torch_model()
+    fused = load_intckpt(lrqat_dir).to_torch_model().to(args.device)
     timings["fuse_s"] = time.perf_counter() - t
     with torch.inference_mode():
-        probe = eval_w[:1, :128]
+        probe = eval_w[:1, :128].to(args.device)
         fuse_diff = float((model(input_ids=probe).logits - fused(input_ids=probe).logits).abs().max())
     evaluate("lrqat_torch", fused)
 
@@ -101,6 +116,8 @@ def run_pipeline(args) -> dict:
         "eval": {"data": eval_name, "windows": int(eval_w.shape[0]), "seq_len": args.eval_seq_len,
                  "protocol": args.protocol},
         "ppl": ppl,
+        "ppl_ood": ppl_ood,
+        "ood": None if ood_w is None else {"data": ood_name, "windows": int(ood_w.shape[0])},
         "rtn_gap_closed": (ppl["rtn"] - ppl["lrqat_torch"]) / gap if gap > 0 else None,
         "fuse_max_abs_logit_diff": fuse_diff,
         "parameters": counts,

@@ -101,10 +101,11 @@ def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, 
     from safetensors.torch import save_file
 
     with atomic_dir(out / CKPT_DIR, overwrite=True) as tmp:
-        save_file({n: p.detach().contiguous() for n, p in trainable_parameters(model).items()},
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},
                   str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp / "optim.pt")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "config": dataclasses.asdict(cfg), "history": history}, indent=1))
 
@@ -128,11 +129,13 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[in
                         f"({len(tensors)} vs {len(params)}); was it prepared with the same spec/rank?")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(tensors[n])
-    blob = torch.load(d / "optim.pt", weights_only=True)
+            p.copy_(tensors[n].to(p.device))
+    blob = torch.load(d / "optim.pt", weights_only=True, map_location=next(iter(params.values())).device)
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"])
+    if blob.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
     return int(state["step"]), state["history"]
 
 
@@ -153,6 +156,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     torch.manual_seed(cfg.seed)
     step, history = (load_train_state(out, model, opt, sched, cfg) if resume else (0, []))
     params = [p for g in opt.param_groups for p in g["params"]]
+    device = params[0].device
     n_windows, seq_len = train_windows.shape
     micro = cfg.batch_size // cfg.grad_accum
     tokens_per_step = cfg.batch_size * seq_len
@@ -164,7 +168,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()
-        batch = train_windows[batch_indices(step, cfg.batch_size, n_windows, cfg.seed)]
+        batch = train_windows[batch_indices(step, cfg.batch_size, n_windows, cfg.seed)].to(device)
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for mb in batch.split(micro):
