@@ -142,6 +142,18 @@ def cmd_export_gptq(args) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args) -> int:
+    from .verify import markdown, verify
+
+    if not args.eval_data:
+        raise UserError("--eval-data: expected at least one text file")
+    gaps = {k: v for k, v in (("gguf", args.max_gap_gguf), ("gptq", args.max_gap_gptq)) if v is not None}
+    report = verify(args.intckpt, args.gguf, args.gptq, args.eval_data, args.eval_seq_len, args.eval_windows,
+                    args.protocol, gaps, args.report)
+    print(markdown(report))
+    return EXIT_OK
+
+
 def cmd_inspect(args) -> int:
     from .inspect import inspect_path
 
@@ -202,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-size", default="4GB", help="shard safetensors above this size (default 4GB)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export_gptq)
+
+    p = sub.add_parser("verify", help="parity of exports with the IntCheckpoint: weights and perplexity per runtime")
+    p.add_argument("intckpt")
+    p.add_argument("--gguf", help="GGUF file exported from INTCKPT (run by llama.cpp)")
+    p.add_argument("--gptq", help="GPTQ directory exported from INTCKPT (loaded by transformers + GPTQModel)")
+    p.add_argument("--report", help="directory for parity.json and parity.md")
+    p.add_argument("--max-gap-gguf", type=float, help="max |relative ppl gap| for llama.cpp (default 0.01)")
+    p.add_argument("--max-gap-gptq", type=float, help="max |relative ppl gap| for the GPTQ loader (default 0.002)")
+    _add_data_args(p, False, True)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="types, shapes and metadata of an IntCheckpoint, a .gguf file or a GPTQ dir")
     p.add_argument("target")

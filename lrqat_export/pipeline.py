@@ -51,6 +51,7 @@ def run_train(
     model.to(device)
     windows = train_windows_for(tok, train_data, seq_len, max_train_windows)
     t_load = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # B's Kaiming init: the same run gives the same model in every process
     prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing)
     counts = parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f %%); frozen weights %d bytes", counts["trainable"],

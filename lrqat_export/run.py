@@ -3,7 +3,11 @@
 OUT/
   rtn/            IntCheckpoint of the round-to-nearest baseline (same range search)
   lrqat/          IntCheckpoint of the fused LR-QAT model, plus train_state/ and train_log.json
+  model.gguf      GGUF export (when a GGUF type holds the grid exactly)
+  gptq/           GPTQ export
+  parity/         parity.json + parity.md from `lrqat verify` on the same eval windows
   report.json     perplexities, parity, spec, timings, artefact paths
+Every stage can be re-run alone from these artefacts (lrqat export / verify / eval).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .errors import UserError
+from .errors import CheckFailed, UserError
 from .evaluate import perplexity
 from .fsio import write_json
 from .intckpt import fuse, load_intckpt, ptq_rtn, write_intckpt
@@ -90,6 +94,7 @@ def run_pipeline(args) -> dict:
 
     _say(f"LR-QAT: {cfg.steps} steps x {cfg.batch_size} x {args.seq_len} tokens, r={opts.rank}, phi={opts.phi}")
     t = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # B's Kaiming init
     prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing, init=rtn_ck)
     counts = parameter_counts(model)
     history = train(model, train_w, cfg, out / "lrqat", resume=args.resume)
@@ -104,6 +109,8 @@ def run_pipeline(args) -> dict:
         probe = eval_w[:1, :128].to(args.device)
         fuse_diff = float((model(input_ids=probe).logits - fused(input_ids=probe).logits).abs().max())
     evaluate("lrqat_torch", fused)
+
+    exports, artifacts, parity = _export_and_verify(args, out, lrqat_dir, eval_w, ppl, timings)
 
     gap = ppl["rtn"] - ppl["fp"]
     report = {
@@ -121,10 +128,59 @@ def run_pipeline(args) -> dict:
         "rtn_gap_closed": (ppl["rtn"] - ppl["lrqat_torch"]) / gap if gap > 0 else None,
         "fuse_max_abs_logit_diff": fuse_diff,
         "parameters": counts,
-        "artifacts": {"intckpt": str(Path(lrqat_dir).resolve()), "rtn_intckpt": str(Path(rtn_dir).resolve())},
+        "parity": parity,
+        "exports": exports,
+        "artifacts": {"intckpt": str(Path(lrqat_dir).resolve()), "rtn_intckpt": str(Path(rtn_dir).resolve()),
+                      **artifacts},
         "timings": timings,
     }
     write_json(out / "report.json", report)
     _say(json.dumps({"ppl": ppl, "rtn_gap_closed": report["rtn_gap_closed"]}, indent=None))
     _say(f"report: {out / 'report.json'}")
     return report
+
+
+def _export_and_verify(args, out: Path, intckpt: Path, eval_w, ppl: dict, timings: dict) -> tuple[dict, dict, dict]:
+    """Export GGUF and GPTQ (a format that cannot hold the grid exactly is skipped with its reason), then verify
+    both on the evaluation windows. Returns (exports, artifacts, parity)."""
+    from converters.gguf import export_gguf
+    from converters.gptq import export_gptq
+
+    from .verify import verify
+
+    exports: dict[str, dict] = {}
+    artifacts: dict[str, str | None] = {"gguf": None, "gptq": None}
+    for name, fn, target in (("gguf", lambda: export_gguf(intckpt, out / "model.gguf", overwrite=True), "model.gguf"),
+                             ("gptq", lambda: export_gptq(intckpt, out / "gptq", overwrite=True), "gptq")):
+        t = time.perf_counter()
+        try:
+            fn()
+        except UserError as e:
+            exports[name] = {"skipped": str(e)}
+            _say(f"{name} export skipped: {e}")
+            continue
+        timings[f"export_{name}_s"] = time.perf_counter() - t
+        p = out / target
+        size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        exports[name] = {"path": str(p.resolve()), "bytes": size}
+        artifacts[name] = str(p.resolve())
+        _say(f"exported {name}: {p} ({size / 2**20:.1f} MiB)")
+    if not any(artifacts.values()):
+        return exports, artifacts, {"passed": False, "reason": "no export"}
+    _say("verifying exports (weights read back; perplexity in llama.cpp and transformers+GPTQModel)")
+    t = time.perf_counter()
+    try:
+        rep = verify(intckpt, artifacts["gguf"], artifacts["gptq"], windows=eval_w, protocol=args.protocol,
+                     report_dir=out / "parity")
+    except CheckFailed as e:
+        _say(f"PARITY FAILED: {e}")
+        rep = json.loads((out / "parity" / "parity.json").read_text())
+    timings["verify_s"] = time.perf_counter() - t
+    for rt in ("gguf", "gptq"):
+        if rt in rep["ppl"]:
+            ppl[f"lrqat_{rt}"] = rep["ppl"][rt]
+            _say(f"perplexity lrqat_{rt}: {rep['ppl'][rt]:.4f} (gap {100 * rep['parity'][rt]['rel_gap']:+.3f} %)")
+    parity = {rt: {k: rep["parity"][rt][k] for k in ("rel_gap", "threshold", "weights_ok", "passed")}
+              for rt in ("gguf", "gptq") if rt in rep["parity"]}
+    parity["passed"] = rep["parity"]["passed"]
+    return exports, artifacts, parity

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +98,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opti
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The complete checkpoint directory named by OUT/train_state/latest.json, or None."""
+    d = Path(out) / CKPT_DIR
+    try:
+        name = json.loads((d / "latest.json").read_text())["dir"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return d / name if (d / name / "state.json").is_file() else None
+
+
 def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, history: list) -> None:
+    """OUT/train_state/step-N/ (built under a temp name, renamed), then latest.json is replaced atomically to point
+    at it, then older step dirs are removed: a kill at any instant leaves latest.json naming a complete checkpoint."""
     from safetensors.torch import save_file
 
-    with atomic_dir(out / CKPT_DIR, overwrite=True) as tmp:
+    d = out / CKPT_DIR
+    d.mkdir(exist_ok=True)
+    step_dir = d / f"step-{step:08d}"
+    with atomic_dir(step_dir, overwrite=True) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},
                   str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
@@ -108,14 +124,19 @@ def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, 
                    tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "config": dataclasses.asdict(cfg), "history": history}, indent=1))
+    write_json(d / "latest.json", {"step": step, "dir": step_dir.name})
+    for old in d.glob("step-*"):
+        if old.name != step_dir.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[int, list]:
     from safetensors.torch import load_file
 
-    d = out / CKPT_DIR
-    if not (d / "state.json").is_file():
-        raise UserError(f"--resume: no checkpoint in {d}; expected {d / 'state.json'} from an earlier run")
+    d = latest_checkpoint(out)
+    if d is None:
+        raise UserError(f"--resume: no checkpoint in {out / CKPT_DIR}; expected latest.json naming a complete "
+                        f"checkpoint from an earlier run")
     state = json.loads((d / "state.json").read_text())
     saved = state["config"]
     mine = dataclasses.asdict(cfg)

@@ -298,7 +298,8 @@ def test_smollm2_ppl_gptq_within_0p2_percent_of_torch(tmp_path):
 
     ick = tmp_path / "ick"
     lrqat = Path(sys.executable).parent / "lrqat"
-    subprocess.run([str(lrqat), "ptq", "--model", "smollm2-135m", "--preset", "q4_0", "--out", str(ick)], check=True)
+    subprocess.run([str(lrqat), "ptq", "--model", "smollm2-135m", "--preset", "q4_0", "--range-method", "minmax",
+                    "--out", str(ick)], check=True)  # min-max: fast on CPU; parity does not depend on the scales
     out = G.export_gptq(ick, tmp_path / "gptq")
     wt = shared_wikitext("test")
     windows = text_windows(load_tokenizer(out), [str(wt) if wt else "pydoc"], 512, 8)

@@ -19,7 +19,8 @@ from lrqat_export.errors import UserError
 from lrqat_export.models import load_tokenizer
 from lrqat_export.prepare import prepare, trainable_parameters
 from lrqat_export.quant import PRESETS
-from lrqat_export.train import CKPT_DIR, TrainConfig, batch_indices, lr_lambda, make_optimizer, train
+from lrqat_export.train import (CKPT_DIR, TrainConfig, batch_indices, latest_checkpoint, lr_lambda, make_optimizer,
+                                train)
 
 
 def _prepared(path):
@@ -36,7 +37,7 @@ def test_optimizer_groups_and_schedule_follow_the_paper(tiny_llama):
     cfg = TrainConfig(steps=100)
     opt, _ = make_optimizer(model, cfg)
     groups = {g["name"]: g for g in opt.param_groups}
-    assert groups["ab"]["lr"] == 1e-3 and groups["scale"]["lr"] == 1e-5
+    assert groups["ab"]["initial_lr"] == 1e-3 and groups["scale"]["initial_lr"] == 1e-5  # lr itself is warmed up
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["weight_decay"] == 0.0
     f = lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == 1.0 and f(10) == 1.0 and f(55) == pytest.approx(0.5)
@@ -72,7 +73,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_llama, tmp
     train(full, w, cfg, tmp_path / "a", progress=False)
     part = _prepared(tiny_llama)
     train(part, w, cfg, tmp_path / "b", progress=False, stop_after=5)  # checkpoint at step 3 only
-    assert json.loads((tmp_path / "b" / CKPT_DIR / "state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "b" / CKPT_DIR / "latest.json").read_text())["step"] == 3
     resumed = _prepared(tiny_llama)  # a fresh process would rebuild the model like this
     train(resumed, w, cfg, tmp_path / "b", resume=True, progress=False)
     a, b = _final_state(full), _final_state(resumed)
@@ -104,7 +105,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_llama, tmp_p
     ref = _cli([*common, "--out", str(tmp_path / "ref")])
     assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()
     run = _cli([*common, "--out", str(tmp_path / "run")])
-    state = tmp_path / "run" / CKPT_DIR / "state.json"
+    state = tmp_path / "run" / CKPT_DIR / "latest.json"
     deadline = time.time() + 600
     while time.time() < deadline and run.poll() is None:
         try:
@@ -124,6 +125,6 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_llama, tmp_p
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ta = load_file(str(tmp_path / "ref" / CKPT_DIR / "trainable.safetensors"))
-    tb = load_file(str(tmp_path / "run" / CKPT_DIR / "trainable.safetensors"))
+    ta = load_file(str(latest_checkpoint(tmp_path / "ref") / "trainable.safetensors"))
+    tb = load_file(str(latest_checkpoint(tmp_path / "run") / "trainable.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)

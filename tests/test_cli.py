@@ -1,0 +1,71 @@
+"""The `lrqat` command line on a tiny model: each verb works, bad input exits 2 with a clear message and no output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lrqat_export.cli import main
+from lrqat_export.intckpt import load_intckpt
+
+
+def test_ptq_inspect_and_eval(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    assert main(["ptq", "--model", str(tiny_llama), "--preset", "q4_1", "--out", str(out)]) == 0
+    assert load_intckpt(out).manifest["method"] == "rtn"
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "q4_1: bits 4, group_size 32, asymmetric" in text and "model.layers.1.mlp.down_proj" in text
+    assert main(["eval", str(out), "--eval-data", "pydoc", "--eval-seq-len", "64", "--eval-windows", "2"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["runtime"] == "torch" and r["kind"] == "intckpt" and r["tokens"] == 2 * 63 and r["ppl"] > 1
+
+
+def test_run_main_job_end_to_end(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    rc = main(["run", "--model", str(tiny_llama), "--out", str(out), "--preset", "q4_0", "--steps", "3",
+               "--seq-len", "32", "--max-train-windows", "16", "--eval-seq-len", "64", "--eval-windows", "2",
+               "--rank", "4"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rc == (0 if rep["parity"]["passed"] else 1)  # exit status follows the parity verdict
+    assert set(rep["ppl"]) >= {"fp", "rtn", "lrqat_torch"}
+    assert rep["fuse_max_abs_logit_diff"] == 0.0
+    assert {"lrqat_gguf", "lrqat_gptq"} <= set(rep["ppl"])  # real llama.cpp and transformers + GPTQModel
+    for rt in ("gguf", "gptq"):
+        assert isinstance(rep["parity"][rt]["rel_gap"], float) and rep["parity"][rt]["weights_ok"] is True
+        assert Path(rep["artifacts"][rt]).exists()
+    assert isinstance(rep["parity"]["passed"], bool)
+    assert (out / "parity" / "parity.md").is_file()
+    assert load_intckpt(rep["artifacts"]["intckpt"]).manifest["method"] == "lrqat"
+    assert load_intckpt(rep["artifacts"]["rtn_intckpt"]).manifest["method"] == "rtn"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--preset", "q4_k"], "--preset: expected one of"),
+    (["train", "--group-size", "48"], "in_features 64 is not divisible by group_size 48"),
+    (["train", "--bits", "9"], "bits: expected an integer in 2..8, got 9"),
+    (["train", "--train-data", "/nonexistent.txt"], "data file /nonexistent.txt: not found"),
+    (["train", "--seq-len", "100000000"], "expected at least one window of 100000000 tokens"),
+    (["train", "--phi", "int4", "--preset", "q8_0"], "needs bits <= 4, got bits 8"),
+    (["ptq", "--method", "awq"], "--method: expected 'rtn', got 'awq'"),
+])
+def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tiny_llama, tmp_path, capsys, argv, needle):
+    out = tmp_path / "out"
+    rc = main([argv[0], "--model", str(tiny_llama), "--out", str(out), *argv[1:]])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+    assert not out.exists() or not any(p.name.endswith(("manifest.json", ".safetensors")) for p in out.rglob("*"))
+
+
+def test_empty_data_file_and_existing_output_are_refused(tiny_llama, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["train", "--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--train-data", str(empty)]) == 2
+    assert "expected text, got an empty file" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    assert main(["ptq", "--model", str(tiny_llama), "--out", str(taken)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
