@@ -134,6 +134,9 @@ def run_pipeline(args) -> dict:
                       **artifacts},
         "timings": timings,
     }
+    from .plot import plot_report
+
+    report["artifacts"]["plot"] = str(plot_report(report, history, out / "report.png").resolve())
     write_json(out / "report.json", report)
     _say(json.dumps({"ppl": ppl, "rtn_gap_closed": report["rtn_gap_closed"]}, indent=None))
     _say(f"report: {out / 'report.json'}")

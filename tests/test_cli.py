@@ -37,6 +37,7 @@ def test_run_main_job_end_to_end(tiny_llama, tmp_path):
         assert Path(rep["artifacts"][rt]).exists()
     assert isinstance(rep["parity"]["passed"], bool)
     assert (out / "parity" / "parity.md").is_file()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_intckpt(rep["artifacts"]["intckpt"]).manifest["method"] == "lrqat"
     assert load_intckpt(rep["artifacts"]["rtn_intckpt"]).manifest["method"] == "rtn"
 
