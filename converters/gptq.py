@@ -32,7 +32,6 @@ grids with group size −1/32/64/128 dividing in_features; `vllm_problems` lists
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
-from pathlib import Path
 
 from .errors import CheckFailed, UserError
 

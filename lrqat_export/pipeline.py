@@ -10,13 +10,12 @@ import torch
 
 from . import data as D
 from .errors import UserError
-from .evaluate import perplexity
 from .fsio import check_output_path
 from .intckpt import fuse, is_intckpt, load_intckpt, ptq_rtn, write_intckpt
 from .models import load_model, load_tokenizer
 from .prepare import frozen_weight_bytes, parameter_counts, prepare
 from .quant import QuantSpec
-from .train import CKPT_DIR, TrainConfig, train
+from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
