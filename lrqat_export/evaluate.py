@@ -32,7 +32,8 @@ def nll_from_logits(logits: torch.Tensor, ids: torch.Tensor, protocol: str = "fu
 
 
 @torch.inference_mode()
-def perplexity(model, windows: torch.Tensor, protocol: str = "full", batch_size: int = 1, progress: bool = False) -> dict:
+def perplexity(model, windows: torch.Tensor, protocol: str = "full", batch_size: int = 1, progress: bool = False,
+               desc: str = "ppl (torch)") -> dict:
     """{'ppl', 'nll_sum', 'tokens', 'per_window_nll'} for a torch causal LM."""
     model.eval()
     total, count, per_window = 0.0, 0, []
@@ -40,7 +41,7 @@ def perplexity(model, windows: torch.Tensor, protocol: str = "full", batch_size:
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="ppl (torch)", unit="batch", leave=False)
+        it = tqdm(it, desc=desc, unit="window" if batch_size == 1 else "batch", leave=False)
     for i in it:
         batch = windows[i: i + batch_size].to(model.device)
         logits = model(input_ids=batch).logits.float()

@@ -61,6 +61,6 @@ def perplexity_gptq(path: str | Path, windows: torch.Tensor, protocol: str = "fu
                     progress: bool = True) -> dict:
     """{'ppl', 'nll_sum', 'tokens', 'per_window_nll', 'runtime'} on (N, T) windows, scored as the torch reference."""
     model = load_gptq(path, dtype)
-    r = perplexity(model, windows, protocol, progress=progress)
+    r = perplexity(model, windows, protocol, progress=progress, desc="ppl (GPTQ loader)")
     r["runtime"] = f"transformers+gptqmodel (backend {BACKEND}, {str(dtype).replace('torch.', '')})"
     return r

@@ -92,7 +92,7 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
         c = timed("gptq_weights_s", lambda: compare_with_intckpt(gptq_dir, ck))
         report["weights"]["gptq"] = {"exact": c["exact"], "passed": c["exact"], "max_abs": c["max_abs_diff"],
                                      "mismatches": c["mismatches"][:10]}
-        got = timed("gptq_s", lambda: perplexity_gptq(gptq_dir, windows, protocol, progress=False))["ppl"]
+        got = timed("gptq_s", lambda: perplexity_gptq(gptq_dir, windows, protocol, progress=True))["ppl"]
         report["ppl"]["gptq"] = got
         _parity(report, "gptq", got, report["ppl"]["torch"], limits["gptq"], c["exact"], failures,
                 "transformers+gptqmodel fp16")
