@@ -22,7 +22,7 @@ import torch
 from . import data as D
 from .errors import CheckFailed, UserError
 from .evaluate import perplexity
-from .fsio import write_json
+from .fsio import atomic_file, write_json
 from .intckpt import fuse, load_intckpt, ptq_rtn, write_intckpt
 from .models import load_model
 from .prepare import parameter_counts, prepare
@@ -138,6 +138,8 @@ def run_pipeline(args) -> dict:
 
     report["artifacts"]["plot"] = str(plot_report(report, history, out / "report.png").resolve())
     write_json(out / "report.json", report)
+    with atomic_file(out / "report.md", "w") as f:
+        f.write(report_markdown(report))
     _say(json.dumps({"ppl": ppl, "rtn_gap_closed": report["rtn_gap_closed"]}, indent=None))
     _say(f"report: {out / 'report.json'}")
     return report
@@ -187,3 +189,41 @@ def _export_and_verify(args, out: Path, intckpt: Path, eval_w, ppl: dict, timing
               for rt in ("gguf", "gptq") if rt in rep["parity"]}
     parity["passed"] = rep["parity"]["passed"]
     return exports, artifacts, parity
+
+
+def report_markdown(r: dict) -> str:
+    """Human-readable report.md: perplexities, parity, artefact sizes, stage timings."""
+    names = {"fp": "FP (float32)", "rtn": "RTN (same range search)", "lrqat_torch": "LR-QAT, fused (torch)",
+             "lrqat_gguf": "LR-QAT, GGUF in llama.cpp", "lrqat_gptq": "LR-QAT, GPTQ in transformers+GPTQModel"}
+    e, t = r["eval"], r["train"]
+    ood = r.get("ppl_ood") or {}
+    lines = [f"# lrqat run: {r['model']}, spec {r['spec']['name']}", "",
+             f"Training: {r['steps']} steps, {t['tokens']:,} tokens of {', '.join(t['data'])} "
+             f"(rank {t['lrqat']['rank']}, alpha {t['lrqat']['alpha']}, phi {t['lrqat']['phi']}). "
+             f"Evaluation: {e['windows']} windows x {e['seq_len']} tokens of {e['data']}, protocol {e['protocol']}.",
+             "", "| model / runtime | perplexity |" + (" out of domain |" if ood else ""),
+             "|---|---|" + ("---|" if ood else "")]
+    for k, label in names.items():
+        if k in r["ppl"]:
+            lines.append(f"| {label} | {r['ppl'][k]:.4f} |" + (f" {ood[k]:.4f} |" if k in ood else (" — |" if ood else "")))
+    if r.get("rtn_gap_closed") is not None:
+        lines += ["", f"RTN→FP gap closed by LR-QAT: {100 * r['rtn_gap_closed']:.1f} %; trained vs fused "
+                      f"IntCheckpoint logits: max |Δ| = {r['fuse_max_abs_logit_diff']}"]
+    p = r.get("parity", {})
+    lines += ["", "| parity | rel. gap (runtime − torch) / torch | threshold | weights == s·W_int | passed |",
+              "|---|---|---|---|---|"]
+    for rt in ("gguf", "gptq"):
+        if rt in p:
+            q = p[rt]
+            lines.append(f"| {rt} | {100 * q['rel_gap']:+.3f} % | ±{100 * q['threshold']:.2f} % | "
+                         f"{'yes' if q['weights_ok'] else 'no'} | {'yes' if q['passed'] else '**no**'} |")
+        elif rt in r.get("exports", {}):
+            lines.append(f"| {rt} | skipped: {r['exports'][rt].get('skipped')} | | | |")
+    verdict = "not run (no exports)" if "passed" not in p else ("passed" if p["passed"] else "FAILED")
+    lines += ["", f"**parity {verdict}**", "", "| artefact | size |", "|---|---|"]
+    for k, v in r.get("exports", {}).items():
+        if "bytes" in v:
+            lines.append(f"| {k}: {v['path']} | {v['bytes'] / 2**20:.1f} MiB |")
+    lines += ["", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r.get("timings", {}).items()]
+    return "\n".join(lines) + "\n"

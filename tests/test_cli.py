@@ -38,6 +38,8 @@ def test_run_main_job_end_to_end(tiny_llama, tmp_path):
     assert isinstance(rep["parity"]["passed"], bool)
     assert (out / "parity" / "parity.md").is_file()
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| LR-QAT, GGUF in llama.cpp |" in md and "| gptq |" in md
     assert load_intckpt(rep["artifacts"]["intckpt"]).manifest["method"] == "lrqat"
     assert load_intckpt(rep["artifacts"]["rtn_intckpt"]).manifest["method"] == "rtn"
 
