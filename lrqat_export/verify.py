@@ -140,6 +140,9 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
+    from .plot import VERIFY_LABELS, plot_report
+
     write_json(d / "parity.json", report)
+    plot_report(report, [], d / "parity.png", VERIFY_LABELS)
     with atomic_file(d / "parity.md", "w") as f:
         f.write(markdown(report))

@@ -38,6 +38,7 @@ def test_verify_passes_and_reports_every_runtime(exported, capsys):
         p = rep["parity"][rt]
         assert p["rel_gap"] == pytest.approx((p["runtime_ppl"] - p["reference_ppl"]) / p["reference_ppl"])
     assert "| gguf" in (d / "rep" / "parity.md").read_text()
+    assert (d / "rep" / "parity.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_one_flipped_scale_makes_verify_fail_naming_the_runtime(exported, tmp_path, capsys):
