@@ -30,6 +30,14 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise UserError(f"output {path}: parent directory {path.parent} does not exist")
 
 
+def check_run_output(path: Path, overwrite: bool, hint: str = "") -> None:
+    """A run directory (it gathers several artefacts) may exist only if empty, unless overwriting."""
+    if path.exists() and not overwrite and any(path.iterdir()):
+        raise UserError(f"output {path}: already exists and is not empty; pass --overwrite{hint}")
+    if not path.parent.exists():
+        raise UserError(f"output {path}: parent directory {path.parent} does not exist")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)

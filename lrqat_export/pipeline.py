@@ -10,7 +10,7 @@ import torch
 
 from . import data as D
 from .errors import UserError
-from .fsio import check_output_path
+from .fsio import check_output_path, check_run_output
 from .intckpt import fuse, is_intckpt, load_intckpt, ptq_rtn, write_intckpt
 from .models import load_model, load_tokenizer
 from .prepare import frozen_weight_bytes, parameter_counts, prepare
@@ -41,33 +41,42 @@ def run_train(
     """Train LR-QAT and leave the fused IntCheckpoint in `out` (with out/train_state for --resume)."""
     out = Path(out)
     if not resume:
-        if out.exists() and not overwrite and any(out.iterdir()):
-            raise UserError(f"output {out}: already exists and is not empty; pass --overwrite (or --resume)")
-        if not out.parent.exists():
-            raise UserError(f"output {out}: parent directory {out.parent} does not exist")
+        check_run_output(out, overwrite, hint=" (or --resume)")
     t0 = time.perf_counter()
     model, tok, src = load_model(model_name)
     model.to(device)
     windows = train_windows_for(tok, train_data, seq_len, max_train_windows)
     t_load = time.perf_counter()
+    res = train_and_fuse(model, tok, src.to_dict(), windows, spec, opts, cfg, out, train_data, resume=resume,
+                         progress=progress)
+    res["timings"]["load_s"] = t_load - t0
+    return res
+
+
+def train_and_fuse(model, tok, source: dict, windows: torch.Tensor, spec: QuantSpec, opts: LRQATOptions,
+                   cfg: TrainConfig, out: Path, train_data: list[str], resume: bool = False, progress: bool = True,
+                   init=None) -> dict:
+    """prepare → train → fuse → IntCheckpoint written in `out` (beside out/train_state). `init`: an IntCheckpoint
+    whose scales start the training (e.g. the RTN baseline) instead of a new range search."""
+    t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # B's Kaiming init: the same run gives the same model in every process
-    prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing)
+    prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing, init=init)
     counts = parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f %%); frozen weights %d bytes", counts["trainable"],
              counts["total"], 100 * counts["trainable"] / counts["total"], frozen_weight_bytes(model))
     t_prep = time.perf_counter()
     history = train(model, windows, cfg, out, resume=resume, progress=progress)
     t_train = time.perf_counter()
-    ckpt = fuse(model, src.to_dict(), extra={
-        "training": {"config": dataclasses.asdict(cfg), "lrqat": dataclasses.asdict(opts), "seq_len": seq_len,
-                     "train_data": train_data, "train_windows": int(windows.shape[0]),
+    ckpt = fuse(model, source, extra={
+        "training": {"config": dataclasses.asdict(cfg), "lrqat": dataclasses.asdict(opts),
+                     "seq_len": int(windows.shape[1]), "train_data": train_data,
+                     "train_windows": int(windows.shape[0]),
                      "final_loss": history[-1]["loss"] if history else None},
         "parameters": counts,
     })
     write_intckpt(out, ckpt, tok, in_place=True)
     return {"intckpt": str(out.resolve()), "parameters": counts, "history": history,
-            "timings": {"load_s": t_load - t0, "prepare_s": t_prep - t_load, "train_s": t_train - t_prep,
-                        "fuse_s": time.perf_counter() - t_train}}
+            "timings": {"prepare_s": t_prep - t0, "train_s": t_train - t_prep, "fuse_s": time.perf_counter() - t_train}}
 
 
 def run_ptq(model_name: str, out: str | Path, spec: QuantSpec, method: str = "rtn", range_method: str = "lp",

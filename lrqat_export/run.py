@@ -22,11 +22,10 @@ import torch
 from . import data as D
 from .errors import CheckFailed, UserError
 from .evaluate import perplexity
-from .fsio import atomic_file, write_json
-from .intckpt import fuse, load_intckpt, ptq_rtn, write_intckpt
+from .fsio import atomic_file, check_run_output, write_json
+from .intckpt import load_intckpt, ptq_rtn, write_intckpt
 from .models import load_model
-from .prepare import parameter_counts, prepare
-from .train import train
+from .pipeline import train_and_fuse
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +38,7 @@ def run_pipeline(args) -> dict:
     from .cli import _opts, _spec, _train_cfg
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"output {out}: already exists and is not empty; pass --overwrite")
-    if not out.parent.exists():
-        raise UserError(f"output {out}: parent directory {out.parent} does not exist")
+    check_run_output(out, args.overwrite)
     spec, opts, cfg = _spec(args), _opts(args), _train_cfg(args)
     out.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
@@ -93,18 +89,13 @@ def run_pipeline(args) -> dict:
     evaluate("rtn", load_intckpt(rtn_dir).to_torch_model().to(args.device))
 
     _say(f"LR-QAT: {cfg.steps} steps x {cfg.batch_size} x {args.seq_len} tokens, r={opts.rank}, phi={opts.phi}")
+    res = train_and_fuse(model, tok, src.to_dict(), train_w, spec, opts, cfg, out / "lrqat", args.train_data,
+                         resume=args.resume, init=rtn_ck)
+    counts, history, lrqat_dir = res["parameters"], res["history"], Path(res["intckpt"])
+    timings["train_s"] = res["timings"]["prepare_s"] + res["timings"]["train_s"]
     t = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # B's Kaiming init
-    prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing, init=rtn_ck)
-    counts = parameter_counts(model)
-    history = train(model, train_w, cfg, out / "lrqat", resume=args.resume)
-    timings["train_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    ck = fuse(model, src.to_dict(), extra={"training": {"config": dataclasses.asdict(cfg),
-                                                        "lrqat": dataclasses.asdict(opts), "seq_len": args.seq_len}})
-    lrqat_dir = write_intckpt(out / "lrqat", ck, tok, in_place=True)
     fused = load_intckpt(lrqat_dir).to_torch_model().to(args.device)
-    timings["fuse_s"] = time.perf_counter() - t
+    timings["fuse_s"] = res["timings"]["fuse_s"] + time.perf_counter() - t
     with torch.inference_mode():
         probe = eval_w[:1, :128].to(args.device)
         fuse_diff = float((model(input_ids=probe).logits - fused(input_ids=probe).logits).abs().max())
