@@ -22,11 +22,8 @@ codes, scales, zeros and biases are permuted together. Qwen2 uses NEOX RoPE and 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -35,7 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from lrqat_export.errors import UserError
-from lrqat_export.fsio import check_output_path
+from lrqat_export.fsio import atomic_path, check_output_path
 from lrqat_export.intckpt import IntCheckpoint, load_intckpt
 from lrqat_export.quant import QuantSpec
 
@@ -231,23 +228,6 @@ def _arch(ck: IntCheckpoint) -> tuple[str, bool]:
 # Writer.
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling path that replaces `path` on success and is removed on any failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode an ordinary open() would
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def gguf_tensors(ck: IntCheckpoint, qtype: QT, embed_type: str) -> Iterator[tuple[str, np.ndarray, QT]]:
     """(GGUF name, array to write, type) for every tensor, in the model's order; unmapped tensors are an error."""
     cfg = ck.config
@@ -329,7 +309,7 @@ def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.n
             w.add_tensor(name, arr)
         else:
             w.add_tensor(name, arr, raw_dtype=t)
-    with _atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -352,7 +332,7 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
     ck = intckpt if isinstance(intckpt, IntCheckpoint) else load_intckpt(intckpt)
     cfg = ck.config
     _, permute = _arch(ck)
-    r = gguf.GGUFReader(gguf_path)
+    r = M.open_gguf(gguf_path)
     file_tensors = {t.name: t for t in r.tensors}
     names = tensor_name_map(cfg.num_hidden_layers)
     heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
@@ -417,10 +397,7 @@ def _fmt_value(f) -> str:
 
 def inspect_gguf(path: str | Path) -> str:
     """Metadata, tensor types and shapes of a GGUF file."""
-    try:
-        r = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise UserError(f"GGUF {path}: not a readable GGUF file ({e})") from None
+    r = M.open_gguf(path)
     lines = [f"GGUF {path}  ({Path(path).stat().st_size / 2**20:.1f} MiB, {len(r.tensors)} tensors)", "", "metadata:"]
     for k, f in r.fields.items():
         lines.append(f"  {k:<44} {_fmt_value(f)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,44 @@ def _copy_fields(w: gguf.GGUFWriter, src: gguf.GGUFReader, keep) -> list[str]:
     return copied
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length + 1-byte key + value type + smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length + name + n_dims + one dim + type + offset
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """gguf-py's reader behind a trust boundary: the header is checked first (magic, version, counts that the file
+    size can hold), any parse failure becomes a UserError naming the file, and every tensor's data must lie inside
+    the file. Nothing in a GGUF is executed; arrays are read through a read-only memory map."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF {path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise UserError(f"GGUF {path}: expected a GGUF file (magic {GGUF_MAGIC!r}, header of 24 bytes), "
+                        f"got {head[:4]!r} and {size} bytes")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in GGUF_VERSIONS:
+        raise UserError(f"GGUF {path}: expected format version {' or '.join(map(str, GGUF_VERSIONS))}, got {version}")
+    if 24 + n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > size:
+        raise UserError(f"GGUF {path}: header announces {n_tensors} tensors and {n_kv} metadata keys, more than "
+                        f"a {size}-byte file can hold (truncated or corrupted)")
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as e:  # untrusted bytes through a third-party parser: every failure is the file's fault
+        raise UserError(f"GGUF {path}: not a readable GGUF file, truncated or corrupted "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
+    for t in r.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != int(t.n_bytes):
+            raise UserError(f"GGUF {path}: tensor {t.name} expected {int(t.n_bytes)} bytes at offset "
+                            f"{int(t.data_offset)}, but the file has {size} bytes (truncated)")
+    return r
+
+
 def source_gguf(ck: IntCheckpoint) -> gguf.GGUFReader | None:
     p = (ck.manifest.get("source") or {}).get("gguf_path")
     if not p:
@@ -192,7 +231,7 @@ def source_gguf(ck: IntCheckpoint) -> gguf.GGUFReader | None:
     if not Path(p).is_file():
         log.warning("source GGUF %s named in the manifest is gone; building the tokenizer from the HF files", p)
         return None
-    return gguf.GGUFReader(p)
+    return open_gguf(p)
 
 
 def add_tokenizer(w: gguf.GGUFWriter, ck: IntCheckpoint, src: gguf.GGUFReader | None) -> int:

@@ -107,7 +107,11 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
 def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
     """int32 words (R, W) → unsigned codes (R, W·32/b) uint8; the inverse of `pack_codes`."""
     _check_bits(bits)
-    words = np.ascontiguousarray(words).astype("<i4", copy=False)
+    words = np.asarray(words)
+    if words.ndim != 2 or words.dtype.kind not in "iu" or words.dtype.itemsize != 4 or words.shape[1] * WORD_BITS % bits:
+        raise UserError(f"unpack_codes: expected 2-D 32-bit words holding whole {bits}-bit codes (words per row a "
+                        f"multiple of {bits if WORD_BITS % bits else 1}), got {words.dtype} {words.shape}")
+    words = np.ascontiguousarray(words).view("<i4")
     rows, w = words.shape
     stream = words.view(np.uint8).reshape(rows, w * 4)  # (R, W·4) bytes of the little-endian bit stream
     mask = np.uint8((1 << bits) - 1)
@@ -265,14 +269,23 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if (path / INDEX_FILE).is_file():
         idx = read_json(path / INDEX_FILE, "safetensors index")
-        files = sorted(set(idx["weight_map"].values()))
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict):
+            raise UserError(f"GPTQ checkpoint {path / INDEX_FILE}: expected an object with a 'weight_map' object")
+        files = sorted(set(map(str, wm.values())))
     elif (path / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
         raise UserError(f"GPTQ checkpoint {path}: expected {SINGLE_FILE} or {INDEX_FILE}, found neither")
     out: dict[str, torch.Tensor] = {}
     for f in files:
-        out.update(load_file(str(path / f)))
+        if not isinstance(f, str) or Path(f).name != f:
+            raise UserError(f"GPTQ checkpoint {path}: index names shard {f!r}; expected a file name in the directory")
+        try:
+            out.update(load_file(str(path / f)))
+        except Exception as e:  # safetensors' Rust parser: header, length and dtype errors
+            raise UserError(f"GPTQ checkpoint {path / f}: unreadable or corrupted safetensors "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
     return out
 
 
@@ -355,14 +368,38 @@ def read_quant_config(path: str | Path) -> dict:
 def read_gptq(path: str | Path) -> tuple[dict, dict[str, GPTQLayer], dict[str, torch.Tensor]]:
     """(quantization_config, layers by module name, other tensors) of a GPTQ directory."""
     qc = read_quant_config(path)
+    bits = qc.get("bits")
+    if bits not in BITS:
+        raise UserError(f"GPTQ checkpoint {path}: quantization_config bits expected one of {BITS}, got {bits!r}")
     tensors = load_tensors(path)
-    names = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".qweight", ".qzeros", ".g_idx"))})
     layers = {}
     for n in names:
-        t = {k: tensors.pop(f"{n}.{k}").numpy() for k in LAYER_TENSORS}
+        missing = [k for k in LAYER_TENSORS if f"{n}.{k}" not in tensors]
+        if missing:
+            raise UserError(f"GPTQ checkpoint {path}: layer {n} expected tensors {list(LAYER_TENSORS)}, "
+                            f"missing {missing}")
+        t = {k: tensors.pop(f"{n}.{k}") for k in LAYER_TENSORS}
+        _check_layer_tensors(path, n, t, bits)
         b = tensors.pop(f"{n}.bias", None)
-        layers[n] = GPTQLayer(**t, bias=None if b is None else b.float().numpy())
+        layers[n] = GPTQLayer(**{k: v.numpy() for k, v in t.items()}, bias=None if b is None else b.float().numpy())
     return qc, layers, tensors
+
+
+def _check_layer_tensors(path, name: str, t: dict[str, torch.Tensor], bits: int) -> None:
+    """dtypes and shapes consistent with one another (in = len(g_idx), out and G from scales), and g_idx in range."""
+    sc, gi = t["scales"], t["g_idx"]
+    ok = sc.dim() == 2 and gi.dim() == 1 and all(t[k].dtype == dt for k, (dt, _) in LAYER_TENSORS.items())
+    if ok:
+        (g, o), i = sc.shape, gi.shape[0]
+        ok = all(tuple(t[k].shape) == shape(i, o, g, bits) for k, (_, shape) in LAYER_TENSORS.items())
+        ok = ok and (i * bits) % WORD_BITS == 0 and (o * bits) % WORD_BITS == 0
+        ok = ok and (i == 0 or (int(gi.min()) >= 0 and int(gi.max()) < g))
+    if not ok:
+        got = {k: (str(v.dtype).replace("torch.", ""), tuple(v.shape)) for k, v in t.items()}
+        raise UserError(f"GPTQ checkpoint {path}: layer {name} expected {bits}-bit GPTQ tensors (qweight int32 "
+                        f"(in*b/32, out), qzeros int32 (G, out*b/32), scales float16 (G, out), g_idx int32 (in,) "
+                        f"in [0, G)), got {got}")
 
 
 def compare_with_intckpt(gptq_dir: str | Path, intckpt) -> dict:

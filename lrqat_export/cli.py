@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -9,6 +10,8 @@ import sys
 from .errors import CheckFailed, UserError
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
+# A full disk, a file-size or quota limit, a read-only or forbidden target: the environment refuses the write.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +62,11 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory's own Python code (config auto_map) to run; off by default")
+
+
 def _spec(args):
     from .quant import spec_from_args
 
@@ -84,7 +92,8 @@ def cmd_train(args) -> int:
     from .pipeline import run_train
 
     res = run_train(args.model, args.train_data, args.out, _spec(args), _opts(args), _train_cfg(args),
-                    args.seq_len, args.max_train_windows, args.resume, args.overwrite, device=args.device)
+                    args.seq_len, args.max_train_windows, args.resume, args.overwrite, device=args.device,
+                    trust_remote_code=args.trust_remote_code)
     c = res["parameters"]
     print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
     print(f"IntCheckpoint: {res['intckpt']}")
@@ -94,7 +103,9 @@ def cmd_train(args) -> int:
 def cmd_ptq(args) -> int:
     from .pipeline import run_ptq
 
-    print(f"IntCheckpoint: {run_ptq(args.model, args.out, _spec(args), args.method, args.range_method, args.overwrite)}")
+    out = run_ptq(args.model, args.out, _spec(args), args.method, args.range_method, args.overwrite,
+                  args.trust_remote_code)
+    print(f"IntCheckpoint: {out}")
     return EXIT_OK
 
 
@@ -119,7 +130,7 @@ def cmd_eval(args) -> int:
         w = eval_windows(tok, args.eval_data, args.eval_seq_len, args.eval_windows)
         r, runtime = perplexity_gptq(args.target, w, args.protocol), "transformers+gptqmodel"
     else:
-        model, tok, kind = load_for_eval(args.target)
+        model, tok, kind = load_for_eval(args.target, args.trust_remote_code)
         w = eval_windows(tok, args.eval_data, args.eval_seq_len, args.eval_windows)
         r, runtime = perplexity(model, w, args.protocol, progress=True), "torch"
     print(json.dumps({"target": args.target, "runtime": runtime, "kind": kind, "ppl": r["ppl"], "tokens": r["tokens"],
@@ -176,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="HF model dir, .gguf file, or smollm2-135m (default)")
     p.add_argument("--out", required=True, help="output directory (IntCheckpoint + resumable train state)")
     p.add_argument("--overwrite", action="store_true")
-    _add_spec_args(p), _add_data_args(p, True, False), _add_train_args(p, steps=300)
+    _add_spec_args(p), _add_data_args(p, True, False), _add_train_args(p, steps=300), _add_trust_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ptq", help="post-training quantization baseline → IntCheckpoint")
@@ -184,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--method", default="rtn", help="rtn (round to nearest after range search)")
     p.add_argument("--overwrite", action="store_true")
-    _add_spec_args(p)
+    _add_spec_args(p), _add_trust_arg(p)
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser("eval", help="perplexity: IntCheckpoint / float model (torch), .gguf (llama.cpp), GPTQ dir")
@@ -192,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=["auto", "torch"], default="auto",
                    help="auto: by type (.gguf → llama.cpp, GPTQ dir → GPTQ loader); torch: load .gguf as a float model")
     p.add_argument("--tokenizer", help="tokenizer directory for the eval text (default: the target's own)")
-    _add_data_args(p, False, True)
+    _add_data_args(p, False, True), _add_trust_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write an IntCheckpoint into a deployment format")
@@ -234,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     # Defaults sized for ~15 min on 2 CPU cores (the GPTQ loader's fp16 matmuls dominate evaluation on CPU).
     _add_spec_args(p), _add_data_args(p, True, True, eval_windows=4), _add_train_args(p, steps=100)
+    _add_trust_arg(p)
     p.add_argument("--ood-data", nargs="+", help="out-of-domain text evaluated beside --eval-data (default: the "
                                                  "held-out tail of the embedded corpus when training on other text)")
     p.set_defaults(func=cmd_run)
@@ -252,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"lrqat {args.cmd}: check failed: {e}", file=sys.stderr)
         return EXIT_CHECK
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"lrqat {args.cmd}: error: could not write {e.filename or 'the output'}: {e.strerror} "
+              f"(errno {errno.errorcode.get(e.errno, e.errno)}); nothing was published and earlier outputs are "
+              f"unchanged", file=sys.stderr)
+        return EXIT_INPUT
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """Atomic writes: every file and directory the tool produces appears whole or not at all.
 
 A file is written to a temporary sibling and renamed over the target; a directory is built as a temporary sibling
-and renamed into place (the previous one, if overwriting, is removed only after the new one is complete).
+and renamed into place (the previous one, if overwriting, is swapped out atomically with renameat2 where Linux
+offers it, and removed only after the new one is in place). A failed write (disk full included) removes the
+temporary and leaves the previous file or directory as it was.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +43,27 @@ def check_run_output(path: Path, overwrite: bool, hint: str = "") -> None:
         raise UserError(f"output {path}: parent directory {path.parent} does not exist")
 
 
+def write_error(e: BaseException, path: Path) -> OSError | None:
+    """The OSError behind a failed write, whichever library reported it: safetensors ("... (os error 28)"), numpy's
+    short write (no errno), torch's stream writer. None when `e` is not a write failure."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
+    msg = str(e)
+    m = re.search(r"os error (\d+)", msg)
+    if m:
+        n = int(m.group(1))
+        return OSError(n, os.strerror(n), str(path))
+    if isinstance(e, OSError) or "file write failed" in msg:
+        return OSError(errno.EIO, f"short write ({msg[:120]}); is the disk full?", str(path))
+    return None
+
+
+def _reraise_write_error(e: BaseException, path: Path) -> None:
+    err = write_error(e, path)
+    if err is not None and err is not e:
+        raise err from e
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)
@@ -49,9 +75,28 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _reraise_write_error(e, path)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling path for writers that open files themselves (gguf-py, safetensors); it replaces
+    `path` on success and is removed on any failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        _reraise_write_error(e, path)
         raise
 
 
@@ -65,15 +110,45 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, path)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _reraise_write_error(e, path)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) (Linux ≥ 3.15, glibc ≥ 2.28). False where the
+    system or file system cannot (then the caller falls back to two renames)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put directory `new` in the place of the existing directory `path`. With an atomic exchange there is no
+    instant at which `path` is missing or partial: a kill leaves either the old or the new directory there."""
+    if _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now names the old directory
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

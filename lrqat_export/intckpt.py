@@ -166,24 +166,36 @@ def load_intckpt(path: str | Path) -> IntCheckpoint:
     if m.get("format_version") != FORMAT_VERSION:
         raise UserError(f"IntCheckpoint manifest {path / MANIFEST}: expected format_version {FORMAT_VERSION}, "
                         f"got {m.get('format_version')!r}")
-    try:
-        spec = QuantSpec.from_dict(m["spec"])
-        layer_names = list(m["quantized_layers"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"IntCheckpoint manifest {path / MANIFEST}: missing or malformed field {e}") from None
+    where = f"IntCheckpoint manifest {path / MANIFEST}"
+    if not isinstance(m.get("spec"), dict):
+        raise UserError(f"{where}: expected field 'spec' to be an object, got {type(m.get('spec')).__name__}")
+    spec = QuantSpec.from_dict(m["spec"])  # validates, UserError on a bad value
+    layer_names = m.get("quantized_layers")
+    if (not isinstance(layer_names, list) or not layer_names or not all(isinstance(n, str) for n in layer_names)
+            or len(set(layer_names)) != len(layer_names)):
+        raise UserError(f"{where}: expected 'quantized_layers' to be a non-empty list of distinct layer names, "
+                        f"got {layer_names!r:.120}")
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"IntCheckpoint {path}: config.json unreadable ({e})") from None
+    except Exception as e:  # transformers reports bad JSON, unknown model types, ... with many exception types
+        raise UserError(f"IntCheckpoint {path}: config.json unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     try:
         tensors = load_file(str(path / TENSORS))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"IntCheckpoint tensors {path / TENSORS}: unreadable or corrupted safetensors ({e})") from None
     layers: dict[str, QuantLayer] = {}
     for name in layer_names:
         q = QuantLayer(*(tensors.pop(f"{name}{s}", None) for s in LAYER_SUFFIXES))
         _validate_layer(path, name, q, spec)
         layers[name] = q
+    stray = sorted(k for k in tensors if k.endswith(LAYER_SUFFIXES[:3]))
+    if stray:
+        raise UserError(f"IntCheckpoint {path}: tensors {stray[:3]} belong to layers the manifest does not list "
+                        f"as quantized; expected every .codes/.scales/.zeros tensor under quantized_layers")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"IntCheckpoint {path}: tensor {name} expected finite values, got "
+                            f"{int((~torch.isfinite(t)).sum())} NaN/Inf")
     return IntCheckpoint(spec, config, layers, tensors, m, path)
 
 
@@ -191,7 +203,7 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
     where = f"IntCheckpoint {path}: layer {name}"
     if q.codes is None or q.scales is None:
         raise UserError(f"{where}: expected tensors {name}.codes and {name}.scales, missing")
-    if q.codes.dtype != torch.int8 or q.codes.dim() != 2:
+    if q.codes.dtype != torch.int8 or q.codes.dim() != 2 or 0 in q.codes.shape:
         raise UserError(f"{where}: codes expected int8 2-D, got {q.codes.dtype} {tuple(q.codes.shape)}")
     out_f, in_f = q.codes.shape
     spec.check_layer(name, in_f)
@@ -207,6 +219,9 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
         raise UserError(f"{where}: zeros expected {'absent' if spec.symmetric else 'present'} for spec {spec.name}")
     if q.zeros is not None and (q.zeros.dtype != torch.int8 or tuple(q.zeros.shape) != g_shape):
         raise UserError(f"{where}: zeros expected int8 {g_shape}, got {q.zeros.dtype} {tuple(q.zeros.shape)}")
+    if q.bias is not None and (not q.bias.is_floating_point() or tuple(q.bias.shape) != (out_f,)
+                               or not torch.isfinite(q.bias).all()):
+        raise UserError(f"{where}: bias expected finite float ({out_f},), got {q.bias.dtype} {tuple(q.bias.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

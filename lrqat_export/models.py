@@ -109,13 +109,48 @@ def load_model(model: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> t
 
     src = resolve(model)
     path = _cached_hf_copy(src) if src.gguf_path else Path(src.path)
+    if src.kind == "hf":
+        _check_hf_dir(model, path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {model}: could not load its tokenizer from {path} ({e})") from None
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers signals a missing/broken tokenizer with many exception types
+        raise UserError(f"model {model}: could not load its tokenizer from {path}; expected tokenizer.json or "
+                        f"tokenizer.model with tokenizer_config.json ({type(e).__name__}: {str(e)[:200]})") from None
+    if tok is None or isinstance(tok, bool):
+        raise UserError(f"model {model}: expected a tokenizer in {path}, found none")
+    try:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except Exception as e:  # truncated/corrupted safetensors, shape mismatches, unknown model types
+        raise UserError(f"model {model}: could not load its weights from {path} "
+                        f"({type(e).__name__}: {str(e)[:300]})") from None
+    check_finite(m, f"model {model}")
     m.eval()
     return m, tok, src
+
+
+def _check_hf_dir(model: str, path: Path, trust_remote_code: bool) -> None:
+    """Before transformers touches the directory: readable config, no custom code unless allowed, weights in
+    safetensors (pickle-based .bin/.pt weights can execute code when loaded and are refused)."""
+    from .fsio import read_json
+
+    cfg = read_json(path / "config.json", f"model {model}: config")
+    if not isinstance(cfg, dict):
+        raise UserError(f"model {model}: config.json expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise UserError(f"model {model}: config.json asks for custom Python code (auto_map {cfg['auto_map']!r:.120}); "
+                        f"expected a built-in architecture — pass --trust-remote-code only if you trust {path}")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise UserError(f"model {model}: expected weights in *.safetensors in {path}, got "
+                        f"{found or 'none'} (pickle-based weights are refused: loading them can run code)")
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse NaN/Inf in any floating-point parameter or buffer, naming the first offending tensor."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{what}: tensor {name} expected finite values, got {bad} NaN/Inf of {t.numel()}")
 
 
 def load_tokenizer(path: str | Path):
@@ -123,5 +158,5 @@ def load_tokenizer(path: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers signals a missing/broken tokenizer with many exception types
         raise UserError(f"tokenizer in {path}: could not be loaded ({e}); expected tokenizer files") from None

@@ -15,7 +15,7 @@ from .intckpt import fuse, is_intckpt, load_intckpt, ptq_rtn, write_intckpt
 from .models import load_model, load_tokenizer
 from .prepare import frozen_weight_bytes, parameter_counts, prepare
 from .quant import QuantSpec
-from .train import TrainConfig, train
+from .train import CKPT_DIR, TrainConfig, latest_checkpoint, train
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,19 @@ def train_windows_for(tok, train_data: list[str], seq_len: int, max_windows: int
 def run_train(
     model_name: str, train_data: list[str], out: str | Path, spec: QuantSpec, opts: LRQATOptions,
     cfg: TrainConfig, seq_len: int = 256, max_train_windows: int | None = None, resume: bool = False,
-    overwrite: bool = False, progress: bool = True, device: str = "cpu",
+    overwrite: bool = False, progress: bool = True, device: str = "cpu", trust_remote_code: bool = False,
 ) -> dict:
     """Train LR-QAT and leave the fused IntCheckpoint in `out` (with out/train_state for --resume)."""
     out = Path(out)
     if not resume:
         check_run_output(out, overwrite, hint=" (or --resume)")
+    elif latest_checkpoint(out) is None and out.is_dir() and not overwrite:
+        other = sorted(p.name for p in out.iterdir() if p.name != CKPT_DIR)
+        if other:  # --resume of a run killed before its first checkpoint is fine; of some other directory, not
+            raise UserError(f"--resume {out}: expected a training run directory, found no checkpoint but other "
+                            f"files {other[:5]}")
     t0 = time.perf_counter()
-    model, tok, src = load_model(model_name)
+    model, tok, src = load_model(model_name, trust_remote_code)
     model.to(device)
     windows = train_windows_for(tok, train_data, seq_len, max_train_windows)
     t_load = time.perf_counter()
@@ -80,20 +85,20 @@ def train_and_fuse(model, tok, source: dict, windows: torch.Tensor, spec: QuantS
 
 
 def run_ptq(model_name: str, out: str | Path, spec: QuantSpec, method: str = "rtn", range_method: str = "lp",
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     if method != "rtn":
         raise UserError(f"--method: expected 'rtn', got {method!r} (GPTQ PTQ is not available in this version)")
     check_output_path(Path(out), overwrite)
-    model, tok, src = load_model(model_name)
+    model, tok, src = load_model(model_name, trust_remote_code)
     return write_intckpt(out, ptq_rtn(model, spec, src.to_dict(), range_method), tok, overwrite=overwrite)
 
 
-def load_for_eval(target: str):
+def load_for_eval(target: str, trust_remote_code: bool = False):
     """(torch model, tokenizer, kind) for an IntCheckpoint directory or a float model M."""
     if is_intckpt(target):
         ck = load_intckpt(target)
         return ck.to_torch_model(), load_tokenizer(target), "intckpt"
-    model, tok, _ = load_model(target)
+    model, tok, _ = load_model(target, trust_remote_code)
     return model, tok, "float"
 
 

@@ -85,6 +85,8 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+        if not isinstance(d, dict):
+            raise UserError(f"QuantSpec: expected a mapping of its fields, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields - {"name"}
         if unknown:

@@ -45,7 +45,7 @@ def run_pipeline(args) -> dict:
     t = time.perf_counter()
 
     _say(f"loading {args.model}")
-    model, tok, src = load_model(args.model)
+    model, tok, src = load_model(args.model, args.trust_remote_code)
     model.to(args.device)
     text = D.read_texts(args.train_data)
     if args.eval_data:

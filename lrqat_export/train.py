@@ -125,7 +125,7 @@ def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, 
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "config": dataclasses.asdict(cfg), "history": history}, indent=1))
     write_json(d / "latest.json", {"step": step, "dir": step_dir.name})
-    for old in d.glob("step-*"):
+    for old in [*d.glob("step-*"), *d.glob(".step-*")]:  # older checkpoints, and temp dirs of a killed writer
         if old.name != step_dir.name:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -134,16 +134,23 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[in
     from safetensors.torch import load_file
 
     d = latest_checkpoint(out)
-    if d is None:
-        raise UserError(f"--resume: no checkpoint in {out / CKPT_DIR}; expected latest.json naming a complete "
-                        f"checkpoint from an earlier run")
-    state = json.loads((d / "state.json").read_text())
-    saved = state["config"]
+    if d is None:  # killed before its first checkpoint: nothing to restore, so the run starts from step 0
+        log.warning("--resume: no checkpoint in %s yet; starting from step 0", out / CKPT_DIR)
+        return 0, []
+    try:
+        state = json.loads((d / "state.json").read_text())
+        saved, step, history = state["config"], int(state["step"]), list(state["history"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume: checkpoint {d / 'state.json'} is corrupted ({type(e).__name__}: {e})") from None
     mine = dataclasses.asdict(cfg)
     diff = {k: (saved.get(k), v) for k, v in mine.items() if k != "ckpt_every" and saved.get(k) != v}
     if diff:
         raise UserError(f"--resume: training options differ from the checkpoint's (saved, now): {diff}")
-    tensors = load_file(str(d / "trainable.safetensors"))
+    try:
+        tensors = load_file(str(d / "trainable.safetensors"))
+    except Exception as e:  # safetensors' parser: truncated or corrupted file
+        raise UserError(f"--resume: checkpoint {d / 'trainable.safetensors'} is unreadable "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
     params = trainable_parameters(model)
     if set(tensors) != set(params):
         raise UserError(f"--resume: checkpoint tensors do not match the prepared model "
@@ -151,13 +158,17 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[in
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n].to(p.device))
-    blob = torch.load(d / "optim.pt", weights_only=True, map_location=next(iter(params.values())).device)
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"])
+    try:  # weights_only: the unpickler accepts tensors and plain containers, never code
+        blob = torch.load(d / "optim.pt", weights_only=True, map_location=next(iter(params.values())).device)
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["rng"])
+    except Exception as e:
+        raise UserError(f"--resume: checkpoint {d / 'optim.pt'} is unreadable or does not match the optimizer "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
     if blob.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    return int(state["step"]), state["history"]
+    return step, history
 
 
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
@@ -197,10 +208,12 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
                 loss = model(input_ids=mb, labels=mb).loss / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
-        if not math.isfinite(loss_sum):
-            raise UserError(f"training: non-finite loss {loss_sum} at step {step}; stopped, the last good "
-                            f"checkpoint (if any) is kept in {out / CKPT_DIR if out else '(none)'}")
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):  # checked before the update touches anything
+            what = f"loss {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm {gnorm} (loss {loss_sum})"
+            raise UserError(f"training: expected a finite loss and gradient, got {what} at step {step + 1}; stopped "
+                            f"without updating, the last good checkpoint is kept in "
+                            f"{out / CKPT_DIR if out else '(none: no output directory)'}")
         opt.step()
         lr = sched.get_last_lr()[0]
         sched.step()

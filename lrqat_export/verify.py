@@ -30,9 +30,9 @@ ASYM_MAX_STEP = 2.0**-6  # Q4_1/Q5_1: fp16 rounding of the offset m, in units of
 
 
 def _gguf_embed_type(path: Path) -> str:
-    import gguf
+    from converters.gguf_meta import open_gguf
 
-    for t in gguf.GGUFReader(path).tensors:
+    for t in open_gguf(path).tensors:
         if t.name == "token_embd.weight":
             return {"F16": "f16", "Q8_0": "q8_0", "F32": "f32"}.get(t.tensor_type.name, "f16")
     raise UserError(f"GGUF {path}: expected a token_embd.weight tensor, not found")

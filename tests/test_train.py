@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -95,35 +96,55 @@ def _cli(args, **kw):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
-@pytest.mark.parametrize("kill_at_step", [2, 5])
-def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path, kill_at_step):
-    """Kill -9 the training process once its checkpoint has reached a step, resume, compare final integers."""
-    common = ["train", "--model", str(tiny_llama), "--preset", "q4_0", "--rank", "4", "--alpha", "4",
-              "--steps", "8", "--seq-len", "32", "--max-train-windows", "24", "--ckpt-every", "1",
-              "--lr-ab", "1e-2", "--lr-scale", "1e-3"]
-    ref = _cli([*common, "--out", str(tmp_path / "ref")])
+KILL_COMMON = ["train", "--preset", "q4_0", "--rank", "4", "--alpha", "4", "--steps", "16", "--seq-len", "32",
+               "--max-train-windows", "24", "--ckpt-every", "1", "--lr-ab", "1e-2", "--lr-scale", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    ref = _cli([*KILL_COMMON, "--model", str(tiny_llama), "--out", str(out)])
     assert ref.wait(timeout=600) == 0, ref.stderr.read().decode()
-    run = _cli([*common, "--out", str(tmp_path / "run")])
-    state = tmp_path / "run" / CKPT_DIR / "latest.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and run.poll() is None:
-        try:
-            if json.loads(state.read_text())["step"] >= kill_at_step:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    assert run.poll() is None, "the run finished before it could be killed"
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    assert not (tmp_path / "run" / "lrqat_manifest.json").exists()
-    res = _cli([*common, "--out", str(tmp_path / "run"), "--resume"])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_moment_then_resume_matches_uninterrupted_run(tiny_llama, uninterrupted, tmp_path, seed):
+    """kill -9 at a random moment — seed 0 during start-up, before any checkpoint; the others once the
+    checkpoint has reached a random step, plus a random delay that can land inside a checkpoint write — then
+    `--resume` (killed twice for seed 2) and compare the final integers and A/B/s with an uninterrupted run."""
+    rng = random.Random(seed)
+    out = tmp_path / "run"
+    argv = [*KILL_COMMON, "--model", str(tiny_llama), "--out", str(out)]
+    state = out / CKPT_DIR / "latest.json"
+    kills = []
+    for attempt in range(2 if seed == 2 else 1):
+        run = _cli([*argv, "--resume"] if attempt else argv)
+        target = None if seed == 0 else rng.randint(1 + 6 * attempt, 5 + 6 * attempt)
+        deadline = time.time() + (rng.uniform(0.5, 2.0) if target is None else 600)
+        while time.time() < deadline and run.poll() is None:
+            try:
+                if target is not None and json.loads(state.read_text())["step"] >= target:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.15))
+        assert run.poll() is None, "the run finished before it could be killed"
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        kills.append(json.loads(state.read_text())["step"] if state.exists() else 0)
+        assert not (out / "lrqat_manifest.json").exists()
+    res = _cli([*argv, "--resume"])
     assert res.wait(timeout=600) == 0, res.stderr.read().decode()
-    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "model.safetensors"))
+    if seed == 0:
+        assert kills == [0], kills  # killed before its first checkpoint: --resume started from step 0
+    a = load_file(str(uninterrupted / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ta = load_file(str(latest_checkpoint(tmp_path / "ref") / "trainable.safetensors"))
-    tb = load_file(str(latest_checkpoint(tmp_path / "run") / "trainable.safetensors"))
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert torch.equal(a[k], b[k]), (k, kills)
+    ta = load_file(str(latest_checkpoint(uninterrupted) / "trainable.safetensors"))
+    tb = load_file(str(latest_checkpoint(out) / "trainable.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta), kills
+    assert not [p.name for p in (out / CKPT_DIR).iterdir() if p.name.startswith(".")]  # no temp dirs left over
