@@ -355,3 +355,42 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(art, 
     # resume restored step 4's tensors, and the failed step changed none of them
     assert all(torch.equal(p.detach(), saved[n]) for n, p in trainable_parameters(model).items())
     assert state.keys() == saved.keys()
+
+
+def test_directory_overwrite_is_an_atomic_exchange(tmp_path):
+    """On Linux the old and new directory trade places in one renameat2(RENAME_EXCHANGE): no instant without one."""
+    from lrqat_export.fsio import atomic_dir
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "f").write_text("old")
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert (out / "f").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["d"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").touch()
+    from lrqat_export.fsio import _exchange
+
+    assert _exchange(a, b) and (b / "x").exists() and not (a / "x").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_during_an_export_overwrite_leaves_the_old_or_the_new_export_whole(art, tmp_path, seed):
+    import random
+    import time
+
+    def snap(d: Path) -> dict:
+        return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    out = tmp_path / "gptq"
+    assert main(["export", "gptq", str(art["w3g64"]), "--out", str(out)]) == 0
+    old = snap(out)
+    assert main(["export", "gptq", str(art["q4_0"]), "--out", str(tmp_path / "new")]) == 0
+    new = snap(tmp_path / "new")
+    proc = subprocess.Popen([sys.executable, "-m", "lrqat_export.cli", "export", "gptq", str(art["q4_0"]), "--out",
+                             str(out), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(seed).uniform(2.0, 8.0))
+    proc.kill()
+    proc.wait()
+    assert snap(out) in (old, new)
