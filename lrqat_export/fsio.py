@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import CheckFailed, UserError
 
 
 def _umask() -> int:
@@ -48,6 +48,8 @@ def write_error(e: BaseException, path: Path) -> OSError | None:
     short write (no errno), torch's stream writer. None when `e` is not a write failure."""
     if isinstance(e, OSError) and e.errno is not None:
         return e
+    if isinstance(e, (UserError, CheckFailed, KeyboardInterrupt)):
+        return None
     msg = str(e)
     m = re.search(r"os error (\d+)", msg)
     if m:
@@ -62,24 +64,6 @@ def _reraise_write_error(e: BaseException, path: Path) -> None:
     err = write_error(e, path)
     if err is not None and err is not e:
         raise err from e
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; published files get the usual mode
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        _reraise_write_error(e, path)
-        raise
 
 
 @contextlib.contextmanager
@@ -98,6 +82,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
         _reraise_write_error(e, path)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """An open file object on a temporary sibling of `path`, flushed to disk and renamed over `path` on success."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

@@ -128,19 +128,11 @@ def _ptq(*extra, model=None):
     return build
 
 
-def _gguf(src, *extra):
+def _export(fmt, src, *extra):
     def build(a, tmp):
-        out = tmp / "out.gguf"
+        out = tmp / ("out.gguf" if fmt == "gguf" else "gptq_out")
         ck = _bad_intckpt(a, tmp / "ck", src) if src not in a else a[src]
-        return ["export", "gguf", str(ck), "--out", str(out), *extra], out
-    return build
-
-
-def _gptq(src, *extra):
-    def build(a, tmp):
-        out = tmp / "gptq_out"
-        ck = _bad_intckpt(a, tmp / "ck", src) if src not in a else a[src]
-        return ["export", "gptq", str(ck), "--out", str(out), *extra], out
+        return ["export", fmt, str(ck), "--out", str(out), *extra], out
     return build
 
 
@@ -213,18 +205,18 @@ CASES = {
     "ptq/group-not-dividing": (_ptq("--group-size", "48"), "in_features 64 is not divisible by group_size 48"),
     "ptq/missing-model": (_ptq(model=lambda a, t: t / "no-such-model"), "no such file or directory"),
     # export gguf
-    "gguf/grid-not-exportable": (_gguf("w3g64"), "GGUF export: spec w3g64"),
-    "gguf/manifest-not-json": (_gguf("manifest_json"), "expected valid JSON, got a parse error"),
-    "gguf/manifest-version": (_gguf("manifest_version"), "expected format_version 1, got 99"),
-    "gguf/truncated-tensors": (_gguf("truncated"), "unreadable or corrupted safetensors"),
-    "gguf/codes-out-of-range": (_gguf("codes_range"), "codes expected in [-8, 7], got [-8, 100]"),
-    "gguf/missing-tokenizer": (_gguf("no_tokenizer"), "tokenizer"),
-    "gguf/bad-embed-type": (_gguf("q4_0", "--embed-type", "q2_k"), "invalid choice: 'q2_k'"),
+    "gguf/grid-not-exportable": (_export("gguf", "w3g64"), "GGUF export: spec w3g64"),
+    "gguf/manifest-not-json": (_export("gguf", "manifest_json"), "expected valid JSON, got a parse error"),
+    "gguf/manifest-version": (_export("gguf", "manifest_version"), "expected format_version 1, got 99"),
+    "gguf/truncated-tensors": (_export("gguf", "truncated"), "unreadable or corrupted safetensors"),
+    "gguf/codes-out-of-range": (_export("gguf", "codes_range"), "codes expected in [-8, 7], got [-8, 100]"),
+    "gguf/missing-tokenizer": (_export("gguf", "no_tokenizer"), "tokenizer"),
+    "gguf/bad-embed-type": (_export("gguf", "q4_0", "--embed-type", "q2_k"), "invalid choice: 'q2_k'"),
     # export gptq
-    "gptq/bits-not-storable": (_gptq("b5"), "GPTQ stores bits (2, 3, 4, 8), got 5"),
-    "gptq/strict-vllm": (_gptq("g16", "--strict-vllm"), "vLLM would reject this checkpoint"),
-    "gptq/shard-size": (_gptq("q4_0", "--max-shard-size", "lots"), "lots"),
-    "gptq/manifest-version": (_gptq("manifest_version"), "expected format_version 1, got 99"),
+    "gptq/bits-not-storable": (_export("gptq", "b5"), "GPTQ stores bits (2, 3, 4, 8), got 5"),
+    "gptq/strict-vllm": (_export("gptq", "g16", "--strict-vllm"), "vLLM would reject this checkpoint"),
+    "gptq/shard-size": (_export("gptq", "q4_0", "--max-shard-size", "lots"), "lots"),
+    "gptq/manifest-version": (_export("gptq", "manifest_version"), "expected format_version 1, got 99"),
     # verify
     "verify/gguf-truncated": (_verify("gguf_truncated"), "truncated"),
     "verify/gguf-random-bytes": (_verify("gguf_random"), "expected a GGUF file (magic b'GGUF'"),
