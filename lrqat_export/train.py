@@ -10,6 +10,10 @@ tensors (A, B, s), the optimizer and scheduler state, the torch RNG state and th
 deterministically from the source model. A run resumed from any checkpoint ends with the same weights, bit for
 bit, as an uninterrupted one. Checkpoints are written atomically (temp dir + rename), so `kill -9` at any moment
 leaves the previous complete checkpoint.
+
+Under torchrun (`dist` given, see distributed.py) the model is FSDP2-sharded: batch_size is the global batch and
+rank r trains on slice r of the same global windows; checkpoints are sharded DCP directories (state.json "format":
+"dcp") that any number of ranks — or one plain process — can resume from.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed as D
 from .errors import UserError
 from .fsio import atomic_dir, write_json
 from .prepare import trainable_parameters
@@ -108,14 +113,26 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return d / name if (d / name / "state.json").is_file() else None
 
 
-def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, history: list) -> None:
+def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, history: list,
+                     dist: D.Dist | None = None) -> None:
     """OUT/train_state/step-N/ (built under a temp name, renamed), then latest.json is replaced atomically to point
-    at it, then older step dirs are removed: a kill at any instant leaves latest.json naming a complete checkpoint."""
+    at it, then older step dirs are removed: a kill at any instant leaves latest.json naming a complete checkpoint.
+    Sharded runs write a DCP directory (every rank its shards; rank 0 the rest)."""
     from safetensors.torch import save_file
 
     d = out / CKPT_DIR
-    d.mkdir(exist_ok=True)
     step_dir = d / f"step-{step:08d}"
+    if dist is not None:
+        if dist.is_main:
+            d.mkdir(exist_ok=True)
+        D.save_dcp(step_dir, model, opt, sched, {"step": step, "config": dataclasses.asdict(cfg), "history": history,
+                                                 "world_size": dist.world_size}, dist)
+        if dist.is_main:
+            write_json(d / "latest.json", {"step": step, "dir": step_dir.name})
+            D.remove_older(d, step_dir.name)
+        D.barrier(dist)
+        return
+    d.mkdir(exist_ok=True)
     with atomic_dir(step_dir, overwrite=True) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},
                   str(tmp / "trainable.safetensors"))
@@ -130,7 +147,7 @@ def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, 
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[int, list]:
+def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig, dist: D.Dist | None = None) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     d = latest_checkpoint(out)
@@ -143,6 +160,12 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[in
     diff = {k: (saved.get(k), v) for k, v in mine.items() if k != "ckpt_every" and saved.get(k) != v}
     if diff:
         raise UserError(f"--resume: training options differ from the checkpoint's (saved, now): {diff}")
+    if state.get("format") == D.DCP_FORMAT:  # sharded checkpoint: any world size, or this plain process
+        D.load_dcp(d, model, opt, sched)
+        return int(state["step"]), state["history"]
+    if dist is not None:
+        raise UserError(f"--resume under torchrun: checkpoint {d} was written by one plain process (safetensors); "
+                        f"expected a sharded (DCP) checkpoint; resume it without torchrun")
     tensors = load_file(str(d / "trainable.safetensors"))
     params = trainable_parameters(model)
     if set(tensors) != set(params):
@@ -161,11 +184,13 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[in
 
 
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
-          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+          resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          dist: D.Dist | None = None) -> list[dict]:
     """Train the prepared model in place. Returns the history [{step, loss, lr, tokens_per_s}, ...].
 
     out: directory for checkpoints (out/train_state) and train_log.json; None = no checkpoints.
     stop_after: return after this many total steps (an interruption, for tests); the run can be resumed.
+    dist: this rank under torchrun, the model already sharded (distributed.shard); None = one plain process.
     """
     out = Path(out) if out is not None else None
     if out is not None:
@@ -175,32 +200,45 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     model.train()
     opt, sched = make_optimizer(model, cfg)
     torch.manual_seed(cfg.seed)
-    step, history = (load_train_state(out, model, opt, sched, cfg) if resume else (0, []))
+    step, history = (load_train_state(out, model, opt, sched, cfg, dist) if resume else (0, []))
     params = [p for g in opt.param_groups for p in g["params"]]
-    device = params[0].device
+    device = params[0].device if dist is None else dist.device
     n_windows, seq_len = train_windows.shape
-    micro = cfg.batch_size // cfg.grad_accum
+    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
+    D.check_batch(cfg.batch_size, cfg.grad_accum, world)
+    per_rank = cfg.batch_size // world  # this rank's slice of the global batch
+    micro = per_rank // cfg.grad_accum
     tokens_per_step = cfg.batch_size * seq_len
+    if dist is not None:
+        D.reset_peak_rss()
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="LR-QAT", unit="step", dynamic_ncols=True)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()
-        batch = train_windows[batch_indices(step, cfg.batch_size, n_windows, cfg.seed)].to(device)
+        idx = batch_indices(step, cfg.batch_size, n_windows, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        batch = train_windows[idx].to(device)
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for mb in batch.split(micro):
+        for i, mb in enumerate(batch.split(micro)):
+            if dist is not None:  # reduce-scatter gradients once per step, after the last micro-batch
+                model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
             with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = model(input_ids=mb, labels=mb).loss / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
+        if dist is not None:
+            loss_sum = D.all_reduce_mean(loss_sum, dist)  # every rank sees the same loss (and stops together)
         if not math.isfinite(loss_sum):
             raise UserError(f"training: non-finite loss {loss_sum} at step {step}; stopped, the last good "
                             f"checkpoint (if any) is kept in {out / CKPT_DIR if out else '(none)'}")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if dist is None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        else:
+            gnorm = D.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         lr = sched.get_last_lr()[0]
         sched.step()
@@ -212,10 +250,13 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if out is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
-            save_train_state(out, model, opt, sched, step, cfg, history)
+            save_train_state(out, model, opt, sched, step, cfg, history, dist)
     if bar is not None:
         bar.close()
-    if out is not None:
-        write_json(out / "train_log.json", {"config": dataclasses.asdict(cfg), "history": history})
+    log_extra = {}
+    if dist is not None:
+        log_extra = {"world_size": world, "memory_per_rank": D.gather_memory(model, opt, dist)}
+    if out is not None and rank == 0:
+        write_json(out / "train_log.json", {"config": dataclasses.asdict(cfg), **log_extra, "history": history})
     model.eval()
     return history
