@@ -84,11 +84,14 @@ def _opts(args):
 
 
 def cmd_train(args) -> int:
-    from .distributed import session
+    from .distributed import check_batch, from_env, session
     from .pipeline import run_train
 
-    spec, opts, cfg = _spec(args), _opts(args), _train_cfg(args)  # bad options fail before any process group
-    with session(args.device, args.dist_backend) as dist:
+    # Bad options and wrong launches fail here, on every rank, before any process group exists.
+    spec, opts, cfg = _spec(args), _opts(args), _train_cfg(args)
+    dist = from_env(args.device, args.dist_backend)
+    check_batch(cfg.batch_size, cfg.grad_accum, 1 if dist is None else dist.world_size)
+    with session(dist):
         res = run_train(args.model, args.train_data, args.out, spec, opts, cfg, args.seq_len,
                         args.max_train_windows, args.resume, args.overwrite, device=args.device, dist=dist)
     if dist is not None and not dist.is_main:

@@ -116,9 +116,8 @@ def from_env(device: str = "cpu", backend: str = "auto") -> Dist | None:
 
 
 @contextlib.contextmanager
-def session(device: str = "cpu", backend: str = "auto") -> Iterator[Dist | None]:
-    """Init the process group from torchrun's env (yields None outside torchrun); destroy it on the way out."""
-    d = from_env(device, backend)
+def session(d: Dist | None) -> Iterator[Dist | None]:
+    """Init the process group for `d` (from from_env; None = one plain process); destroy it on the way out."""
     if d is None:
         yield None
         return

@@ -37,6 +37,7 @@ from .prepare import trainable_parameters
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "train_state"
+RESUME_MAY_CHANGE = ("ckpt_every", "grad_accum")
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,9 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig, dist: D.Dis
     state = json.loads((d / "state.json").read_text())
     saved = state["config"]
     mine = dataclasses.asdict(cfg)
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if k != "ckpt_every" and saved.get(k) != v}
+    # ckpt_every and grad_accum may change on resume: the global batch (batch_size) stays, only its split into
+    # micro-batches does (e.g. resuming a 2-rank run on 1 rank with twice the accumulation).
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
     if diff:
         raise UserError(f"--resume: training options differ from the checkpoint's (saved, now): {diff}")
     if state.get("format") == D.DCP_FORMAT:  # sharded checkpoint: any world size, or this plain process
