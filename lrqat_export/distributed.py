@@ -198,7 +198,14 @@ def rank_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
 
 
 def reset_peak_rss() -> None:
-    """Linux: reset this process's VmHWM (peak RSS) so the training-phase peak can be read apart from loading."""
+    """Linux: hand freed heap pages back (glibc malloc_trim: the full weights dropped by sharding) and reset this
+    process's VmHWM (peak RSS), so the training-phase peak can be read apart from loading and preparing."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
