@@ -2,7 +2,7 @@
 
 Launch `lrqat train` under torchrun; every rank runs the same program:
 
-    env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)  ──init──▶  process group (gloo on CPU, nccl on CUDA)
+    env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) ──init──▶ process group (gloo CPU, nccl CUDA)
     load + prepare the model (every rank, deterministic: same Φ0, s0 and B init everywhere)
     ──shard──▶  each decoder layer one FSDP unit, then the root (embeddings, final norm, lm_head)
     train: global batch = per-rank batch × ranks × grad_accum; rank r takes slice r of the same global windows
@@ -20,8 +20,10 @@ two terms does not depend on order, so a 2-rank run equals, bit for bit, one pro
 batch as 2 micro-batches of the same size (`--grad-accum 2`): the per-slice forward/backward are the same
 computations on the same tensors, and (g0 + g1) / 2 == g0/2 + g1/2 in floating point. With more ranks, or against
 a one-process run whose micro-batch differs in size, the summation order differs and the last bits may too.
-Gradient clipping computes the norm from shards, so when clipping is active the clip factor can differ in the last
-bit (tests/test_distributed.py measures what this does to the integers).
+Gradient clipping: torch's clip_grad_norm_ on DTensors sums squared shard norms, which differs from one process in
+the last bit and so changes the clip factor whenever clipping is active; clip_grad_norm_ below takes each
+gradient's norm over the whole tensor instead (one all-gather per trainable tensor per step — A, B, s are about
+1 % of the weights), which keeps the 2-rank run bit-identical (tests/test_distributed.py).
 
 RNG: training draws no random numbers (Llama has no dropout; the data order is a pure function of (seed, step),
 `train.batch_indices`), so a DCP checkpoint holds the trainable state, the optimizer state and the step only.
@@ -76,7 +78,8 @@ def from_env(device: str = "cpu", backend: str = "auto") -> Dist | None:
     if not launched_by_torchrun():
         if backend != "auto":
             raise UserError(f"--dist-backend {backend}: expected a launch by torchrun (env {', '.join(TORCHRUN_ENV)}), "
-                            f"got none of these variables; run `torchrun --nproc-per-node N -m lrqat_export.cli train ...`")
+                            f"got none of these variables; run `torchrun --nproc-per-node N -m lrqat_export.cli "
+                            f"train ...`")
         return None
     missing = [k for k in TORCHRUN_ENV if k not in present]
     if missing:
@@ -189,7 +192,8 @@ def rank_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
     other = [p for n, p in named.items() if not p.requires_grad and not n.endswith(".phi0")]
     optim = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     mem = {"phi0_bytes": local_bytes(phi0), "trainable_bytes": local_bytes(trainable),
-           "optimizer_bytes": local_bytes(optim), "other_frozen_bytes": local_bytes(other) + local_bytes(model.buffers()),
+           "optimizer_bytes": local_bytes(optim),
+           "other_frozen_bytes": local_bytes(other) + local_bytes(model.buffers()),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     hwm = _vm_hwm()
     if hwm is not None:
@@ -290,6 +294,28 @@ def load_dcp(ckpt_dir: Path, model: nn.Module, opt, sched) -> None:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     sched.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True)["scheduler"])
+
+
+def load_plain(ckpt_dir: Path, model: nn.Module, opt, sched) -> None:
+    """A one-process checkpoint (trainable.safetensors + optim.pt, keyed by parameter index) into the sharded model:
+    every rank reads the full tensors, set_state_dict keeps its shard."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    tensors = load_file(str(ckpt_dir / "trainable.safetensors"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != trainable:
+        raise UserError(f"--resume: checkpoint {ckpt_dir} holds {len(tensors)} trainable tensors, the prepared model "
+                        f"{len(trainable)}; was it prepared with the same spec/rank?")
+    blob = torch.load(ckpt_dir / "optim.pt", weights_only=True, map_location="cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]  # index → name, as opt.state_dict() counts
+    osd = blob["optimizer"]
+    full_osd = {"state": {order[i]: st for i, st in osd["state"].items()},
+                "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in osd["param_groups"]]}
+    set_state_dict(model, opt, model_state_dict=tensors, optim_state_dict=full_osd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    sched.load_state_dict(blob["scheduler"])
 
 
 def remove_older(ckpt_root: Path, keep: str) -> None:

@@ -13,7 +13,8 @@ leaves the previous complete checkpoint.
 
 Under torchrun (`dist` given, see distributed.py) the model is FSDP2-sharded: batch_size is the global batch and
 rank r trains on slice r of the same global windows; checkpoints are sharded DCP directories (state.json "format":
-"dcp") that any number of ranks — or one plain process — can resume from.
+"dcp") that any number of ranks — or one plain process — can resume from; a one-process checkpoint resumes
+sharded too.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed as D
+from . import distributed
 from .errors import UserError
 from .fsio import atomic_dir, write_json
 from .prepare import trainable_parameters
@@ -115,7 +116,7 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, history: list,
-                     dist: D.Dist | None = None) -> None:
+                     dist: distributed.Dist | None = None) -> None:
     """OUT/train_state/step-N/ (built under a temp name, renamed), then latest.json is replaced atomically to point
     at it, then older step dirs are removed: a kill at any instant leaves latest.json naming a complete checkpoint.
     Sharded runs write a DCP directory (every rank its shards; rank 0 the rest)."""
@@ -126,12 +127,12 @@ def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, 
     if dist is not None:
         if dist.is_main:
             d.mkdir(exist_ok=True)
-        D.save_dcp(step_dir, model, opt, sched, {"step": step, "config": dataclasses.asdict(cfg), "history": history,
-                                                 "world_size": dist.world_size}, dist)
+        meta = {"step": step, "config": dataclasses.asdict(cfg), "history": history, "world_size": dist.world_size}
+        distributed.save_dcp(step_dir, model, opt, sched, meta, dist)
         if dist.is_main:
             write_json(d / "latest.json", {"step": step, "dir": step_dir.name})
-            D.remove_older(d, step_dir.name)
-        D.barrier(dist)
+            distributed.remove_older(d, step_dir.name)
+        distributed.barrier(dist)
         return
     d.mkdir(exist_ok=True)
     with atomic_dir(step_dir, overwrite=True) as tmp:
@@ -148,7 +149,8 @@ def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, 
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig, dist: D.Dist | None = None) -> tuple[int, list]:
+def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig,
+                     dist: distributed.Dist | None = None) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     d = latest_checkpoint(out)
@@ -163,12 +165,12 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig, dist: D.Dis
     diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
     if diff:
         raise UserError(f"--resume: training options differ from the checkpoint's (saved, now): {diff}")
-    if state.get("format") == D.DCP_FORMAT:  # sharded checkpoint: any world size, or this plain process
-        D.load_dcp(d, model, opt, sched)
+    if state.get("format") == distributed.DCP_FORMAT:  # sharded checkpoint: any world size, or this plain process
+        distributed.load_dcp(d, model, opt, sched)
         return int(state["step"]), state["history"]
-    if dist is not None:
-        raise UserError(f"--resume under torchrun: checkpoint {d} was written by one plain process (safetensors); "
-                        f"expected a sharded (DCP) checkpoint; resume it without torchrun")
+    if dist is not None:  # a one-process checkpoint, resumed sharded
+        distributed.load_plain(d, model, opt, sched)
+        return int(state["step"]), state["history"]
     tensors = load_file(str(d / "trainable.safetensors"))
     params = trainable_parameters(model)
     if set(tensors) != set(params):
@@ -188,7 +190,7 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig, dist: D.Dis
 
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
           resume: bool = False, progress: bool = True, stop_after: int | None = None,
-          dist: D.Dist | None = None) -> list[dict]:
+          dist: distributed.Dist | None = None) -> list[dict]:
     """Train the prepared model in place. Returns the history [{step, loss, lr, tokens_per_s}, ...].
 
     out: directory for checkpoints (out/train_state) and train_log.json; None = no checkpoints.
@@ -208,12 +210,12 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     device = params[0].device if dist is None else dist.device
     n_windows, seq_len = train_windows.shape
     rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
-    D.check_batch(cfg.batch_size, cfg.grad_accum, world)
+    distributed.check_batch(cfg.batch_size, cfg.grad_accum, world)
     per_rank = cfg.batch_size // world  # this rank's slice of the global batch
     micro = per_rank // cfg.grad_accum
     tokens_per_step = cfg.batch_size * seq_len
     if dist is not None:
-        D.reset_peak_rss()
+        distributed.reset_peak_rss()
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -234,14 +236,14 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
             loss.backward()
             loss_sum += float(loss.detach())
         if dist is not None:
-            loss_sum = D.all_reduce_mean(loss_sum, dist)  # every rank sees the same loss (and stops together)
+            loss_sum = distributed.all_reduce_mean(loss_sum, dist)  # the same loss on every rank: they stop together
         if not math.isfinite(loss_sum):
             raise UserError(f"training: non-finite loss {loss_sum} at step {step}; stopped, the last good "
                             f"checkpoint (if any) is kept in {out / CKPT_DIR if out else '(none)'}")
         if dist is None:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         else:
-            gnorm = D.clip_grad_norm_(params, cfg.grad_clip)
+            gnorm = distributed.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         lr = sched.get_last_lr()[0]
         sched.step()
@@ -258,7 +260,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
         bar.close()
     log_extra = {}
     if dist is not None:
-        log_extra = {"world_size": world, "memory_per_rank": D.gather_memory(model, opt, dist)}
+        log_extra = {"world_size": world, "memory_per_rank": distributed.gather_memory(model, opt, dist)}
     if out is not None and rank == 0:
         write_json(out / "train_log.json", {"config": dataclasses.asdict(cfg), **log_extra, "history": history})
     model.eval()

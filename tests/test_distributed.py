@@ -5,7 +5,7 @@ Claims, each compared with torch.equal on every tensor of the fused IntCheckpoin
 * against one process with the whole global batch in one micro-batch the GEMMs sum in another order: ≥ 99.9 %
   identical codes required, the measured fraction and max |Δscale| are printed;
 * a 2-rank run killed with SIGKILL after a checkpoint, resumed on 1 rank (torchrun) or by a plain process, ends
-  with the same integers as the uninterrupted one-process run;
+  with the same integers as the uninterrupted one-process run; so does a killed plain process resumed on 2 ranks;
 * wrong launches exit 2 with a message naming what was expected and what was found, writing nothing.
 """
 from __future__ import annotations
@@ -161,6 +161,23 @@ def test_sigkill_two_ranks_then_resume_on_another_world_size_matches(tiny_llama,
     assert [h["step"] for h in hist] == list(range(1, STEPS + 1))
 
 
+def test_one_process_checkpoint_resumes_on_two_ranks(tiny_llama, single_accum2, tmp_path):
+    """The other way: SIGKILL a plain process (safetensors checkpoint) after step 3, resume it with 2 ranks."""
+    out = tmp_path / "run"
+    run = _launch([*_common(tiny_llama), "--grad-accum", "2", "--out", str(out)], None)
+    _wait_for_step(run, out, 3)
+    assert run.poll() is None, "the run finished before it could be killed: " + run.stderr.read().decode()
+    run.kill()
+    run.communicate()
+    killed_at = json.loads((out / CKPT_DIR / "latest.json").read_text())["step"]
+    assert 3 <= killed_at < STEPS
+    assert (out / CKPT_DIR / f"step-{killed_at:08d}" / "trainable.safetensors").is_file()
+
+    r = _run([*_common(tiny_llama), "--out", str(out), "--resume"], nproc=2)
+    assert r.returncode == 0, r.stderr
+    _assert_bit_identical(out, single_accum2)
+
+
 def _torchrun_env(monkeypatch, world: int = 2, **extra: str) -> None:
     for k, v in {"RANK": "0", "WORLD_SIZE": str(world), "LOCAL_RANK": "0", "MASTER_ADDR": "localhost",
                  "MASTER_PORT": "29555", **extra}.items():
@@ -171,7 +188,8 @@ def _torchrun_env(monkeypatch, world: int = 2, **extra: str) -> None:
     (dict(partial=True), [], "got RANK but not WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
     (dict(), ["--batch-size", "3"], "--batch-size 3 (global): expected a multiple of world_size × grad_accum "
                                     "= 2 × 1 = 2"),
-    (dict(), ["--batch-size", "4", "--grad-accum", "4"], "expected a multiple of world_size × grad_accum = 2 × 4 = 8"),
+    (dict(), ["--batch-size", "4", "--grad-accum", "4"],
+     "expected a multiple of world_size × grad_accum = 2 × 4 = 8"),
     (dict(), ["--dist-backend", "nccl"], "--dist-backend nccl: expected --device cuda"),
     (dict(), ["--device", "cuda"], "--device cuda: expected CUDA GPUs, got none"),
     (dict(plain=True), ["--dist-backend", "gloo"], "--dist-backend gloo: expected a launch by torchrun"),
