@@ -183,9 +183,9 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def rank_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """What this rank holds: Φ0, trainable A/B/s, optimizer state, other frozen tensors; and its peak RSS
-    (ru_maxrss: whole process, load and prepare included; hwm_since_shard: since the reset in reset_peak_rss)."""
+def rank_memory(model: nn.Module, opt: torch.optim.Optimizer, peak_before: int | None = None) -> dict[str, int]:
+    """What this rank holds: Φ0, trainable A/B/s, optimizer state, other frozen tensors; and its peak RSS: during
+    training (since reset_peak_rss), before it (`peak_before`: loading, preparing, sharding) and overall."""
     named = dict(model.named_parameters())
     phi0 = [p for n, p in named.items() if n.endswith(".phi0")]
     trainable = [p for p in named.values() if p.requires_grad]
@@ -194,24 +194,28 @@ def rank_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
     mem = {"phi0_bytes": local_bytes(phi0), "trainable_bytes": local_bytes(trainable),
            "optimizer_bytes": local_bytes(optim),
            "other_frozen_bytes": local_bytes(other) + local_bytes(model.buffers()),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    hwm = _vm_hwm()
-    if hwm is not None:
-        mem["peak_rss_since_shard_bytes"] = hwm
+           # ru_maxrss follows VmHWM, so after reset_peak_rss it is the training-phase peak too
+           "peak_rss_training_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if peak_before is not None:
+        mem["peak_rss_before_training_bytes"] = peak_before
+        mem["peak_rss_bytes"] = max(peak_before, mem["peak_rss_training_bytes"])
     return mem
 
 
-def reset_peak_rss() -> None:
+def reset_peak_rss() -> int | None:
     """Linux: hand freed heap pages back (glibc malloc_trim: the full weights dropped by sharding) and reset this
-    process's VmHWM (peak RSS), so the training-phase peak can be read apart from loading and preparing."""
+    process's VmHWM (peak RSS), so the training-phase peak can be read apart from loading and preparing.
+    Returns the peak before the reset (bytes; None where /proc does not tell)."""
     import ctypes
     import gc
 
+    before = _vm_hwm()
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+    return before
 
 
 def _vm_hwm() -> int | None:
@@ -222,10 +226,10 @@ def _vm_hwm() -> int | None:
     return None
 
 
-def gather_memory(model: nn.Module, opt, d: Dist) -> list[dict[str, int]]:
+def gather_memory(model: nn.Module, opt, d: Dist, peak_before: int | None = None) -> list[dict[str, int]]:
     """rank_memory of every rank (a list on every rank)."""
     out: list = [None] * d.world_size
-    dist.all_gather_object(out, rank_memory(model, opt))
+    dist.all_gather_object(out, rank_memory(model, opt, peak_before))
     return out
 
 

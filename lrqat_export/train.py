@@ -214,8 +214,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     per_rank = cfg.batch_size // world  # this rank's slice of the global batch
     micro = per_rank // cfg.grad_accum
     tokens_per_step = cfg.batch_size * seq_len
-    if dist is not None:
-        distributed.reset_peak_rss()
+    peak_before = distributed.reset_peak_rss() if dist is not None else None
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -260,7 +259,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
         bar.close()
     log_extra = {}
     if dist is not None:
-        log_extra = {"world_size": world, "memory_per_rank": distributed.gather_memory(model, opt, dist)}
+        log_extra = {"world_size": world, "memory_per_rank": distributed.gather_memory(model, opt, dist, peak_before)}
     if out is not None and rank == 0:
         write_json(out / "train_log.json", {"config": dataclasses.asdict(cfg), **log_extra, "history": history})
     model.eval()

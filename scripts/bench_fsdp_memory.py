@@ -6,8 +6,8 @@ Builds a random-init Llama of the given shape (saved once as an ordinary HF dire
 then for each rank count N runs the real CLI, `torchrun --nproc-per-node N -m lrqat_export.cli train`, with the
 same global batch (4 windows; micro-batch 1 on every rank: --grad-accum 4/N) and reads what each rank reported in
 OUT/train_log.json (`memory_per_rank`): bytes of Φ0, trainable A/B/s and AdamW state held by the rank, and its
-peak RSS — over the training loop (VmHWM reset after sharding) and over the whole process (ru_maxrss, which
-includes loading and preparing the full model on every rank). Prints a table, writes JSON (--json).
+peak RSS — over the training loop (VmHWM reset after sharding) and before it (loading and preparing the full
+model, which every rank does). Prints a table, writes JSON (--json).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=2816)
     # Run
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="rank counts (each must divide 4)")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1, help="optimizer steps (the first allocates the AdamW state)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
     ap.add_argument("--work", default="/tmp/lrqat_bench_fsdp", help="model and run directories (scratch)")
@@ -85,13 +85,13 @@ def main() -> None:
     print(f"model: {rows[0]['parameters']['total'] / 1e6:.0f} M parameters, Φ0 int8 "
           f"{rows[0]['max_over_ranks']['phi0_bytes'] * rows[0]['ranks'] / MIB:.0f} MiB in total")
     print("| ranks | Φ0 MiB/rank | A,B,s MiB/rank | AdamW MiB/rank | other frozen MiB/rank | peak RSS in training "
-          "MiB/rank | peak RSS whole process MiB/rank | s/step |")
+          "MiB/rank | peak RSS before training (load, prepare) MiB/rank | s/step |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         m = r["max_over_ranks"]
         print(f"| {r['ranks']} | {m['phi0_bytes'] / MIB:.1f} | {m['trainable_bytes'] / MIB:.1f} | "
               f"{m['optimizer_bytes'] / MIB:.1f} | {m['other_frozen_bytes'] / MIB:.1f} | "
-              f"{m.get('peak_rss_since_shard_bytes', 0) / MIB:.0f} | {m['peak_rss_bytes'] / MIB:.0f} | "
+              f"{m['peak_rss_training_bytes'] / MIB:.0f} | {m.get('peak_rss_before_training_bytes', 0) / MIB:.0f} | "
               f"{r['step_s']:.2f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, {"model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate},
