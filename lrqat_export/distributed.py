@@ -169,6 +169,8 @@ def shard(model: nn.Module, d: Dist) -> nn.Module:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    log.info("rank %d/%d: FSDP2 over %d decoder layers + root, backend %s, device %s", d.rank, d.world_size,
+             len(model.model.layers), d.backend, d.device)
     return model
 
 
