@@ -162,8 +162,12 @@ def phi0_as_parameters(model: nn.Module) -> None:
 def shard(model: nn.Module, d: Dist) -> nn.Module:
     """FSDP2 in place: one unit per decoder layer, then the root (embeddings, final norm, lm_head)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise UserError(f"distributed training: expected torch >= 2.6 (public FSDP2 fully_shard), got torch "
+                        f"{torch.__version__}") from None
     phi0_as_parameters(model)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     for layer in model.model.layers:
