@@ -50,7 +50,8 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     g.add_argument("--no-checkpointing", action="store_true", help="keep weight-sized intermediates for backward")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=2, help="windows per step (default 2)")
+    g.add_argument("--batch-size", type=int, default=2,
+                   help="windows per optimizer step, over all ranks under torchrun (the global batch; default 2)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     g.add_argument("--lr-ab", type=float, default=1e-3, help="learning rate of A and B (default 1e-3)")
     g.add_argument("--lr-scale", type=float, default=1e-5, help="learning rate of the scales (default 1e-5; 0 = frozen)")
@@ -60,6 +61,8 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     g.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1)")
     g.add_argument("--ckpt-every", type=int, default=50, help="steps between resumable checkpoints (0 = end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+    g.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="under torchrun: process-group backend (auto: nccl with --device cuda, else gloo)")
 
 
 def _add_trust_arg(p: argparse.ArgumentParser) -> None:
@@ -89,11 +92,19 @@ def _opts(args):
 
 
 def cmd_train(args) -> int:
+    from .distributed import check_batch, from_env, session
     from .pipeline import run_train
 
-    res = run_train(args.model, args.train_data, args.out, _spec(args), _opts(args), _train_cfg(args),
-                    args.seq_len, args.max_train_windows, args.resume, args.overwrite, device=args.device,
-                    trust_remote_code=args.trust_remote_code)
+    # Bad options and wrong launches fail here, on every rank, before any process group exists.
+    spec, opts, cfg = _spec(args), _opts(args), _train_cfg(args)
+    dist = from_env(args.device, args.dist_backend)
+    check_batch(cfg.batch_size, cfg.grad_accum, 1 if dist is None else dist.world_size)
+    with session(dist):
+        res = run_train(args.model, args.train_data, args.out, spec, opts, cfg, args.seq_len,
+                        args.max_train_windows, args.resume, args.overwrite, device=args.device, dist=dist,
+                        trust_remote_code=args.trust_remote_code)
+    if dist is not None and not dist.is_main:
+        return EXIT_OK
     c = res["parameters"]
     print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
     print(f"IntCheckpoint: {res['intckpt']}")
@@ -257,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.cmd != "train":
+            from .distributed import launched_by_torchrun
+
+            if launched_by_torchrun():
+                raise UserError(f"lrqat {args.cmd}: expected a single process, got a torchrun launch (RANK/"
+                                f"WORLD_SIZE set); only `lrqat train` runs distributed")
         return args.func(args)
     except UserError as e:
         print(f"lrqat {args.cmd}: error: {e}", file=sys.stderr)

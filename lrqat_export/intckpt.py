@@ -228,14 +228,14 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
 # Building an IntCheckpoint from a model: fused LR-QAT layers, or round-to-nearest PTQ.
 
 
-def _float_tensors(model: nn.Module, quantized: list[str]) -> dict[str, torch.Tensor]:
+def _float_tensors(sd: dict[str, torch.Tensor], config: Any, quantized: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dict `sd` outside the quantized layers (a tied lm_head is left out)."""
     skip = {f"{n}{s}" for n in quantized for s in (".weight", ".bias")}
-    sd = model.state_dict()
     out = {}
     for k, v in sd.items():
         if k in skip or any(k.startswith(f"{n}.") for n in quantized):
             continue
-        if k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+        if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
         out[k] = v.detach().clone()
     return out
@@ -245,15 +245,21 @@ def fuse(model: nn.Module, source: dict, extra: dict | None = None) -> IntCheckp
     """Fuse every LRQATLinear into integers: W_int = clip(round(Φ0 + (α/r)AB)), fp16 scales, zero points."""
     from .prepare import lrqat_layers
 
-    lr = lrqat_layers(model)
+    return fuse_layers(lrqat_layers(model), model.config, model.state_dict(), source, extra)
+
+
+def fuse_layers(lr: dict[str, Any], config: Any, state_dict: dict[str, torch.Tensor], source: dict,
+                extra: dict | None = None) -> IntCheckpoint:
+    """fuse() from its parts: the LRQATLinear layers by name, the HF config and the model's full state dict (the
+    float tensors are taken from it). A sharded run calls this on rank 0 with the gathered state (distributed.py)."""
     if not lr:
         raise UserError("fuse: the model has no LRQATLinear layers; expected a prepared (trained) model")
     spec = next(iter(lr.values())).spec
     layers = {name: QuantLayer(m.fused_codes(), m.fused_scales(), None if m.zero is None else m.zero.clone(),
                                None if m.bias is None else m.bias.clone()) for name, m in lr.items()}
     names = list(layers)
-    return IntCheckpoint(spec, model.config, layers, _float_tensors(model, names),
-                         _manifest(spec, model.config, names, source, "lrqat", extra or {}))
+    return IntCheckpoint(spec, config, layers, _float_tensors(state_dict, config, names),
+                         _manifest(spec, config, names, source, "lrqat", extra or {}))
 
 
 def ptq_rtn(model: nn.Module, spec: QuantSpec, source: dict, range_method: str = "lp") -> IntCheckpoint:
@@ -270,5 +276,5 @@ def ptq_rtn(model: nn.Module, spec: QuantSpec, source: dict, range_method: str =
         lin = model.get_submodule(name)
         codes, scales, zeros = rtn_quantize(lin.weight.detach().float(), spec, range_method)
         layers[name] = QuantLayer(codes, scales, zeros, None if lin.bias is None else lin.bias.detach().float().clone())
-    return IntCheckpoint(spec, model.config, layers, _float_tensors(model, names),
+    return IntCheckpoint(spec, model.config, layers, _float_tensors(model.state_dict(), model.config, names),
                          _manifest(spec, model.config, names, source, "rtn", {"range_method": range_method}))

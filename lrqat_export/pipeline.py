@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from . import distributed
 from .errors import UserError
 from .fsio import check_output_path, check_run_output
 from .intckpt import fuse, is_intckpt, load_intckpt, ptq_rtn, write_intckpt
@@ -36,10 +37,13 @@ def train_windows_for(tok, train_data: list[str], seq_len: int, max_windows: int
 def run_train(
     model_name: str, train_data: list[str], out: str | Path, spec: QuantSpec, opts: LRQATOptions,
     cfg: TrainConfig, seq_len: int = 256, max_train_windows: int | None = None, resume: bool = False,
-    overwrite: bool = False, progress: bool = True, device: str = "cpu", trust_remote_code: bool = False,
+    overwrite: bool = False, progress: bool = True, device: str = "cpu", dist: distributed.Dist | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Train LR-QAT and leave the fused IntCheckpoint in `out` (with out/train_state for --resume)."""
+    """Train LR-QAT and leave the fused IntCheckpoint in `out` (with out/train_state for --resume).
+    dist: this rank under torchrun (distributed.session); every rank calls run_train, rank 0 writes the result."""
     out = Path(out)
+    distributed.check_batch(cfg.batch_size, cfg.grad_accum, 1 if dist is None else dist.world_size)
     if not resume:
         check_run_output(out, overwrite, hint=" (or --resume)")
     elif latest_checkpoint(out) is None and out.is_dir() and not overwrite:
@@ -47,39 +51,46 @@ def run_train(
         if other:  # --resume of a run killed before its first checkpoint is fine; of some other directory, not
             raise UserError(f"--resume {out}: expected a training run directory, found no checkpoint but other "
                             f"files {other[:5]}")
+    distributed.barrier(dist)  # every rank has checked OUT before any rank writes to it
     t0 = time.perf_counter()
     model, tok, src = load_model(model_name, trust_remote_code)
-    model.to(device)
+    model.to(device if dist is None else dist.device)
     windows = train_windows_for(tok, train_data, seq_len, max_train_windows)
     t_load = time.perf_counter()
     res = train_and_fuse(model, tok, src.to_dict(), windows, spec, opts, cfg, out, train_data, resume=resume,
-                         progress=progress)
+                         progress=progress, dist=dist)
     res["timings"]["load_s"] = t_load - t0
     return res
 
 
 def train_and_fuse(model, tok, source: dict, windows: torch.Tensor, spec: QuantSpec, opts: LRQATOptions,
                    cfg: TrainConfig, out: Path, train_data: list[str], resume: bool = False, progress: bool = True,
-                   init=None) -> dict:
+                   init=None, dist: distributed.Dist | None = None) -> dict:
     """prepare → train → fuse → IntCheckpoint written in `out` (beside out/train_state). `init`: an IntCheckpoint
-    whose scales start the training (e.g. the RTN baseline) instead of a new range search."""
+    whose scales start the training (e.g. the RTN baseline) instead of a new range search. `dist`: shard with FSDP2
+    after prepare, train on this rank's slice of each global batch, fuse and write on rank 0."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # B's Kaiming init: the same run gives the same model in every process
     prepare(model, spec, opts.rank, opts.alpha, opts.phi, opts.range_method, opts.checkpointing, init=init)
     counts = parameter_counts(model)
     log.info("trainable parameters: %d of %d (%.2f %%); frozen weights %d bytes", counts["trainable"],
              counts["total"], 100 * counts["trainable"] / counts["total"], frozen_weight_bytes(model))
+    if dist is not None:
+        distributed.shard(model, dist)
     t_prep = time.perf_counter()
-    history = train(model, windows, cfg, out, resume=resume, progress=progress)
+    history = train(model, windows, cfg, out, resume=resume, progress=progress, dist=dist)
     t_train = time.perf_counter()
-    ckpt = fuse(model, source, extra={
+    extra = {
         "training": {"config": dataclasses.asdict(cfg), "lrqat": dataclasses.asdict(opts),
                      "seq_len": int(windows.shape[1]), "train_data": train_data,
-                     "train_windows": int(windows.shape[0]),
+                     "train_windows": int(windows.shape[0]), **distributed.training_metadata(dist),
                      "final_loss": history[-1]["loss"] if history else None},
         "parameters": counts,
-    })
-    write_intckpt(out, ckpt, tok, in_place=True)
+    }
+    ckpt = fuse(model, source, extra=extra) if dist is None else distributed.fuse_on_main(model, source, extra, dist)
+    if ckpt is not None:
+        write_intckpt(out, ckpt, tok, in_place=True)
+    distributed.barrier(dist)
     return {"intckpt": str(out.resolve()), "parameters": counts, "history": history,
             "timings": {"prepare_s": t_prep - t0, "train_s": t_train - t_prep, "fuse_s": time.perf_counter() - t_train}}
 

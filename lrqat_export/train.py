@@ -10,6 +10,11 @@ tensors (A, B, s), the optimizer and scheduler state, the torch RNG state and th
 deterministically from the source model. A run resumed from any checkpoint ends with the same weights, bit for
 bit, as an uninterrupted one. Checkpoints are written atomically (temp dir + rename), so `kill -9` at any moment
 leaves the previous complete checkpoint.
+
+Under torchrun (`dist` given, see distributed.py) the model is FSDP2-sharded: batch_size is the global batch and
+rank r trains on slice r of the same global windows; checkpoints are sharded DCP directories (state.json "format":
+"dcp") that any number of ranks — or one plain process — can resume from; a one-process checkpoint resumes
+sharded too.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import UserError
 from .fsio import atomic_dir, write_json
 from .prepare import trainable_parameters
@@ -32,6 +37,7 @@ from .prepare import trainable_parameters
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "train_state"
+RESUME_MAY_CHANGE = ("ckpt_every", "grad_accum")
 
 
 @dataclass(frozen=True)
@@ -108,14 +114,26 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return d / name if (d / name / "state.json").is_file() else None
 
 
-def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, history: list) -> None:
+def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, history: list,
+                     dist: distributed.Dist | None = None) -> None:
     """OUT/train_state/step-N/ (built under a temp name, renamed), then latest.json is replaced atomically to point
-    at it, then older step dirs are removed: a kill at any instant leaves latest.json naming a complete checkpoint."""
+    at it, then older step dirs are removed: a kill at any instant leaves latest.json naming a complete checkpoint.
+    Sharded runs write a DCP directory (every rank its shards; rank 0 the rest)."""
     from safetensors.torch import save_file
 
     d = out / CKPT_DIR
-    d.mkdir(exist_ok=True)
     step_dir = d / f"step-{step:08d}"
+    if dist is not None:
+        if dist.is_main:
+            d.mkdir(exist_ok=True)
+        meta = {"step": step, "config": dataclasses.asdict(cfg), "history": history, "world_size": dist.world_size}
+        distributed.save_dcp(step_dir, model, opt, sched, meta, dist)
+        if dist.is_main:
+            write_json(d / "latest.json", {"step": step, "dir": step_dir.name})
+            distributed.remove_older(d, step_dir.name)
+        distributed.barrier(dist)
+        return
+    d.mkdir(exist_ok=True)
     with atomic_dir(step_dir, overwrite=True) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()},
                   str(tmp / "trainable.safetensors"))
@@ -125,12 +143,11 @@ def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, 
         (tmp / "state.json").write_text(json.dumps(
             {"step": step, "config": dataclasses.asdict(cfg), "history": history}, indent=1))
     write_json(d / "latest.json", {"step": step, "dir": step_dir.name})
-    for old in [*d.glob("step-*"), *d.glob(".step-*")]:  # older checkpoints, and temp dirs of a killed writer
-        if old.name != step_dir.name:
-            shutil.rmtree(old, ignore_errors=True)
+    distributed.remove_older(d, step_dir.name)
 
 
-def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[int, list]:
+def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig,
+                     dist: distributed.Dist | None = None) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     d = latest_checkpoint(out)
@@ -143,9 +160,22 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[in
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"--resume: checkpoint {d / 'state.json'} is corrupted ({type(e).__name__}: {e})") from None
     mine = dataclasses.asdict(cfg)
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if k != "ckpt_every" and saved.get(k) != v}
+    # ckpt_every and grad_accum may change on resume: the global batch (batch_size) stays, only its split into
+    # micro-batches does (e.g. resuming a 2-rank run on 1 rank with twice the accumulation).
+    diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
     if diff:
         raise UserError(f"--resume: training options differ from the checkpoint's (saved, now): {diff}")
+    if state.get("format") == distributed.DCP_FORMAT or dist is not None:
+        try:
+            if state.get("format") == distributed.DCP_FORMAT:  # sharded checkpoint: any world size, or one process
+                distributed.load_dcp(d, model, opt, sched)
+            else:  # a one-process checkpoint, resumed sharded
+                distributed.load_plain(d, model, opt, sched)
+        except UserError:
+            raise
+        except Exception as e:  # torch.distributed.checkpoint / safetensors: missing or corrupted shard files
+            raise UserError(f"--resume: checkpoint {d} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+        return step, history
     try:
         tensors = load_file(str(d / "trainable.safetensors"))
     except Exception as e:  # safetensors' parser: truncated or corrupted file
@@ -172,11 +202,13 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig) -> tuple[in
 
 
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
-          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+          resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          dist: distributed.Dist | None = None) -> list[dict]:
     """Train the prepared model in place. Returns the history [{step, loss, lr, tokens_per_s}, ...].
 
     out: directory for checkpoints (out/train_state) and train_log.json; None = no checkpoints.
     stop_after: return after this many total steps (an interruption, for tests); the run can be resumed.
+    dist: this rank under torchrun, the model already sharded (distributed.shard); None = one plain process.
     """
     out = Path(out) if out is not None else None
     if out is not None:
@@ -186,29 +218,39 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     model.train()
     opt, sched = make_optimizer(model, cfg)
     torch.manual_seed(cfg.seed)
-    step, history = (load_train_state(out, model, opt, sched, cfg) if resume else (0, []))
+    step, history = (load_train_state(out, model, opt, sched, cfg, dist) if resume else (0, []))
     params = [p for g in opt.param_groups for p in g["params"]]
-    device = params[0].device
+    device = params[0].device if dist is None else dist.device
     n_windows, seq_len = train_windows.shape
-    micro = cfg.batch_size // cfg.grad_accum
+    rank, world = (0, 1) if dist is None else (dist.rank, dist.world_size)
+    distributed.check_batch(cfg.batch_size, cfg.grad_accum, world)
+    per_rank = cfg.batch_size // world  # this rank's slice of the global batch
+    micro = per_rank // cfg.grad_accum
     tokens_per_step = cfg.batch_size * seq_len
+    peak_before = distributed.reset_peak_rss() if dist is not None else None
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="LR-QAT", unit="step", dynamic_ncols=True)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()
-        batch = train_windows[batch_indices(step, cfg.batch_size, n_windows, cfg.seed)].to(device)
+        idx = batch_indices(step, cfg.batch_size, n_windows, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        batch = train_windows[idx].to(device)
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for mb in batch.split(micro):
+        for i, mb in enumerate(batch.split(micro)):
+            if dist is not None:  # reduce-scatter gradients once per step, after the last micro-batch
+                model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
             with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = model(input_ids=mb, labels=mb).loss / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if dist is not None:
+            loss_sum = distributed.all_reduce_mean(loss_sum, dist)  # the same loss on every rank: they stop together
+        gnorm = (float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if dist is None
+                 else distributed.clip_grad_norm_(params, cfg.grad_clip))
         if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):  # checked before the update touches anything
             what = f"loss {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm {gnorm} (loss {loss_sum})"
             raise UserError(f"training: expected a finite loss and gradient, got {what} at step {step + 1}; stopped "
@@ -225,10 +267,13 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if out is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
-            save_train_state(out, model, opt, sched, step, cfg, history)
+            save_train_state(out, model, opt, sched, step, cfg, history, dist)
     if bar is not None:
         bar.close()
-    if out is not None:
-        write_json(out / "train_log.json", {"config": dataclasses.asdict(cfg), "history": history})
+    log_extra = {}
+    if dist is not None:
+        log_extra = {"world_size": world, "memory_per_rank": distributed.gather_memory(model, opt, dist, peak_before)}
+    if out is not None and rank == 0:
+        write_json(out / "train_log.json", {"config": dataclasses.asdict(cfg), **log_extra, "history": history})
     model.eval()
     return history

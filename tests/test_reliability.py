@@ -19,9 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from lrqat_export.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny  # noqa: E402
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
