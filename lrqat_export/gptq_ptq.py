@@ -52,6 +52,8 @@ def gptqmodel_quantize(float_dir: str | Path, out_dir: str | Path, spec: QuantSp
 
     t0 = time.perf_counter()
     kw = {} if damp_percent is None else {"damp_percent": damp_percent}
+    if spec.group_size == -1:  # GPTQModel's group-aware reordering (its default) refuses per-channel grids
+        kw["act_group_aware"] = False
     qc = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=True, desc_act=False, offload_to_disk=False,
                         **kw)
     model = GPTQModel.load(str(float_dir), qc, device="cpu")
