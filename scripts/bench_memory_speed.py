@@ -22,8 +22,9 @@ Per configuration the child process reports:
     accounting       bytes of trainable parameters, frozen weights/buffers, gradients and AdamW state (torch-side).
     step_s           median wall time of the timed steps (forward, backward, clip, AdamW).
 Guard: the child runs under RLIMIT_AS (default: MemAvailable − 2 GiB) so a configuration that does not fit reports
-"OOM at N GiB" instead of taking the shared machine down. Glibc is told to serve large blocks with mmap
-(MALLOC_MMAP_THRESHOLD_) so freed tensors leave the resident set. 1-min load average is recorded with each timing.
+"OOM at N GiB" instead of taking the shared machine down. After setup, malloc_trim(0) hands freed memory (the float
+weights a quantized layer replaced) back to the OS before the peak is reset. The 1-min load average is recorded
+with each timing.
 """
 from __future__ import annotations
 
@@ -113,6 +114,11 @@ def child(a: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed setup memory (e.g. the float weights) back to the OS
     rss_setup = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is the step's
     model.train()
@@ -151,7 +157,7 @@ def mem_available() -> int:
 
 def run_one(a: dict, limit_bytes: int, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
+           "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
 
     def limit():  # in the child, before exec: address-space cap (CPU runs only; CUDA maps huge virtual ranges)
         if a["device"] == "cpu":
