@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-cpp", help="llama.cpp source tree with build/bin/llama-quantize (see above); "
                                         "without it only our side and GPTQModel's are timed")
+    ap.add_argument("--converter-pythonpath", default="",
+                    help="extra PYTHONPATH for convert_hf_to_gguf.py (e.g. a --target dir holding sentencepiece, "
+                         "which the converter imports for Llama vocabularies)")
     ap.add_argument("--repeats", type=int, help="timed repeats, median reported (default 3; --full 5)")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--json", default=str(ROOT / "docs/bench/export_speed.json"))
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
             quant = lc / "build" / "bin" / "llama-quantize"
             if not (lc / "convert_hf_to_gguf.py").is_file():
                 sys.exit(f"bench_export_speed: {lc / 'convert_hf_to_gguf.py'} not found; expected a llama.cpp tree")
-            lenv = {**env, "PYTHONPATH": str(lc / "gguf-py")}  # the converter's own gguf-py
+            lenv = {**env, "PYTHONPATH": os.pathsep.join(x for x in (str(lc / "gguf-py"), args.converter_pythonpath)
+                                                         if x)}  # the converter's own gguf-py
             conv = [sys.executable, str(lc / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "f16",
                     "--outfile", str(tmp / "f16.gguf")]
             med, ts = timed(lambda: sh(conv, env=lenv), reps)
