@@ -44,7 +44,8 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool, eval_: bool, eval_wi
 def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     g = p.add_argument_group("LR-QAT")
     g.add_argument("--rank", type=int, default=32, help="adapter rank r (default 32, the paper's)")
-    g.add_argument("--alpha", type=float, default=1.0, help="adapter scale numerator α; A·B is scaled by α/r")
+    g.add_argument("--alpha", type=float, help="adapter scale numerator α; A·B is scaled by α/r (default 1 for "
+                                               "lrqat, the paper's; 16 for the float-LoRA baselines, QLoRA's)")
     g.add_argument("--phi", default="int8", choices=["int8", "int4", "bf16", "fp32"],
                    help="storage of the frozen Φ0: int8 fixed point (default), int4 double-packed, bf16, fp32")
     g.add_argument("--no-checkpointing", action="store_true", help="keep weight-sized intermediates for backward")
@@ -53,8 +54,10 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     g.add_argument("--batch-size", type=int, default=2,
                    help="windows per optimizer step, over all ranks under torchrun (the global batch; default 2)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    g.add_argument("--lr-ab", type=float, default=1e-3, help="learning rate of A and B (default 1e-3)")
-    g.add_argument("--lr-scale", type=float, default=1e-5, help="learning rate of the scales (default 1e-5; 0 = frozen)")
+    g.add_argument("--lr-ab", type=float, help="learning rate of A and B (default 1e-3 for lrqat; 2e-4 for the "
+                                               "float-LoRA baselines qlora/qalora/lora-fp, QLoRA's)")
+    g.add_argument("--lr-scale", type=float, help="learning rate of the scales (default 1e-5; 1e-4 for peqa; "
+                                                  "0 = frozen)")
     g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default 0.1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
     g.add_argument("--seed", type=int, default=0)
@@ -76,19 +79,31 @@ def _spec(args):
     return spec_from_args(args.preset, args.bits, args.group_size, args.asym)
 
 
+# Per-method defaults where the user gives none (baselines.py documents the sources).
+METHOD_DEFAULTS = {  # method: (alpha, lr_ab, lr_scale)
+    "lrqat": (1.0, 1e-3, 1e-5), "full-qat": (1.0, 1e-3, 1e-5), "peqa": (1.0, 1e-3, 1e-4),
+    "qlora": (16.0, 2e-4, 1e-5), "qalora": (16.0, 2e-4, 1e-5), "lora-fp": (16.0, 2e-4, 1e-5),
+}
+
+
+def _method_default(args, i: int, name: str):
+    v = getattr(args, name, None)
+    return METHOD_DEFAULTS.get(getattr(args, "method", "lrqat"), METHOD_DEFAULTS["lrqat"])[i] if v is None else v
+
+
 def _train_cfg(args):
     from .train import TrainConfig
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_ab=args.lr_ab,
-                       lr_scale=args.lr_scale, warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed,
-                       ckpt_every=args.ckpt_every)
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       lr_ab=_method_default(args, 1, "lr_ab"), lr_scale=_method_default(args, 2, "lr_scale"),
+                       warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed, ckpt_every=args.ckpt_every)
 
 
 def _opts(args):
     from .pipeline import LRQATOptions
 
-    return LRQATOptions(rank=args.rank, alpha=args.alpha, phi=args.phi, range_method=args.range_method,
-                        checkpointing=not args.no_checkpointing)
+    return LRQATOptions(rank=args.rank, alpha=_method_default(args, 0, "alpha"), phi=args.phi,
+                        range_method=args.range_method, checkpointing=not args.no_checkpointing)
 
 
 def cmd_train(args) -> int:
@@ -102,11 +117,15 @@ def cmd_train(args) -> int:
     with session(dist):
         res = run_train(args.model, args.train_data, args.out, spec, opts, cfg, args.seq_len,
                         args.max_train_windows, args.resume, args.overwrite, device=args.device, dist=dist,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, method=args.method, init=args.init,
+                        lr_weight=args.lr_weight)
     if dist is not None and not dist.is_main:
         return EXIT_OK
     c = res["parameters"]
-    print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
+    if "total" in c:
+        print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
+    else:
+        print(f"trainable parameters: {c['trainable']:,}")
     print(f"IntCheckpoint: {res['intckpt']}")
     return EXIT_OK
 
@@ -115,7 +134,7 @@ def cmd_ptq(args) -> int:
     from .pipeline import run_ptq
 
     out = run_ptq(args.model, args.out, _spec(args), args.method, args.range_method, args.overwrite,
-                  args.trust_remote_code)
+                  args.calib_data, args.calib_windows, args.calib_seq_len, args.trust_remote_code)
     print(f"IntCheckpoint: {out}")
     return EXIT_OK
 
@@ -198,13 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="HF model dir, .gguf file, or smollm2-135m (default)")
     p.add_argument("--out", required=True, help="output directory (IntCheckpoint + resumable train state)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--method", default="lrqat", choices=["lrqat", "full-qat", "peqa", "qlora", "qalora", "lora-fp"],
+                   help="lrqat (default); baselines on the same loop: full-qat (LSQ: all weights + scales), peqa "
+                        "(scales only), qlora (NF4 base + LoRA, merged then RTN), qalora (group-pooled LoRA merged "
+                        "into zero points), lora-fp (float LoRA control: writes a float HF model)")
+    p.add_argument("--init", help="IntCheckpoint (e.g. from `lrqat ptq --method gptq`) whose codes and scales start "
+                                  "the training (lrqat: Φ0 = its codes exactly)")
+    p.add_argument("--lr-weight", type=float, help="full-qat: learning rate of the weights (default 5e-5, the paper's)")
     _add_spec_args(p), _add_data_args(p, True, False), _add_train_args(p, steps=300), _add_trust_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ptq", help="post-training quantization baseline → IntCheckpoint")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", required=True)
-    p.add_argument("--method", default="rtn", help="rtn (round to nearest after range search)")
+    p.add_argument("--method", default="rtn", help="rtn (round to nearest after range search) or gptq (GPTQModel "
+                                                   "on CPU, symmetric grids; calibrated on --calib-data)")
+    p.add_argument("--calib-data", nargs="+", help="gptq: calibration text files (default: the embedded corpus)")
+    p.add_argument("--calib-windows", type=int, default=64, help="gptq: calibration windows (default 64)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="gptq: calibration window length (default 256)")
     p.add_argument("--overwrite", action="store_true")
     _add_spec_args(p), _add_trust_arg(p)
     p.set_defaults(func=cmd_ptq)

@@ -38,10 +38,18 @@ def run_train(
     model_name: str, train_data: list[str], out: str | Path, spec: QuantSpec, opts: LRQATOptions,
     cfg: TrainConfig, seq_len: int = 256, max_train_windows: int | None = None, resume: bool = False,
     overwrite: bool = False, progress: bool = True, device: str = "cpu", dist: distributed.Dist | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, method: str = "lrqat", init: str | None = None,
+    lr_weight: float | None = None,
 ) -> dict:
-    """Train LR-QAT and leave the fused IntCheckpoint in `out` (with out/train_state for --resume).
+    """Train LR-QAT (or a baseline, `method`) and leave the fused IntCheckpoint in `out` (with out/train_state for
+    --resume). init: an IntCheckpoint directory (e.g. GPTQ) whose codes and scales start the training.
     dist: this rank under torchrun (distributed.session); every rank calls run_train, rank 0 writes the result."""
+    from .baselines import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"--method: expected one of {METHODS}, got {method!r}")
+    if dist is not None and method != "lrqat":
+        raise UserError(f"--method {method}: under torchrun only lrqat is supported; run the baselines in one process")
     out = Path(out)
     distributed.check_batch(cfg.batch_size, cfg.grad_accum, 1 if dist is None else dist.world_size)
     if not resume:
@@ -55,10 +63,22 @@ def run_train(
     t0 = time.perf_counter()
     model, tok, src = load_model(model_name, trust_remote_code)
     model.to(device if dist is None else dist.device)
+    init_ck = None
+    if init is not None:
+        from .gptq_ptq import load_weights_from
+
+        init_ck = load_intckpt(init)
+        if init_ck.spec != spec:
+            raise UserError(f"--init {init}: checkpoint spec is {init_ck.spec.name}, expected {spec.name}")
+        load_weights_from(model, init_ck)  # the frozen start is exactly the init checkpoint's codes
     windows = train_windows_for(tok, train_data, seq_len, max_train_windows)
     t_load = time.perf_counter()
-    res = train_and_fuse(model, tok, src.to_dict(), windows, spec, opts, cfg, out, train_data, resume=resume,
-                         progress=progress, dist=dist)
+    if method == "lrqat":
+        res = train_and_fuse(model, tok, src.to_dict(), windows, spec, opts, cfg, out, train_data, resume=resume,
+                             progress=progress, init=init_ck, dist=dist)
+    else:
+        res = train_and_fuse_baseline(model, tok, src.to_dict(), windows, method, spec, opts, cfg, out, train_data,
+                                      resume=resume, progress=progress, init=init_ck, lr_weight=lr_weight)
     res["timings"]["load_s"] = t_load - t0
     return res
 
@@ -95,13 +115,66 @@ def train_and_fuse(model, tok, source: dict, windows: torch.Tensor, spec: QuantS
             "timings": {"prepare_s": t_prep - t0, "train_s": t_train - t_prep, "fuse_s": time.perf_counter() - t_train}}
 
 
+PTQ_METHODS = ("rtn", "gptq")
+
+
 def run_ptq(model_name: str, out: str | Path, spec: QuantSpec, method: str = "rtn", range_method: str = "lp",
-            overwrite: bool = False, trust_remote_code: bool = False) -> Path:
-    if method != "rtn":
-        raise UserError(f"--method: expected 'rtn', got {method!r} (GPTQ PTQ is not available in this version)")
+            overwrite: bool = False, calib_data: list[str] | None = None, calib_windows: int = 64,
+            calib_seq_len: int = 256, trust_remote_code: bool = False) -> Path:
+    """RTN (our range search) or GPTQ (GPTQModel on CPU, calibrated on `calib_data`) → IntCheckpoint in `out`."""
+    if method not in PTQ_METHODS:
+        raise UserError(f"--method: expected one of {PTQ_METHODS}, got {method!r}")
     check_output_path(Path(out), overwrite)
     model, tok, src = load_model(model_name, trust_remote_code)
-    return write_intckpt(out, ptq_rtn(model, spec, src.to_dict(), range_method), tok, overwrite=overwrite)
+    if method == "rtn":
+        return write_intckpt(out, ptq_rtn(model, spec, src.to_dict(), range_method), tok, overwrite=overwrite)
+    from .gptq_ptq import ptq_gptq
+
+    calib = D.text_windows(tok, calib_data or ["pydoc"], calib_seq_len, calib_windows,
+                           what=f"calibration data {', '.join(calib_data or ['pydoc'])}")
+    return write_intckpt(out, ptq_gptq(model, tok, spec, src.to_dict(), calib), tok, overwrite=overwrite)
+
+
+def train_and_fuse_baseline(model, tok, source: dict, windows: torch.Tensor, method: str, spec: QuantSpec,
+                            opts: LRQATOptions, cfg: TrainConfig, out: Path, train_data: list[str],
+                            resume: bool = False, progress: bool = True, init=None,
+                            lr_weight: float | None = None) -> dict:
+    """A baseline (baselines.py) through the same loop: prepare → train → IntCheckpoint in `out` (lora-fp, the float
+    control: the merged float model as a HF directory)."""
+    from .baselines import FULL_QAT_LR_W, fuse_baseline, merged_float_model, param_groups, prepare_baseline
+    from .prepare import trainable_parameters
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    prepare_baseline(model, method, spec, opts.rank, opts.alpha, opts.checkpointing, init=init,
+                     range_method=opts.range_method)
+    n_train = sum(p.numel() for p in trainable_parameters(model).values())
+    t_prep = time.perf_counter()
+    groups = param_groups(method, cfg, FULL_QAT_LR_W if lr_weight is None else lr_weight)
+    history = train(model, windows, cfg, out, resume=resume, progress=progress, groups=groups, desc=method)
+    t_train = time.perf_counter()
+    info = {"training": {"config": dataclasses.asdict(cfg), "method": method, "lrqat": dataclasses.asdict(opts),
+                         "groups": groups, "seq_len": int(windows.shape[1]), "train_data": train_data,
+                         "train_windows": int(windows.shape[0]),
+                         "final_loss": history[-1]["loss"] if history else None},
+            "parameters": {"trainable": n_train}}
+    if method == "lora-fp":
+        import os
+        import tempfile
+
+        from .fsio import write_json
+
+        merged_float_model(model)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".hf.") as tmp:  # whole files only, as write_intckpt does
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            for f in Path(tmp).iterdir():
+                os.replace(f, out / f.name)
+        write_json(out / "lrqat_baseline.json", info)
+    else:
+        write_intckpt(out, fuse_baseline(model, method, spec, source, opts.range_method, info), tok, in_place=True)
+    return {"intckpt": str(out.resolve()), "parameters": {"trainable": n_train}, "history": history,
+            "timings": {"prepare_s": t_prep - t0, "train_s": t_train - t_prep, "fuse_s": time.perf_counter() - t_train}}
 
 
 def load_for_eval(target: str, trust_remote_code: bool = False):

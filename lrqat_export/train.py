@@ -85,22 +85,43 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+# One optimizer parameter group: (name, parameter-name suffixes it takes, lr, weight decay).
+ParamGroup = tuple[str, tuple[str, ...], float, float]
+
+
+def lrqat_groups(cfg: TrainConfig) -> list[ParamGroup]:
+    """LR-QAT's groups (the paper's): A and B at lr_ab, the scales at lr_scale."""
+    return [("ab", ("lora_A", "lora_B"), cfg.lr_ab, cfg.weight_decay),
+            ("scale", (".scale",), cfg.lr_scale, cfg.weight_decay)]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, groups: list[ParamGroup] | None = None,
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the model's trainable parameters, split into `groups` by name suffix (default: LR-QAT's).
+    Every trainable parameter must fall in exactly one group; a group with lr 0 is frozen instead."""
     params = trainable_parameters(model)
-    ab = [p for n, p in params.items() if n.endswith(("lora_A", "lora_B"))]
-    sc = [p for n, p in params.items() if n.endswith(".scale")]
-    other = set(params) - {n for n in params if n.endswith(("lora_A", "lora_B", ".scale"))}
+    default = groups is None
+    groups = lrqat_groups(cfg) if default else groups
+    members = {name: [n for n in params if n.endswith(suffixes)] for name, suffixes, _, _ in groups}
+    other = set(params) - {n for ns in members.values() for n in ns}
     if other:
-        raise UserError(f"train: unexpected trainable parameters {sorted(other)[:3]}; expected only lora_A/lora_B/scale")
-    if not ab:
+        expected = "/".join(s for _, suffixes, _, _ in groups for s in suffixes)
+        raise UserError(f"train: unexpected trainable parameters {sorted(other)[:3]}; expected only {expected}")
+    if default and not members["ab"]:
         raise UserError("train: the model has no LR-QAT adapters; call prepare() first")
-    groups = [{"params": ab, "lr": cfg.lr_ab, "name": "ab"}]
-    if sc and cfg.lr_scale > 0:
-        groups.append({"params": sc, "lr": cfg.lr_scale, "name": "scale"})
-    else:
-        for p in sc:
-            p.requires_grad_(False)
-    opt = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if not default and not any(members.values()):
+        raise UserError(f"train: no trainable parameters match the groups {[g[0] for g in groups]}")
+    opt_groups = []
+    for name, _, lr, wd in groups:
+        ps = [params[n] for n in members[name]]
+        if ps and lr > 0:
+            opt_groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name})
+        else:
+            for p in ps:
+                p.requires_grad_(False)
+    if not opt_groups:
+        raise UserError(f"train: every parameter group has lr 0 ({[(g[0], g[2]) for g in groups]}); nothing to train")
+    opt = torch.optim.AdamW(opt_groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
@@ -203,12 +224,14 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig,
 
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
           resume: bool = False, progress: bool = True, stop_after: int | None = None,
-          dist: distributed.Dist | None = None) -> list[dict]:
+          dist: distributed.Dist | None = None, groups: list[ParamGroup] | None = None,
+          desc: str = "LR-QAT") -> list[dict]:
     """Train the prepared model in place. Returns the history [{step, loss, lr, tokens_per_s}, ...].
 
     out: directory for checkpoints (out/train_state) and train_log.json; None = no checkpoints.
     stop_after: return after this many total steps (an interruption, for tests); the run can be resumed.
     dist: this rank under torchrun, the model already sharded (distributed.shard); None = one plain process.
+    groups: optimizer parameter groups (default LR-QAT's A/B + scales; the baselines pass their own).
     """
     out = Path(out) if out is not None else None
     if out is not None:
@@ -216,7 +239,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     if resume and out is None:
         raise UserError("--resume needs an output directory holding a checkpoint")
     model.train()
-    opt, sched = make_optimizer(model, cfg)
+    opt, sched = make_optimizer(model, cfg, groups)
     torch.manual_seed(cfg.seed)
     step, history = (load_train_state(out, model, opt, sched, cfg, dist) if resume else (0, []))
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -232,7 +255,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="LR-QAT", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()

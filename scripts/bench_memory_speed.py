@@ -1,0 +1,296 @@
+"""Benchmark: peak memory and step time of one training step, LR-QAT vs full-model QAT vs PEQA vs QLoRA vs LoRA, on
+the same model shape, batch and sequence — one configuration per fresh subprocess.
+
+    PYTHONPATH=. nice -n 10 .venv/bin/python -m scripts.bench_memory_speed            # SmolLM2 + 1.1B shape, CPU
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_memory_speed --full                 # longer seq, more steps
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_memory_speed --device cuda --shapes llama2-7b --configs lrqat-int8
+                                                                                      # the paper's 24 GB claim, GPU
+
+Configurations (all: same AdamW/clipping as `lrqat train`, weights random-init from the shape's HF config, scales
+from a min-max range search — the range method does not change memory):
+    lrqat-int8     LR-QAT, Φ0 int8 fixed point (Q4.4), r=32, checkpointed quantizer (the paper's default)
+    lrqat-int4     LR-QAT, Φ0 double-packed (two nibbles a byte)
+    full-qat       LSQ full-model QAT: all weights + scales trained, fp32 weights and AdamW state
+    full-qat-ckpt  the same with the per-layer quantizer+matmul checkpointed
+    peqa           scales only (frozen int8 codes), checkpointed
+    qlora          NF4 base (blocks of 64) + float LoRA r=32
+    lora           float (fp32) base + float LoRA r=32 (no quantization)
+Per configuration the child process reports:
+    peak_step_bytes  CPU: the process's peak resident set (VmHWM) during warm-up + timed steps, with the peak
+                     reset (/proc/self/clear_refs = 5) after model setup, so setup (e.g. the float model LR-QAT is
+                     prepared from) does not count; CUDA: torch.cuda.max_memory_allocated over the same steps.
+    accounting       bytes of trainable parameters, frozen weights/buffers, gradients and AdamW state (torch-side).
+    step_s           median wall time of the timed steps (forward, backward, clip, AdamW).
+Guard: the child runs under RLIMIT_AS (default: MemAvailable − 2 GiB) so a configuration that does not fit reports
+"OOM at N GiB" instead of taking the shared machine down. After setup, malloc_trim(0) hands freed memory (the float
+weights a quantized layer replaced) back to the OS before the peak is reset. The 1-min load average is recorded
+with each timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {  # name: LlamaConfig kwargs (random init; no download)
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=384, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+}
+CONFIGS = ("lrqat-int8", "lrqat-int4", "full-qat", "full-qat-ckpt", "peqa", "qlora", "lora")
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------------------------------- child side
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def _build(shape: str, config: str, preset: str, rank: int, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lrqat_export.baselines import param_groups, prepare_baseline
+    from lrqat_export.prepare import prepare
+    from lrqat_export.quant import PRESETS
+    from lrqat_export.train import TrainConfig, make_optimizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)  # HF's own random init
+    spec, tc = PRESETS[preset], TrainConfig(steps=1000)
+    if config.startswith("lrqat"):
+        prepare(model, spec, rank, 1.0, "int8" if config == "lrqat-int8" else "int4", "minmax", True)
+        groups = None
+    else:
+        method = {"full-qat": "full-qat", "full-qat-ckpt": "full-qat", "peqa": "peqa", "qlora": "qlora",
+                  "lora": "lora-fp"}[config]
+        prepare_baseline(model, method, spec, rank, 16.0, checkpointing=config != "full-qat", range_method="minmax")
+        groups = param_groups(method, tc)
+    model.to(device)
+    opt, _ = make_optimizer(model, tc, groups)
+    return model, opt
+
+
+def _tensor_bytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def child(a: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(a["threads"]) if a.get("threads") else None
+    t0 = time.perf_counter()
+    model, opt = _build(a["shape"], a["config"], a["preset"], a["rank"], a["device"])
+    setup_s = time.perf_counter() - t0
+    params = [p for g in opt.param_groups for p in g["params"]]
+    trainable = {id(p) for p in params}
+    acc = {"trainable_bytes": _tensor_bytes(params),
+           "frozen_bytes": _tensor_bytes([p for p in model.parameters() if id(p) not in trainable])
+           + _tensor_bytes(list(model.buffers())),
+           "trainable_params": sum(p.numel() for p in params)}
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (a["batch"], a["seq"]), generator=gen).to(a["device"])
+    cuda = a["device"].startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_alloc = torch.cuda.memory_allocated()
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed setup memory (e.g. the float weights) back to the OS
+    rss_setup = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is the step's
+    model.train()
+    times = []
+    for i in range(a["warmup"] + a["steps"]):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if i == 0:
+            acc["grad_bytes"] = _tensor_bytes([p.grad for p in params])
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= a["warmup"]:
+            times.append(time.perf_counter() - t)
+    acc["optimizer_bytes"] = _tensor_bytes([v for s in opt.state.values() for v in s.values()
+                                            if torch.is_tensor(v) and v.dim() > 0])
+    res = {"ok": True, "setup_s": setup_s, "step_s": statistics.median(times), "step_times": times,
+           "rss_setup_bytes": rss_setup, "peak_step_bytes": _status_bytes("VmHWM"), "accounting": acc,
+           "loss": float(loss), "loadavg_1m": os.getloadavg()[0]}
+    if cuda:
+        res.update(peak_step_bytes=torch.cuda.max_memory_allocated(), cuda_setup_alloc_bytes=base_alloc,
+                   cuda_device=torch.cuda.get_device_name())
+    return res
+
+
+# -------------------------------------------------------------------------------------------------- parent side
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 8 * GiB
+
+
+def run_one(a: dict, limit_bytes: int, timeout: float) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
+
+    def limit():  # in the child, before exec: address-space cap (CPU runs only; CUDA maps huge virtual ranges)
+        if a["device"] == "cpu":
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "scripts.bench_memory_speed", "--child", json.dumps(a)],
+                           cwd=ROOT, env=env, preexec_fn=limit, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
+    wall = time.perf_counter() - t
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return {**json.loads(line), "wall_s": wall}
+    err = (p.stderr.strip().splitlines() or ["?"])[-1]
+    oom = p.returncode in (-9, 137) or any(k in p.stderr for k in ("MemoryError", "can't allocate memory",
+                                                                    "std::bad_alloc", "out of memory"))
+    return {"ok": False, "oom": oom, "returncode": p.returncode, "wall_s": wall,
+            "error": f"OOM at {limit_bytes / GiB:.1f} GiB" if oom else err[-300:]}
+
+
+def fmt_gib(b) -> str:
+    return "—" if b is None else f"{b / GiB:.2f}"
+
+
+def table(rows: list[dict], shape: str) -> str:
+    sel = [r for r in rows if r["shape"] == shape]
+    ref = {r["config"]: r for r in sel if r.get("ok")}
+    fq, lo = ref.get("full-qat"), ref.get("lora")
+    out = [f"| config | trainable params | frozen weights GiB | grads + AdamW GiB | peak step GiB | step s | "
+           f"time ÷ full QAT | time ÷ LoRA | load 1m |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        if not r.get("ok"):
+            out.append(f"| {r['config']} | | | | **{r.get('error')}** | | | | |")
+            continue
+        acc = r["accounting"]
+        ratio_fq = f"{r['step_s'] / fq['step_s']:.2f}" if fq else "—"
+        ratio_lo = f"{r['step_s'] / lo['step_s']:.2f}" if lo else "—"
+        out.append(f"| {r['config']} | {acc['trainable_params'] / 1e6:.1f} M | {fmt_gib(acc['frozen_bytes'])} | "
+                   f"{fmt_gib(acc['grad_bytes'] + acc['optimizer_bytes'])} | {fmt_gib(r['peak_step_bytes'])} | "
+                   f"{r['step_s']:.2f} | {ratio_fq} | {ratio_lo} | {r['loadavg_1m']:.1f} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
+    for j, sh in enumerate(shapes):
+        sel = [r for r in rows if r["shape"] == sh]
+        names = [r["config"] for r in sel]
+        mem = [r["peak_step_bytes"] / GiB if r.get("ok") else 0 for r in sel]
+        st = [r["step_s"] if r.get("ok") else 0 for r in sel]
+        ax = axes[0][j]
+        bars = ax.bar(names, mem, color=["C0" if n.startswith("lrqat") else "C7" for n in names])
+        for b, r in zip(bars, sel):
+            if not r.get("ok"):
+                ax.text(b.get_x() + b.get_width() / 2, 0.1, "OOM" if r.get("oom") else "fail", ha="center",
+                        rotation=90, color="red")
+        ax.set_title(f"{sh}: peak memory of a training step")
+        ax.set_ylabel("GiB")
+        ax.tick_params(axis="x", rotation=45)
+        ax = axes[1][j]
+        ax.bar(names, st, color=["C0" if n.startswith("lrqat") else "C7" for n in names])
+        ax.set_title(f"{sh}: step time (median)")
+        ax.set_ylabel("s")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    # --- workload
+    ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "tinyllama-1.1b"], choices=list(SHAPES))
+    ap.add_argument("--shape", choices=list(SHAPES), help="one shape (same as --shapes SHAPE)")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--preset", default="w4pc", help="quantization grid (default w4pc, the paper's W4 per channel)")
+    ap.add_argument("--rank", type=int, default=32, help="adapter rank for LR-QAT / LoRA / QLoRA (default 32)")
+    ap.add_argument("--batch", type=int, default=1, help="windows per step (default 1)")
+    ap.add_argument("--seq", type=int, help="tokens per window (default 128; --full 512)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    ap.add_argument("--steps", type=int, help="timed steps, median reported (default 2; --full 5)")
+    ap.add_argument("--full", action="store_true", help="seq 512 and 5 timed steps")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (peak = torch.cuda.max_memory_allocated)")
+    ap.add_argument("--threads", type=int, help="torch threads in the child (default torch's)")
+    # --- guard
+    ap.add_argument("--mem-limit-gib", type=float, help="child address-space cap (default MemAvailable − 2 GiB)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default 1800)")
+    # --- output
+    ap.add_argument("--json", default=str(ROOT / "docs/bench/memory_speed.json"))
+    ap.add_argument("--plot", default=str(ROOT / "docs/bench/memory_speed.png"))
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    shapes = [args.shape] if args.shape else args.shapes
+    seq = args.seq or (512 if args.full else 128)
+    steps = args.steps or (5 if args.full else 2)
+    limit = int(args.mem_limit_gib * GiB) if args.mem_limit_gib else max(GiB, mem_available() - 2 * GiB)
+    from lrqat_export.fsio import write_json
+
+    meta = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
+                        "child_mem_limit_gib": round(limit / GiB, 1)},
+            "args": vars(args), "seq": seq, "steps": steps}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in shapes:
+        for config in args.configs:
+            a = {"shape": shape, "config": config, "preset": args.preset, "rank": args.rank, "batch": args.batch,
+                 "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads}
+            r = {**a, **run_one(a, limit, args.timeout)}
+            rows.append(r)
+            msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s" if r.get("ok")
+                   else r.get("error"))
+            print(f"  {shape:<15} {config:<14} {msg}", flush=True)
+            write_json(args.json, {**meta, "rows": rows})  # after every row: a stopped run keeps what it measured
+    for shape in shapes:
+        print(f"\n### {shape} (batch {args.batch} × seq {seq}, preset {args.preset}, device {args.device})\n")
+        print(table(rows, shape))
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"\nplot: {args.plot}")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Benchmark: quality of every method on SmolLM2-135M, side by side — FP, RTN, GPTQ (GPTQModel), LR-QAT, GPTQ-init
+LR-QAT, PEQA, full-model QAT (LSQ), QLoRA (+merge+RTN), QA-LoRA (merged zeros) and the FP-LoRA control — per grid.
+
+    PYTHONPATH=. nice -n 10 .venv/bin/python -m scripts.bench_quality               # CPU defaults (resumable)
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_quality --full                    # 300 steps, 8 eval windows
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_quality --presets w4pc --methods fp rtn lrqat
+
+Same data and token budget for every trained method: WikiText-2 valid (../shared/data/wikitext-2/valid.txt, read in
+place) in windows of --seq tokens, --steps × --batch windows drawn in the same order (train.batch_indices, seed 0);
+the trained quantized methods start from the same Lp-searched RTN scales (GPTQ-init LR-QAT from GPTQ's integers).
+GPTQ calibrates on the first --calib-windows windows of the same training text. Evaluation: --eval-windows windows
+of --eval-seq tokens of WikiText-2 test (in domain) and of the held-out tail of the embedded pydoc corpus (out of
+domain: training on WikiText also adapts the model to WikiText, DESIGN.md trap 2). Every quantized method is scored
+on its IntCheckpoint reloaded as a torch model (what exports); QLoRA and QA-LoRA are also scored as trained (float
+merge / float zero points) so their merge cost shows.
+
+Each (preset, method) cell writes CELLS/<preset>__<method>.json atomically and is skipped when present, so a killed
+run resumes where it stopped. Hyperparameters per method: lrqat_export.cli.METHOD_DEFAULTS (not tuned here).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("fp", "rtn", "gptq", "lrqat", "gptq-lrqat", "peqa", "full-qat", "qlora", "qalora", "lora-fp")
+PRESET_FREE = ("fp", "lora-fp")  # one cell, shown in every preset's table
+
+
+def _data(tok, args):
+    from lrqat_export import data as D
+
+    valid, test = D.shared_wikitext("valid"), D.shared_wikitext("test")
+    if valid is None or test is None:
+        sys.exit("bench_quality: ../shared/data/wikitext-2/{valid,test}.txt not found next to the checkout")
+    train = D.windows(D.tokenize(tok, valid.read_text()), args.seq, None, "train")
+    ev = D.windows(D.tokenize(tok, test.read_text(), (args.eval_windows + 1) * args.eval_seq), args.eval_seq,
+                   args.eval_windows, "eval")
+    ood = D.windows(D.tokenize(tok, D.split_corpus(D.embedded_corpus())[1], (args.eval_windows + 1) * args.eval_seq),
+                    args.eval_seq, args.eval_windows, "ood")
+    return train, ev, ood
+
+
+def _ppl(model, ev, ood) -> dict:
+    from lrqat_export.evaluate import perplexity
+
+    return {"ppl": perplexity(model, ev)["ppl"], "ppl_ood": perplexity(model, ood)["ppl"]}
+
+
+def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
+    """One (preset, method) cell on a fresh copy of the base model. base = (model, tok, src, (train, ev, ood))."""
+    import torch
+
+    from lrqat_export.baselines import fuse_baseline, merged_float_model, param_groups, prepare_baseline
+    from lrqat_export.cli import METHOD_DEFAULTS
+    from lrqat_export.gptq_ptq import load_weights_from, ptq_gptq
+    from lrqat_export.intckpt import fuse, load_intckpt, ptq_rtn, write_intckpt
+    from lrqat_export.prepare import prepare
+    from lrqat_export.quant import PRESETS
+    from lrqat_export.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model, tok, src = copy.deepcopy(base[0]), base[1], base[2]
+    train_w, ev, ood = base[3]
+    spec = PRESETS[preset]
+    alpha, lr_ab, lr_scale = METHOD_DEFAULTS.get(method.replace("gptq-", ""), METHOD_DEFAULTS["lrqat"])
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr_ab=lr_ab, lr_scale=lr_scale, seed=0)
+    t0 = time.perf_counter()
+    res: dict = {"preset": preset, "method": method}
+    if method == "fp":
+        return {**res, **_ppl(model, ev, ood)}
+    rtn = ptq_rtn(model, spec, src.to_dict()) if method != "lora-fp" else None
+    if method == "rtn":
+        return {**res, **_ppl(rtn.to_torch_model(), ev, ood)}
+    if method in ("gptq", "gptq-lrqat"):
+        gdir = work / f"{preset}__gptq"
+        if not (gdir / "lrqat_manifest.json").is_file():
+            t = time.perf_counter()
+            ck = ptq_gptq(model, tok, spec, src.to_dict(), train_w[: args.calib_windows])
+            write_intckpt(gdir, ck, tok, overwrite=True)
+            res["gptq_s"] = time.perf_counter() - t
+        gck = load_intckpt(gdir)
+        res["gptq_import_check"] = gck.manifest["gptq"].get("import_check")
+        if method == "gptq":
+            return {**res, **_ppl(gck.to_torch_model(), ev, ood), "wall_s": time.perf_counter() - t0}
+    res.update(steps=args.steps, batch=args.batch, seq=args.seq, tokens=args.steps * args.batch * args.seq,
+               alpha=alpha, lr_ab=lr_ab, lr_scale=lr_scale)
+    t = time.perf_counter()
+    if method in ("lrqat", "gptq-lrqat"):
+        init = rtn if method == "lrqat" else gck
+        if method == "gptq-lrqat":
+            load_weights_from(model, gck)  # Φ0 = GPTQ's codes exactly
+        torch.manual_seed(0)
+        prepare(model, spec, 32, alpha, "int8", "lp", True, init=init)
+        hist = train(model, train_w, cfg, progress=args.progress, desc=method)
+        res["train_s"] = time.perf_counter() - t
+        fused = fuse(model, src.to_dict()).to_torch_model()
+        with torch.no_grad():
+            probe = ev[:1, :128]
+            res["fuse_max_abs_logit_diff"] = float((model(input_ids=probe).logits
+                                                    - fused(input_ids=probe).logits).abs().max())
+        res.update(_ppl(fused, ev, ood))
+    else:
+        torch.manual_seed(0)
+        prepare_baseline(model, method, spec, 32, alpha, True, init=rtn if method in ("peqa", "full-qat", "qalora")
+                         else None)
+        if method == "full-qat":  # paper's full QAT keeps checkpointing off unless memory forces it; time as such
+            for m in model.modules():
+                if hasattr(m, "checkpointing"):
+                    m.checkpointing = False
+        hist = train(model, train_w, cfg, progress=args.progress, groups=param_groups(method, cfg), desc=method)
+        res["train_s"] = time.perf_counter() - t
+        if method == "lora-fp":
+            res.update(_ppl(merged_float_model(model), ev, ood))
+        else:
+            ck = fuse_baseline(model, method, spec, src.to_dict())
+            res["exported_spec"] = ck.spec.name
+            res.update(_ppl(ck.to_torch_model(), ev, ood))
+            if method in ("qlora", "qalora"):  # as trained: float merge / float zero points (not exportable)
+                asf = _ppl(merged_float_model(model), ev, ood)
+                res.update(ppl_as_trained=asf["ppl"], ppl_ood_as_trained=asf["ppl_ood"])
+    res["final_loss"] = sum(h["loss"] for h in hist[-10:]) / min(10, len(hist))
+    res["step_s_median"] = sorted(args.batch * args.seq / h["tokens_per_s"] for h in hist)[len(hist) // 2]
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def summary(cells: dict, presets: list[str]) -> tuple[str, dict]:
+    lines, derived = [], {}
+    fp, lora = cells.get(("-", "fp")), cells.get(("-", "lora-fp"))
+    for preset in presets:
+        rtn = cells.get((preset, "rtn"))
+        lines += [f"\n### {preset}\n", "| method | WikiText-2 test ppl | gap closed vs RTN→FP | gap closed vs "
+                  "RTN→FP-LoRA | pydoc (OOD) ppl | OOD gap closed vs RTN→FP | train s | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in METHODS:
+            c = cells.get(("-" if m in PRESET_FREE else preset, m))
+            if c is None:
+                lines.append(f"| {m} | not run | | | | | | |")
+                continue
+
+            def closed(key, ref):
+                if rtn is None or ref is None or m in PRESET_FREE or m == "rtn":
+                    return None
+                gap = rtn[key] - ref[key]
+                return (rtn[key] - c[key]) / gap if gap else None
+
+            g_fp, g_lo, g_ood = closed("ppl", fp), closed("ppl", lora), closed("ppl_ood", fp)
+            derived[f"{preset}/{m}"] = {"gap_closed_fp": g_fp, "gap_closed_lora_fp": g_lo, "gap_closed_ood": g_ood}
+            pct = lambda v: "—" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+            note = []
+            if "ppl_as_trained" in c:
+                note.append(f"as trained {c['ppl_as_trained']:.2f} / OOD {c['ppl_ood_as_trained']:.2f}")
+            if c.get("exported_spec") and c["exported_spec"] != preset:
+                note.append(f"exports as {c['exported_spec']}")
+            if "fuse_max_abs_logit_diff" in c:
+                note.append(f"fused Δlogit {c['fuse_max_abs_logit_diff']:.1g}")
+            lines.append(f"| {m} | {c['ppl']:.2f} | {pct(g_fp)} | {pct(g_lo)} | {c['ppl_ood']:.2f} | {pct(g_ood)} | "
+                         f"{c.get('train_s', 0):.0f} | {'; '.join(note)} |")
+    return "\n".join(lines), derived
+
+
+def plot(cells: dict, presets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    methods = [m for m in METHODS if m not in PRESET_FREE]
+    width = 0.8 / max(1, len(presets))
+    for ax, key, title in ((axes[0], "ppl", "WikiText-2 test"), (axes[1], "ppl_ood", "pydoc tail (out of domain)")):
+        for i, preset in enumerate(presets):
+            ys = [cells[(preset, m)][key] if (preset, m) in cells else 0 for m in methods]
+            ax.bar([j + i * width for j in range(len(methods))], ys, width, label=preset)
+        for m, ls in (("fp", "-"), ("lora-fp", "--")):
+            if ("-", m) in cells:
+                ax.axhline(cells[("-", m)][key], color="k", ls=ls, lw=1, label=m)
+        ax.set_xticks([j + width * (len(presets) - 1) / 2 for j in range(len(methods))], methods, rotation=40)
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_title(f"SmolLM2-135M: {title}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # --- grid
+    ap.add_argument("--presets", nargs="+", default=["w4pc", "q4_0", "w3g64"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    # --- budget (same for every trained method)
+    ap.add_argument("--steps", type=int, help="optimizer steps per trained method (default 60; --full 300)")
+    ap.add_argument("--batch", type=int, default=2, help="windows per step (default 2)")
+    ap.add_argument("--seq", type=int, default=256, help="training window length (default 256)")
+    ap.add_argument("--calib-windows", type=int, default=32, help="GPTQ calibration windows of --seq tokens")
+    ap.add_argument("--eval-windows", type=int, help="evaluation windows per text (default 4; --full 8)")
+    ap.add_argument("--eval-seq", type=int, default=512, help="evaluation window length (default 512)")
+    ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
+    ap.add_argument("--progress", action="store_true", help="show training progress bars")
+    # --- output
+    ap.add_argument("--out", default=str(ROOT / "docs/bench/quality"), help="cells/, quality.json, quality.png")
+    ap.add_argument("--work", default=str(ROOT / "runs/bench_quality"), help="GPTQ checkpoints (reused)")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (300 if args.full else 60)
+    args.eval_windows = args.eval_windows or (8 if args.full else 4)
+    from lrqat_export.fsio import write_json
+
+    out = Path(args.out)
+    tag = f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}"
+    cells_dir, work = out / f"cells_{tag}", Path(args.work)
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for m in args.methods:  # preset-free cells first (they are every table's references), then preset by preset
+        if m in PRESET_FREE:
+            todo.append(("-", m))
+    for p in args.presets:
+        todo += [(p, m) for m in args.methods if m not in PRESET_FREE]
+    base = None
+    for preset, m in todo:
+        f = cells_dir / f"{preset}__{m}.json"
+        if f.is_file():
+            print(f"  {preset:<6} {m:<11} done (cached)", flush=True)
+            continue
+        if base is None:  # load and tokenize once per process
+            from lrqat_export.models import load_model
+
+            model, tok, src = load_model("smollm2-135m")
+            base = (model, tok, src, _data(tok, args))
+        t = time.perf_counter()
+        r = run_cell(preset if preset != "-" else args.presets[0], m, args, work, base)
+        r.update(preset=preset, loadavg_1m=os.getloadavg()[0], cell_s=time.perf_counter() - t)
+        write_json(f, r)
+        print(f"  {preset:<6} {m:<11} ppl {r['ppl']:.2f}  ood {r['ppl_ood']:.2f}  ({r['cell_s']:.0f} s)", flush=True)
+    cells = {}
+    for f in sorted(cells_dir.glob("*.json")):
+        c = json.loads(f.read_text())
+        cells[(c["preset"], c["method"])] = c
+    text, derived = summary(cells, args.presets)
+    print(text)
+    res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "args": vars(args),
+           "cells": [cells[k] for k in sorted(cells)], "gap_closed": derived}
+    write_json(out / f"quality_{tag}.json", res)
+    plot(cells, args.presets, out / f"quality_{tag}.png")
+    print(f"wrote {out / f'quality_{tag}.json'} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
