@@ -353,5 +353,5 @@ def fuse_baseline(model: nn.Module, method: str, spec: QuantSpec, source: dict, 
             out_spec = m.spec
     names = list(layers)
     info = {"baseline": method, "exact": method in ("full-qat", "peqa"), **(extra or {})}
-    return IntCheckpoint(out_spec, model.config, layers, _float_tensors(model, names),
+    return IntCheckpoint(out_spec, model.config, layers, _float_tensors(model.state_dict(), model.config, names),
                          _manifest(out_spec, model.config, names, source, method, info))

@@ -140,7 +140,7 @@ def ptq_gptq(model, tok, spec: QuantSpec, source: dict, calib: torch.Tensor, kee
                 q.bias = lin.bias.detach().float().clone()
         extra = {"gptq": {"calib_windows": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1]),
                           "timings": timings, "quantizer": "gptqmodel"}}
-        ck = IntCheckpoint(spec, model.config, layers, _float_tensors(model, names),
+        ck = IntCheckpoint(spec, model.config, layers, _float_tensors(model.state_dict(), model.config, names),
                            _manifest(spec, model.config, names, source, "gptq", extra))
         if check:
             res = check_against_gptqmodel(qdir, ck)

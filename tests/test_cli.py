@@ -51,7 +51,7 @@ def test_run_main_job_end_to_end(tiny_llama, tmp_path):
     (["train", "--train-data", "/nonexistent.txt"], "data file /nonexistent.txt: not found"),
     (["train", "--seq-len", "100000000"], "expected at least one window of 100000000 tokens"),
     (["train", "--phi", "int4", "--preset", "q8_0"], "needs bits <= 4, got bits 8"),
-    (["ptq", "--method", "awq"], "--method: expected 'rtn', got 'awq'"),
+    (["ptq", "--method", "awq"], "--method: expected one of ('rtn', 'gptq'), got 'awq'"),
 ])
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tiny_llama, tmp_path, capsys, argv, needle):
     out = tmp_path / "out"

@@ -198,7 +198,7 @@ CASES = {
     "train/data-shorter-than-window": (_with_data("--train-data", "short", "--seq-len", "256"),
                                        "expected at least one window of 256 tokens, got"),
     # ptq (quantize + fuse into an IntCheckpoint)
-    "ptq/unknown-method": (_ptq("--method", "awq"), "--method: expected 'rtn', got 'awq'"),
+    "ptq/unknown-method": (_ptq("--method", "awq"), "--method: expected one of ('rtn', 'gptq'), got 'awq'"),
     "ptq/group-not-dividing": (_ptq("--group-size", "48"), "in_features 64 is not divisible by group_size 48"),
     "ptq/missing-model": (_ptq(model=lambda a, t: t / "no-such-model"), "no such file or directory"),
     # export gguf
