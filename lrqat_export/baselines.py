@@ -33,13 +33,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
 from .intckpt import IntCheckpoint, QuantLayer, _float_tensors, _manifest
-from .lrqat_linear import RoundSTE, fp16_ste
+from .lrqat_linear import RoundSTE, fp16_ste, linear, maybe_checkpoint
 from .prepare import _set_module, quantized_layer_names
-from .quant import FP16_MAX, FP16_TINY, QuantSpec, grouped, init_scales, quantize_codes, rtn_quantize
+from .quant import FP16_MAX, FP16_TINY, QuantSpec, dequantize, grouped, init_scales, quantize_codes, rtn_quantize
 from .train import ParamGroup, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,8 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Ten
 # Layers. Each keeps HF's bias (if any) frozen as a buffer.
 
 
-def _maybe_checkpoint(enabled: bool, fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False) if enabled and torch.is_grad_enabled() else fn(*args)
+def _frozen_bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().float().clone()
 
 
 def _fq_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
@@ -107,14 +106,14 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(w.clone())
         self.scale = nn.Parameter(s0.float().clone())
         self.register_buffer("zero", None if z0 is None else z0.float().to(torch.int8))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer("bias", _frozen_bias(linear))
 
     @staticmethod
     def _forward(x, w, scale, zero, bias, spec):
-        return F.linear(x, _fq_weight(w, scale, zero, spec).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return linear(x, _fq_weight(w, scale, zero, spec), bias)
 
     def forward(self, x):
-        return _maybe_checkpoint(self.checkpointing, self._forward, x, self.weight, self.scale, self.zero, self.bias,
+        return maybe_checkpoint(self.checkpointing, self._forward, x, self.weight, self.scale, self.zero, self.bias,
                                  self.spec)
 
     @torch.no_grad()
@@ -135,19 +134,15 @@ class PEQALinear(nn.Module):
         self.spec, self.checkpointing = spec, checkpointing
         self.register_buffer("codes", quantize_codes(w, s0, z0, spec))
         self.register_buffer("zero", None if z0 is None else z0.float().to(torch.int8))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer("bias", _frozen_bias(linear))
         self.scale = nn.Parameter(s0.float().clone())
 
     @staticmethod
     def _forward(x, codes, scale, zero, bias, spec):
-        c = grouped(codes.float(), spec)
-        if zero is not None:
-            c = c - zero.float().unsqueeze(-1)
-        w = (c * fp16_ste(scale.float()).unsqueeze(-1)).reshape(codes.shape)
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return linear(x, dequantize(codes, fp16_ste(scale.float()), zero, spec), bias)
 
     def forward(self, x):
-        return _maybe_checkpoint(self.checkpointing, self._forward, x, self.codes, self.scale, self.zero, self.bias,
+        return maybe_checkpoint(self.checkpointing, self._forward, x, self.codes, self.scale, self.zero, self.bias,
                                  self.spec)
 
     @torch.no_grad()
@@ -174,7 +169,7 @@ class LoRALinear(nn.Module):
             self.register_buffer("weight", None)
         else:
             self.register_buffer("weight", w.clone())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer("bias", _frozen_bias(linear))
         self.lora_A = nn.Parameter(torch.empty(rank, in_f))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank))
@@ -184,14 +179,13 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def _nf4_base(x, nf4, absmax, levels, bias):
-        w = nf4_dequantize(nf4, absmax, levels)
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return linear(x, nf4_dequantize(nf4, absmax, levels), bias)
 
     def forward(self, x):
         if self.base == "nf4":
-            y = _maybe_checkpoint(self.checkpointing, self._nf4_base, x, self.nf4, self.absmax, self.levels, self.bias)
+            y = maybe_checkpoint(self.checkpointing, self._nf4_base, x, self.nf4, self.absmax, self.levels, self.bias)
         else:
-            y = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = linear(x, self.weight, self.bias)
         return y + self.lora_scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
     @torch.no_grad()
@@ -215,18 +209,17 @@ class QALoRALinear(nn.Module):
         self.register_buffer("codes", quantize_codes(w, s0, None, sym))
         self.register_buffer("scale", s0.float().clamp(FP16_TINY, FP16_MAX).to(torch.float16))
         self.register_buffer("zero", torch.zeros(out_f, self.n_groups))  # float z' (0 at start)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer("bias", _frozen_bias(linear))
         self.lora_A = nn.Parameter(torch.empty(rank, self.n_groups))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank))
 
     @staticmethod
     def _base(x, codes, scale, bias, spec):
-        w = (grouped(codes.float(), spec) * scale.float().unsqueeze(-1)).reshape(codes.shape)
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return linear(x, dequantize(codes, scale, None, spec), bias)
 
     def forward(self, x):
-        y = _maybe_checkpoint(self.checkpointing, self._base, x, self.codes, self.scale, self.bias, self.spec)
+        y = maybe_checkpoint(self.checkpointing, self._base, x, self.codes, self.scale, self.bias, self.spec)
         pooled = x.reshape(*x.shape[:-1], self.n_groups, self.g_len).mean(-1)  # (..., G)
         return y + self.lora_scale * F.linear(F.linear(pooled, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
@@ -238,8 +231,7 @@ class QALoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        c = grouped(self.codes.float(), self.spec) - self.merged_zero().unsqueeze(-1)
-        return (c * self.scale.float().unsqueeze(-1)).reshape(self.codes.shape)
+        return dequantize(self.codes, self.scale, self.merged_zero(), self.spec)
 
     @torch.no_grad()
     def fused(self) -> QuantLayer:
@@ -320,10 +312,7 @@ def merged_float_model(model: nn.Module) -> nn.Module:
             w = m.merged_weight()
         else:
             q = m.fused()
-            c = grouped(q.codes.float(), m.spec)
-            if q.zeros is not None:
-                c = c - q.zeros.float().unsqueeze(-1)
-            w = (c * q.scales.float().unsqueeze(-1)).reshape(q.codes.shape)
+            w = dequantize(q.codes, q.scales, q.zeros, m.spec)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device)
         lin.weight.copy_(w)
         if m.bias is not None:

@@ -126,9 +126,18 @@ def _lrqat_weight_fp32(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale)
     return (c * fp16_ste(scale.float()).unsqueeze(-1)).reshape(phi0.shape[0], -1)
 
 
-def _lrqat_forward(x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_scale):
-    w = _lrqat_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale)
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·Wᵀ + b in x's dtype (bf16 under autocast), from float32 weight and bias."""
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def maybe_checkpoint(enabled: bool, fn, *args):
+    """fn(*args), recomputed in backward instead of keeping its weight-sized intermediates when `enabled`."""
+    return checkpoint(fn, *args, use_reentrant=False) if enabled and torch.is_grad_enabled() else fn(*args)
+
+
+def _lrqat_forward(x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_scale):
+    return linear(x, _lrqat_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale), bias)
 
 
 class LRQATLinear(nn.Module):
@@ -205,11 +214,8 @@ class LRQATLinear(nn.Module):
                              self.lora_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = (x, self.phi0, self.lora_A, self.lora_B, self.scale, self.zero, self.bias, self.spec, self.phi,
-                self.lora_scale)
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(_lrqat_forward, *args, use_reentrant=False)
-        return _lrqat_forward(*args)
+        return maybe_checkpoint(self.checkpointing, _lrqat_forward, x, self.phi0, self.lora_A, self.lora_B, self.scale,
+                                self.zero, self.bias, self.spec, self.phi, self.lora_scale)
 
     @torch.no_grad()
     def fused_codes(self) -> torch.Tensor:
