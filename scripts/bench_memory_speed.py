@@ -3,8 +3,8 @@ the same model shape, batch and sequence — one configuration per fresh subproc
 
     PYTHONPATH=. nice -n 10 .venv/bin/python -m scripts.bench_memory_speed            # SmolLM2 + 1.1B shape, CPU
     PYTHONPATH=. .venv/bin/python -m scripts.bench_memory_speed --full                 # longer seq, more steps
-    PYTHONPATH=. .venv/bin/python -m scripts.bench_memory_speed --device cuda --shapes llama2-7b --configs lrqat-int8
-                                                                                      # the paper's 24 GB claim, GPU
+    python -m scripts.bench_memory_speed --device cuda --shapes llama2-7b --batch 4 --seq 1024 --bf16
+                                                  # the paper's 24 GB claim: its per-GPU batch 4 × 1024, bf16, GPU
 
 Configurations (all: same AdamW/clipping as `lrqat train`, weights random-init from the shape's HF config, scales
 from a min-max range search — the range method does not change memory):
@@ -20,7 +20,14 @@ Per configuration the child process reports:
                      reset (/proc/self/clear_refs = 5) after model setup, so setup (e.g. the float model LR-QAT is
                      prepared from) does not count; CUDA: torch.cuda.max_memory_allocated over the same steps.
     accounting       bytes of trainable parameters, frozen weights/buffers, gradients and AdamW state (torch-side).
+                     (and torch.cuda.max_memory_reserved: what the caching allocator held from the card).
     step_s           median wall time of the timed steps (forward, backward, clip, AdamW).
+--bf16 runs the step under bf16 autocast, as `lrqat train --bf16` does (the paper trains in bf16); the quantizer
+and A, B, s stay fp32 either way. On CUDA the model is built and prepared on the GPU (fast; HF's random init of a
+7B model on a CPU takes minutes), so the setup holds the float model there; `lrqat train` prepares on the CPU and
+moves only the prepared model, so the card holds the float weights at no point. The step peak does not depend on
+where the setup ran. --base-dtype bf16 stores the frozen float weights (embeddings, norms, lm_head, LoRA's float
+base) in bf16, as the paper's bf16 model does, so the residual stream and norm activations are bf16 too.
 Guard: the child runs under RLIMIT_AS (default: MemAvailable − 2 GiB) so a configuration that does not fit reports
 "OOM at N GiB" instead of taking the shared machine down. After setup, malloc_trim(0) hands freed memory (the float
 weights a quantized layer replaced) back to the OS before the peak is reset. The 1-min load average is recorded
@@ -62,7 +69,7 @@ def _status_bytes(key: str) -> int:
     return -1
 
 
-def _build(shape: str, config: str, preset: str, rank: int, device: str):
+def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dtype: str = "fp32"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,6 +93,13 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str):
         groups = param_groups(method, tc)
     model.to(device)
     opt, _ = make_optimizer(model, tc, groups)
+    if base_dtype != "fp32":  # frozen float weights (embeddings, norms, lm_head, LoRA's float base) in bf16
+        trainable = {id(p) for g in opt.param_groups for p in g["params"]}
+        for mod in model.modules():
+            for key, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if (t is not None and t.is_floating_point() and id(t) not in trainable
+                        and key in ("weight", "bias")):
+                    t.data = t.data.to(torch.bfloat16)
     return model, opt
 
 
@@ -98,7 +112,7 @@ def child(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"]) if a.get("threads") else None
     t0 = time.perf_counter()
-    model, opt = _build(a["shape"], a["config"], a["preset"], a["rank"], a["device"])
+    model, opt = _build(a["shape"], a["config"], a["preset"], a["rank"], a["device"], a.get("base_dtype", "fp32"))
     setup_s = time.perf_counter() - t0
     params = [p for g in opt.param_groups for p in g["params"]]
     trainable = {id(p) for p in params}
@@ -112,6 +126,7 @@ def child(a: dict) -> dict:
     cuda = a["device"].startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the setup's freed blocks (the float weights) must not count as reserved
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
     import ctypes
@@ -126,7 +141,8 @@ def child(a: dict) -> dict:
     for i in range(a["warmup"] + a["steps"]):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device_type=a["device"].split(":")[0], dtype=torch.bfloat16, enabled=a.get("bf16", False)):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if i == 0:
             acc["grad_bytes"] = _tensor_bytes([p.grad for p in params])
@@ -143,7 +159,8 @@ def child(a: dict) -> dict:
            "loss": float(loss), "loadavg_1m": os.getloadavg()[0]}
     if cuda:
         res.update(peak_step_bytes=torch.cuda.max_memory_allocated(), cuda_setup_alloc_bytes=base_alloc,
-                   cuda_device=torch.cuda.get_device_name())
+                   cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(), cuda_reserved_setup_freed=True,
+                   cuda_device=torch.cuda.get_device_name(), torch_version=torch.__version__)
     return res
 
 
@@ -176,8 +193,9 @@ def run_one(a: dict, limit_bytes: int, timeout: float) -> dict:
     err = (p.stderr.strip().splitlines() or ["?"])[-1]
     oom = p.returncode in (-9, 137) or any(k in p.stderr for k in ("MemoryError", "can't allocate memory",
                                                                     "std::bad_alloc", "out of memory"))
+    where = "on the GPU" if a["device"].startswith("cuda") else f"at {limit_bytes / GiB:.1f} GiB"
     return {"ok": False, "oom": oom, "returncode": p.returncode, "wall_s": wall,
-            "error": f"OOM at {limit_bytes / GiB:.1f} GiB" if oom else err[-300:]}
+            "error": f"OOM {where}" if oom else err[-300:]}
 
 
 def fmt_gib(b) -> str:
@@ -197,8 +215,11 @@ def table(rows: list[dict], shape: str) -> str:
         acc = r["accounting"]
         ratio_fq = f"{r['step_s'] / fq['step_s']:.2f}" if fq else "—"
         ratio_lo = f"{r['step_s'] / lo['step_s']:.2f}" if lo else "—"
+        peak = fmt_gib(r["peak_step_bytes"])
+        if "cuda_peak_reserved_bytes" in r:  # allocated (reserved by the caching allocator)
+            peak += f" ({fmt_gib(r['cuda_peak_reserved_bytes'])})"
         out.append(f"| {r['config']} | {acc['trainable_params'] / 1e6:.1f} M | {fmt_gib(acc['frozen_bytes'])} | "
-                   f"{fmt_gib(acc['grad_bytes'] + acc['optimizer_bytes'])} | {fmt_gib(r['peak_step_bytes'])} | "
+                   f"{fmt_gib(acc['grad_bytes'] + acc['optimizer_bytes'])} | {peak} | "
                    f"{r['step_s']:.2f} | {ratio_fq} | {ratio_lo} | {r['loadavg_1m']:.1f} |")
     return "\n".join(out)
 
@@ -249,6 +270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="timed steps, median reported (default 2; --full 5)")
     ap.add_argument("--full", action="store_true", help="seq 512 and 5 timed steps")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (peak = torch.cuda.max_memory_allocated)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the step, as `lrqat train --bf16`")
+    ap.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="frozen float weights (embeddings, norms, lm_head, LoRA's float base): fp32 as `lrqat "
+                         "train` keeps them (default), or bf16 as the paper's --use-bf16 model")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default torch's)")
     # --- guard
     ap.add_argument("--mem-limit-gib", type=float, help="child address-space cap (default MemAvailable − 2 GiB)")
@@ -275,7 +300,8 @@ def main(argv=None) -> int:
     for shape in shapes:
         for config in args.configs:
             a = {"shape": shape, "config": config, "preset": args.preset, "rank": args.rank, "batch": args.batch,
-                 "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads}
+                 "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads,
+                 "bf16": args.bf16, "base_dtype": args.base_dtype}
             r = {**a, **run_one(a, limit, args.timeout)}
             rows.append(r)
             msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s" if r.get("ok")
@@ -283,7 +309,8 @@ def main(argv=None) -> int:
             print(f"  {shape:<15} {config:<14} {msg}", flush=True)
             write_json(args.json, {**meta, "rows": rows})  # after every row: a stopped run keeps what it measured
     for shape in shapes:
-        print(f"\n### {shape} (batch {args.batch} × seq {seq}, preset {args.preset}, device {args.device})\n")
+        print(f"\n### {shape} (batch {args.batch} × seq {seq}, preset {args.preset}, device {args.device}"
+              f"{', bf16 autocast' if args.bf16 else ''}{', bf16 frozen base' if args.base_dtype == 'bf16' else ''})\n")
         print(table(rows, shape))
     if args.plot:
         plot(rows, Path(args.plot))
