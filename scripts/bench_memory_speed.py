@@ -137,19 +137,25 @@ def child(a: dict) -> dict:
     rss_setup = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is the step's
     model.train()
-    times = []
-    for i in range(a["warmup"] + a["steps"]):
-        t = time.perf_counter()
+    dev_type = a["device"].split(":")[0]
+
+    def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=a["device"].split(":")[0], dtype=torch.bfloat16, enabled=a.get("bf16", False)):
+        with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=a.get("bf16", False)):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        if i == 0:
+        if "grad_bytes" not in acc:
             acc["grad_bytes"] = _tensor_bytes([p.grad for p in params])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if cuda:
             torch.cuda.synchronize()
+        return loss
+
+    times = []
+    for i in range(a["warmup"] + a["steps"]):
+        t = time.perf_counter()
+        loss = step()
         if i >= a["warmup"]:
             times.append(time.perf_counter() - t)
     acc["optimizer_bytes"] = _tensor_bytes([v for s in opt.state.values() for v in s.values()
@@ -161,6 +167,14 @@ def child(a: dict) -> dict:
         res.update(peak_step_bytes=torch.cuda.max_memory_allocated(), cuda_setup_alloc_bytes=base_alloc,
                    cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(), cuda_reserved_setup_freed=True,
                    cuda_device=torch.cuda.get_device_name(), torch_version=torch.__version__)
+    if a.get("profile_top"):  # one more step under the profiler, after the peaks and timings above were read
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            step()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[: a["profile_top"]]
+        res["profile"] = [{"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in ops]
+        res["profile_total_ms"] = sum(getattr(e, key) for e in prof.key_averages()) / 1e3
     return res
 
 
@@ -274,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="frozen float weights (embeddings, norms, lm_head, LoRA's float base): fp32 as `lrqat "
                          "train` keeps them (default), or bf16 as the paper's --use-bf16 model")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one more step and report its N costliest ops (self time)")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default torch's)")
     # --- guard
     ap.add_argument("--mem-limit-gib", type=float, help="child address-space cap (default MemAvailable − 2 GiB)")
@@ -301,12 +317,14 @@ def main(argv=None) -> int:
         for config in args.configs:
             a = {"shape": shape, "config": config, "preset": args.preset, "rank": args.rank, "batch": args.batch,
                  "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads,
-                 "bf16": args.bf16, "base_dtype": args.base_dtype}
+                 "bf16": args.bf16, "base_dtype": args.base_dtype, "profile_top": args.profile}
             r = {**a, **run_one(a, limit, args.timeout)}
             rows.append(r)
             msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s" if r.get("ok")
                    else r.get("error"))
             print(f"  {shape:<15} {config:<14} {msg}", flush=True)
+            for op in r.get("profile", []):  # the child's list (the count went as profile_top)
+                print(f"      {op['self_ms']:9.2f} ms {op['calls']:6d}×  {op['op'][:90]}", flush=True)
             write_json(args.json, {**meta, "rows": rows})  # after every row: a stopped run keeps what it measured
     for shape in shapes:
         print(f"\n### {shape} (batch {args.batch} × seq {seq}, preset {args.preset}, device {args.device}"

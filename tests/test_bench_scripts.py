@@ -21,3 +21,59 @@ def test_memory_speed_child_runs_and_accounts_int8_below_float(tmp_path):
     assert acc["lrqat-int4"]["frozen_bytes"] < acc["lrqat-int8"]["frozen_bytes"] < acc["lora"]["frozen_bytes"]
     assert all(a["grad_bytes"] == a["trainable_bytes"] and a["optimizer_bytes"] == 2 * a["trainable_bytes"]
                for a in acc.values())
+
+
+def test_memory_speed_bf16_base_halves_frozen_float_weights(tmp_path):
+    """--base-dtype bf16 stores the frozen float weights (embeddings, norms, lm_head, LoRA's base) in bf16 and the
+    step runs under bf16 autocast; trainable tensors stay fp32."""
+    from scripts.bench_memory_speed import main
+
+    acc = {}
+    for base in ("fp32", "bf16"):
+        out = tmp_path / f"{base}.json"
+        assert main(["--shapes", "tiny", "--configs", "lora", "lrqat-int8", "--warmup", "0", "--steps", "1",
+                     "--bf16", "--base-dtype", base, "--profile", "5", "--json", str(out), "--plot", ""]) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert all(r["ok"] and r["bf16"] and r["base_dtype"] == base for r in rows), rows
+        for r in rows:  # --profile: the 5 costliest ops of one more step, costliest first
+            ms = [op["self_ms"] for op in r["profile"]]
+            assert len(ms) == 5 and ms == sorted(ms, reverse=True) and all(op["calls"] > 0 for op in r["profile"])
+        acc[base] = {r["config"]: r["accounting"] for r in rows}
+    # LoRA: every frozen tensor but the rotary inv_freq buffer (head_dim / 2 fp32) is a float weight → half;
+    # LR-QAT: Φ0 stays int8, only the floats halve
+    inv_freq = 64 // 4 // 2 * 4
+    assert 2 * (acc["bf16"]["lora"]["frozen_bytes"] - inv_freq) == acc["fp32"]["lora"]["frozen_bytes"] - inv_freq
+    assert acc["fp32"]["lrqat-int8"]["frozen_bytes"] / 2 < acc["bf16"]["lrqat-int8"]["frozen_bytes"] \
+        < acc["fp32"]["lrqat-int8"]["frozen_bytes"]
+    assert acc["bf16"]["lora"]["trainable_bytes"] == acc["fp32"]["lora"]["trainable_bytes"]
+
+
+def test_gpu_summary_keeps_the_best_row_per_setting(tmp_path):
+    from scripts.bench_gpu_summary import PRE_FIX, load_rows, table
+
+    def row(config, batch, ok=True, alloc=10, reserved=11, clean=None, **kw):
+        r = {"shape": "llama2-7b", "device": "cuda", "config": config, "batch": batch, "seq": 1024,
+             "base_dtype": "fp32", "ok": ok, "step_s": 1.0, **kw}
+        if ok:
+            r.update(peak_step_bytes=alloc * 2**30, cuda_peak_reserved_bytes=reserved * 2**30)
+        if clean:
+            r["cuda_reserved_setup_freed"] = True
+        return r
+
+    first = tmp_path / sorted(PRE_FIX)[0]
+    first.write_text(json.dumps({"rows": [row("qlora", 4, ok=False, error="RuntimeError"),
+                                          row("lrqat-int8", 1, alloc=15, reserved=27)]}))
+    later = tmp_path / "memory_speed_z.json"
+    later.write_text(json.dumps({"rows": [row("qlora", 4, alloc=38, reserved=41, clean=True),
+                                          row("lrqat-int8", 2, alloc=22.3, reserved=23.9, clean=True),
+                                          row("lrqat-int8", 1, alloc=99, reserved=99, ok=False, error="x"),
+                                          {**row("lora", 1), "device": "cpu"}]}))
+    rows = load_rows([first, later], "llama2-7b")
+    got = {(r["config"], r["batch"]): r for r in rows}
+    assert set(got) == {("qlora", 4), ("lrqat-int8", 1), ("lrqat-int8", 2)}  # CPU rows are not GPU rows
+    assert got[("qlora", 4)]["ok"] and got[("lrqat-int8", 1)]["ok"]  # a success beats a failure, either order
+    assert not got[("lrqat-int8", 1)]["reserved_clean"] and got[("lrqat-int8", 2)]["reserved_clean"]
+    t = table(rows)
+    # pre-fix reserved is not shown and not used; 23.9 GiB reserved is over 24e9 bytes (22.35 GiB)
+    assert "| lrqat-int8 | fp32 | 1 × 1024 | 15.00 | (counts setup) | yes |" in t
+    assert "| lrqat-int8 | fp32 | 2 × 1024 | 22.30 | 23.90 | no |" in t
