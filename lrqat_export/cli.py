@@ -60,6 +60,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
                                                   "0 = frozen)")
     g.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default 0.1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
+    g.add_argument("--checkpoint-layers", action="store_true",
+                   help="recompute each decoder layer's activations in backward: much less activation memory, "
+                        "about one more forward of time, the same numbers (may change on --resume)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1)")
     g.add_argument("--ckpt-every", type=int, default=50, help="steps between resumable checkpoints (0 = end only)")
@@ -96,7 +99,8 @@ def _train_cfg(args):
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr_ab=_method_default(args, 1, "lr_ab"), lr_scale=_method_default(args, 2, "lr_scale"),
-                       warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed, ckpt_every=args.ckpt_every)
+                       warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed, ckpt_every=args.ckpt_every,
+                       checkpoint_layers=args.checkpoint_layers)
 
 
 def _opts(args):

@@ -37,7 +37,7 @@ from .prepare import trainable_parameters
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "train_state"
-RESUME_MAY_CHANGE = ("ckpt_every", "grad_accum")
+RESUME_MAY_CHANGE = ("ckpt_every", "grad_accum", "checkpoint_layers")  # they change memory/time, not the numbers
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class TrainConfig:
     bf16: bool = False  # autocast the model's matmuls to bf16 (weights are still quantized in fp32)
     seed: int = 0
     ckpt_every: int = 50  # steps between checkpoints (0 = only at the end)
+    checkpoint_layers: bool = False  # recompute each decoder layer's activations in backward (same numbers)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -222,6 +223,21 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig,
     return step, history
 
 
+def enable_layer_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (HF's, non-reentrant): only each layer's input is kept for
+    backward and the layer's forward runs again there. Recomputation repeats the same operations on the same
+    inputs, so losses, gradients and the fused integers are unchanged (tests: bit for bit); the memory of the
+    activations falls to about one layer's, at the cost of a second forward."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"--checkpoint-layers: expected a model that supports gradient checkpointing, got "
+                        f"{type(model).__name__}")
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.2x; the old name is deprecated
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
           resume: bool = False, progress: bool = True, stop_after: int | None = None,
           dist: distributed.Dist | None = None, groups: list[ParamGroup] | None = None,
@@ -239,6 +255,8 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     if resume and out is None:
         raise UserError("--resume needs an output directory holding a checkpoint")
     model.train()
+    if cfg.checkpoint_layers:
+        enable_layer_checkpointing(model)
     opt, sched = make_optimizer(model, cfg, groups)
     torch.manual_seed(cfg.seed)
     step, history = (load_train_state(out, model, opt, sched, cfg, dist) if resume else (0, []))

@@ -36,6 +36,8 @@ def load_rows(paths: list[Path], shape: str) -> list[dict]:
         for r in json.loads(p.read_text())["rows"]:
             if r["shape"] != shape or r.get("device", "cpu") == "cpu":
                 continue
+            if r.get("checkpoint_layers"):  # lrqat train --checkpoint-layers: its own row
+                r = {**r, "config": r["config"] + " +layer-ckpt"}
             key = (r["config"], r["batch"], r["seq"], r.get("base_dtype", "fp32"))
             r = {**r, "file": p.name, "reserved_clean": bool(r.get("cuda_reserved_setup_freed")) or p.name not in PRE_FIX}
             if key not in rows or rank(r) > rank(rows[key]):

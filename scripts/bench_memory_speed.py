@@ -137,6 +137,10 @@ def child(a: dict) -> dict:
     rss_setup = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is the step's
     model.train()
+    if a.get("checkpoint_layers"):
+        from lrqat_export.train import enable_layer_checkpointing
+
+        enable_layer_checkpointing(model)
     dev_type = a["device"].split(":")[0]
 
     def step():
@@ -288,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="frozen float weights (embeddings, norms, lm_head, LoRA's float base): fp32 as `lrqat "
                          "train` keeps them (default), or bf16 as the paper's --use-bf16 model")
+    ap.add_argument("--checkpoint-layers", action="store_true",
+                    help="recompute each decoder layer in backward, as `lrqat train --checkpoint-layers`")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile one more step and report its N costliest ops (self time)")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default torch's)")
@@ -317,7 +323,8 @@ def main(argv=None) -> int:
         for config in args.configs:
             a = {"shape": shape, "config": config, "preset": args.preset, "rank": args.rank, "batch": args.batch,
                  "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads,
-                 "bf16": args.bf16, "base_dtype": args.base_dtype, "profile_top": args.profile}
+                 "bf16": args.bf16, "base_dtype": args.base_dtype, "profile_top": args.profile,
+                 "checkpoint_layers": args.checkpoint_layers}
             r = {**a, **run_one(a, limit, args.timeout)}
             rows.append(r)
             msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s" if r.get("ok")
@@ -328,7 +335,8 @@ def main(argv=None) -> int:
             write_json(args.json, {**meta, "rows": rows})  # after every row: a stopped run keeps what it measured
     for shape in shapes:
         print(f"\n### {shape} (batch {args.batch} × seq {seq}, preset {args.preset}, device {args.device}"
-              f"{', bf16 autocast' if args.bf16 else ''}{', bf16 frozen base' if args.base_dtype == 'bf16' else ''})\n")
+              f"{', bf16 autocast' if args.bf16 else ''}{', bf16 frozen base' if args.base_dtype == 'bf16' else ''}"
+              f"{', layers checkpointed' if args.checkpoint_layers else ''})\n")
         print(table(rows, shape))
     if args.plot:
         plot(rows, Path(args.plot))

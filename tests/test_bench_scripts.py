@@ -39,10 +39,16 @@ def test_memory_speed_bf16_base_halves_frozen_float_weights(tmp_path):
             ms = [op["self_ms"] for op in r["profile"]]
             assert len(ms) == 5 and ms == sorted(ms, reverse=True) and all(op["calls"] > 0 for op in r["profile"])
         acc[base] = {r["config"]: r["accounting"] for r in rows}
-    # LoRA: every frozen tensor but the rotary inv_freq buffer (head_dim / 2 fp32) is a float weight → half;
+    # LoRA: every frozen tensor but the rotary tables (fp32 buffers, not weights) is a float weight → half;
     # LR-QAT: Φ0 stays int8, only the floats halve
-    inv_freq = 64 // 4 // 2 * 4
-    assert 2 * (acc["bf16"]["lora"]["frozen_bytes"] - inv_freq) == acc["fp32"]["lora"]["frozen_bytes"] - inv_freq
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scripts.bench_memory_speed import SHAPES
+
+    rot = LlamaForCausalLM(LlamaConfig(**SHAPES["tiny"])).model.rotary_emb
+    rot_bytes = sum(b.numel() * b.element_size() for b in rot.buffers())
+    assert rot_bytes > 0
+    assert 2 * (acc["bf16"]["lora"]["frozen_bytes"] - rot_bytes) == acc["fp32"]["lora"]["frozen_bytes"] - rot_bytes
     assert acc["fp32"]["lrqat-int8"]["frozen_bytes"] / 2 < acc["bf16"]["lrqat-int8"]["frozen_bytes"] \
         < acc["fp32"]["lrqat-int8"]["frozen_bytes"]
     assert acc["bf16"]["lora"]["trainable_bytes"] == acc["fp32"]["lora"]["trainable_bytes"]

@@ -1,6 +1,7 @@
 """Training loop: optimizer/schedule as specified, learning happens, exact resume (in process and after SIGKILL)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -81,6 +82,33 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_llama, tmp
     for n in a:
         assert torch.equal(a[n], b[n]), n
     assert any(a[n].abs().sum() > 0 for n in a if n.endswith("lora_A")), "A must have left its zero init"
+
+
+def test_layer_checkpointing_recomputes_and_changes_no_number(tiny_llama, tmp_path):
+    """--checkpoint-layers: every decoder layer runs its forward again in backward (counted by a hook), and the
+    losses and every trained tensor equal the run without it bit for bit; it may be switched on at --resume."""
+    w = _windows(tiny_llama)
+    cfg = TrainConfig(steps=6, batch_size=2, lr_ab=1e-2, lr_scale=1e-3, ckpt_every=3)
+    runs = {}
+    for name, c in (("plain", cfg), ("ckpt", dataclasses.replace(cfg, checkpoint_layers=True))):
+        torch.manual_seed(0)  # B's random init, as train_and_fuse seeds it
+        model = _prepared(tiny_llama)
+        calls, mlp = [], model.model.layers[0].mlp  # inside the checkpoint (module hooks do not fire on recompute)
+        mlp.forward = lambda x, _f=mlp.forward: calls.append(1) or _f(x)
+        hist = train(model, w, c, tmp_path / name, progress=False)
+        runs[name] = (hist, _final_state(model), len(calls))
+    (h0, s0, n0), (h1, s1, n1) = runs["plain"], runs["ckpt"]
+    assert n0 == 6 and n1 == 12, (n0, n1)  # one forward per step, and one more in each backward
+    assert [h["loss"] for h in h0] == [h["loss"] for h in h1]
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[n], s1[n]) for n in s0)
+    torch.manual_seed(0)
+    part = _prepared(tiny_llama)
+    train(part, w, cfg, tmp_path / "switch", progress=False, stop_after=3)
+    resumed = _prepared(tiny_llama)
+    train(resumed, w, dataclasses.replace(cfg, checkpoint_layers=True), tmp_path / "switch", resume=True,
+          progress=False)
+    s2 = _final_state(resumed)
+    assert all(torch.equal(s0[n], s2[n]) for n in s0)
 
 
 def test_resume_with_different_options_is_refused(tiny_llama, tmp_path):
