@@ -65,7 +65,8 @@ def nf4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = w.detach().float().reshape(-1, NF4_BLOCK)  # (n_blocks, 64)
     absmax = blocks.abs().amax(dim=1).clamp(min=1e-12)
     x = blocks / absmax[:, None]
-    idx = (x[..., None] - nf4_levels().to(x.device)).abs().argmin(dim=-1).to(torch.uint8).reshape(w.shape)  # (out, in) in 0..15
+    levels = nf4_levels().to(x.device)
+    idx = (x[..., None] - levels).abs().argmin(dim=-1).to(torch.uint8).reshape(w.shape)  # (out, in) in 0..15
     return idx[:, 0::2] | (idx[:, 1::2] << 4), absmax
 
 

@@ -231,7 +231,8 @@ def enable_layer_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"--checkpoint-layers: expected a model that supports gradient checkpointing, got "
                         f"{type(model).__name__}")
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.2x; the old name is deprecated
+    # transformers 5.2x renamed it (the old name warns); older releases have gradient_checkpointing_enable only
+    enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

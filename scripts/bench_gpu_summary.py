@@ -39,7 +39,8 @@ def load_rows(paths: list[Path], shape: str) -> list[dict]:
             if r.get("checkpoint_layers"):  # lrqat train --checkpoint-layers: its own row
                 r = {**r, "config": r["config"] + " +layer-ckpt"}
             key = (r["config"], r["batch"], r["seq"], r.get("base_dtype", "fp32"))
-            r = {**r, "file": p.name, "reserved_clean": bool(r.get("cuda_reserved_setup_freed")) or p.name not in PRE_FIX}
+            clean = bool(r.get("cuda_reserved_setup_freed")) or p.name not in PRE_FIX
+            r = {**r, "file": p.name, "reserved_clean": clean}
             if key not in rows or rank(r) > rank(rows[key]):
                 rows[key] = r
     return sorted(rows.values(), key=lambda r: (r.get("base_dtype", "fp32"), r["config"], r["batch"]))

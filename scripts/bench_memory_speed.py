@@ -96,9 +96,8 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     if base_dtype != "fp32":  # frozen float weights (embeddings, norms, lm_head, LoRA's float base) in bf16
         trainable = {id(p) for g in opt.param_groups for p in g["params"]}
         for mod in model.modules():
-            for key, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-                if (t is not None and t.is_floating_point() and id(t) not in trainable
-                        and key in ("weight", "bias")):
+            for key, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                if key in ("weight", "bias") and t.is_floating_point() and id(t) not in trainable:
                     t.data = t.data.to(torch.bfloat16)
     return model, opt
 

@@ -85,8 +85,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_llama, tmp
 
 
 def test_layer_checkpointing_recomputes_and_changes_no_number(tiny_llama, tmp_path):
-    """--checkpoint-layers: every decoder layer runs its forward again in backward (counted by a hook), and the
-    losses and every trained tensor equal the run without it bit for bit; it may be switched on at --resume."""
+    """--checkpoint-layers: every decoder layer runs its forward again in backward (counted inside the layer), and
+    the losses and every trained tensor equal the run without it bit for bit; it may be switched on at --resume."""
     w = _windows(tiny_llama)
     cfg = TrainConfig(steps=6, batch_size=2, lr_ab=1e-2, lr_scale=1e-3, ckpt_every=3)
     runs = {}
