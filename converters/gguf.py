@@ -31,10 +31,10 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from lrqat_export.errors import UserError
-from lrqat_export.fsio import atomic_path, check_output_path
-from lrqat_export.intckpt import IntCheckpoint, load_intckpt
-from lrqat_export.quant import QuantSpec
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.fsio import atomic_path, check_output_path
+from lrqat_export.core.intckpt import IntCheckpoint, load_intckpt
+from lrqat_export.core.quant import QuantSpec
 
 from . import gguf_meta as M
 

@@ -22,9 +22,9 @@ from typing import Any
 import gguf
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
-from lrqat_export import __version__
-from lrqat_export.errors import UserError
-from lrqat_export.intckpt import IntCheckpoint
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.intckpt import IntCheckpoint
+from lrqat_export.core.version import __version__
 
 log = logging.getLogger(__name__)
 

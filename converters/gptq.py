@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrqat_export import __version__
-from lrqat_export.errors import CheckFailed, UserError
-from lrqat_export.fsio import atomic_dir, read_json, write_json
+from lrqat_export.core.errors import CheckFailed, UserError
+from lrqat_export.core.fsio import atomic_dir, read_json, write_json
+from lrqat_export.core.intckpt import load_intckpt
+from lrqat_export.core.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +298,6 @@ def export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str = "gptq", st
     verify: unpack the written files before the directory is published and compare them with s·W_int bit for bit
     (raises CheckFailed on any difference; nothing is published then).
     """
-    from lrqat_export.intckpt import load_intckpt
-
     if fmt not in FORMATS:
         raise UserError(f"--format: expected one of {FORMATS}, got {fmt!r}")
     max_bytes = parse_size(max_shard_size)
@@ -405,8 +404,6 @@ def _check_layer_tensors(path, name: str, t: dict[str, torch.Tensor], bits: int)
 def compare_with_intckpt(gptq_dir: str | Path, intckpt) -> dict:
     """Unpack a written GPTQ directory and compare every layer with s·W_int, every float tensor with the
     IntCheckpoint's (both exactly). `intckpt` is an IntCheckpoint or its path."""
-    from lrqat_export.intckpt import load_intckpt
-
     ck = load_intckpt(intckpt) if isinstance(intckpt, (str, Path)) else intckpt
     qc, layers, rest = read_gptq(gptq_dir)
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))

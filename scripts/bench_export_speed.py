@@ -72,15 +72,16 @@ def main(argv=None) -> int:
 
     from converters.gguf import export_gguf
     from converters.gptq import export_gptq, pack_layer
-    from lrqat_export.fsio import write_json
-    from lrqat_export.intckpt import load_intckpt, ptq_rtn, write_intckpt
-    from lrqat_export.models import _cached_hf_copy, load_model, resolve
-    from lrqat_export.quant import PRESETS
+    from lrqat_export.core.fsio import write_json
+    from lrqat_export.core.intckpt import load_intckpt, write_intckpt
+    from lrqat_export.methods.rtn import ptq_rtn
+    from lrqat_export.core.models import cached_hf_copy, load_model, resolve
+    from lrqat_export.core.quant import PRESETS
     from scripts.bench_gptq_pack import gptqmodel_pack
 
     spec = PRESETS["q4_0"]
     model, tok, src = load_model("smollm2-135m")
-    hf_dir = _cached_hf_copy(resolve("smollm2-135m"))
+    hf_dir = cached_hf_copy(resolve("smollm2-135m"))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-export-", dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lrqat_export.fsio import write_json  # noqa: E402
+from lrqat_export.core.fsio import write_json  # noqa: E402
 
 MIB = 2**20
 

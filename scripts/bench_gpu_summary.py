@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     if not rows:
         sys.exit(f"bench_gpu_summary: no GPU rows of shape {args.shape} in {d}/memory_speed_*.json")
     print(table(rows))
-    from lrqat_export.fsio import write_json
+    from lrqat_export.core.fsio import write_json
 
     out = Path(args.json or d / f"summary_{args.shape}.json")
     write_json(out, {"shape": args.shape, "rows": rows})

@@ -73,26 +73,26 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lrqat_export.baselines import param_groups, prepare_baseline
-    from lrqat_export.prepare import prepare
-    from lrqat_export.quant import PRESETS
-    from lrqat_export.train import TrainConfig, make_optimizer
+    from lrqat_export.core.quant import PRESETS
+    from lrqat_export.methods import registry
+    from lrqat_export.methods.common import MethodOptions
+    from lrqat_export.train.config import TrainConfig
+    from lrqat_export.train.loop import make_optimizer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)  # HF's own random init
-    spec, tc = PRESETS[preset], TrainConfig(steps=1000)
-    if config.startswith("lrqat"):
-        prepare(model, spec, rank, 1.0, "int8" if config == "lrqat-int8" else "int4", "minmax", True)
-        groups = None
-    else:
-        method = {"full-qat": "full-qat", "full-qat-ckpt": "full-qat", "peqa": "peqa", "qlora": "qlora",
-                  "lora": "lora-fp"}[config]
-        prepare_baseline(model, method, spec, rank, 16.0, checkpointing=config != "full-qat", range_method="minmax")
-        groups = param_groups(method, tc)
+    method = {"lrqat-int8": "lrqat", "lrqat-int4": "lrqat", "full-qat": "full-qat", "full-qat-ckpt": "full-qat",
+              "peqa": "peqa", "qlora": "qlora", "lora": "lora-fp"}[config]
+    # every method at its registry defaults; minmax scales (setup time only), full QAT without checkpointing
+    opts = registry.resolve_options(method, MethodOptions(
+        rank=rank, phi="int4" if config == "lrqat-int4" else "int8", range_method="minmax",
+        checkpointing=config != "full-qat"))
+    spec, tc = PRESETS[preset], TrainConfig(steps=1000).resolved(method)
+    registry.get(method).prepare(model, spec, opts, None)
     model.to(device)
-    opt, _ = make_optimizer(model, tc, groups)
+    opt, _ = make_optimizer(model, tc, registry.param_groups(method, tc.hyper(opts)))
     if base_dtype != "fp32":  # frozen float weights (embeddings, norms, lm_head, LoRA's float base) in bf16
         trainable = {id(p) for g in opt.param_groups for p in g["params"]}
         for mod in model.modules():
@@ -137,7 +137,7 @@ def child(a: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is the step's
     model.train()
     if a.get("checkpoint_layers"):
-        from lrqat_export.train import enable_layer_checkpointing
+        from lrqat_export.train.loop import enable_layer_checkpointing
 
         enable_layer_checkpointing(model)
     dev_type = a["device"].split(":")[0]
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     seq = args.seq or (512 if args.full else 128)
     steps = args.steps or (5 if args.full else 2)
     limit = int(args.mem_limit_gib * GiB) if args.mem_limit_gib else max(GiB, mem_available() - 2 * GiB)
-    from lrqat_export.fsio import write_json
+    from lrqat_export.core.fsio import write_json
 
     meta = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),

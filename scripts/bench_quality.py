@@ -5,17 +5,17 @@ LR-QAT, PEQA, full-model QAT (LSQ), QLoRA (+merge+RTN), QA-LoRA (merged zeros) a
     PYTHONPATH=. .venv/bin/python -m scripts.bench_quality --full                    # 300 steps, 8 eval windows
     PYTHONPATH=. .venv/bin/python -m scripts.bench_quality --presets w4pc --methods fp rtn lrqat
 
-Same data and token budget for every trained method: WikiText-2 valid (../shared/data/wikitext-2/valid.txt, read in
-place) in windows of --seq tokens, --steps × --batch windows drawn in the same order (train.batch_indices, seed 0);
+Same data and token budget for every trained method: WikiText-2 valid (--wikitext DIR, default ../shared/data/wikitext-2, read
+in place) in windows of --seq tokens, --steps × --batch windows drawn in the same order (train.batch_indices, seed 0);
 the trained quantized methods start from the same Lp-searched RTN scales (GPTQ-init LR-QAT from GPTQ's integers).
 GPTQ calibrates on the first --calib-windows windows of the same training text. Evaluation: --eval-windows windows
 of --eval-seq tokens of WikiText-2 test (in domain) and of the held-out tail of the embedded pydoc corpus (out of
-domain: training on WikiText also adapts the model to WikiText, DESIGN.md trap 2). Every quantized method is scored
+domain: training on WikiText also adapts the model to WikiText, docs/ARCHITECTURE.md "Traps"). Every quantized method is scored
 on its IntCheckpoint reloaded as a torch model (what exports); QLoRA and QA-LoRA are also scored as trained (float
 merge / float zero points) so their merge cost shows.
 
 Each (preset, method) cell writes CELLS/<preset>__<method>.json atomically and is skipped when present, so a killed
-run resumes where it stopped. Hyperparameters per method: lrqat_export.cli.METHOD_DEFAULTS (not tuned here).
+run resumes where it stopped. Hyperparameters per method: lrqat_export.methods.registry (not tuned here).
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ PRESET_FREE = ("fp", "lora-fp")  # one cell, shown in every preset's table
 
 
 def _data(tok, args):
-    from lrqat_export import data as D
+    from lrqat_export.core import data as D
 
-    valid, test = D.shared_wikitext("valid"), D.shared_wikitext("test")
-    if valid is None or test is None:
-        sys.exit("bench_quality: ../shared/data/wikitext-2/{valid,test}.txt not found next to the checkout")
+    valid, test = Path(args.wikitext) / "valid.txt", Path(args.wikitext) / "test.txt"
+    if not (valid.is_file() and test.is_file()):
+        sys.exit(f"bench_quality: {args.wikitext}/{{valid,test}}.txt not found (--wikitext DIR)")
     train = D.windows(D.tokenize(tok, valid.read_text()), args.seq, None, "train")
     ev = D.windows(D.tokenize(tok, test.read_text(), (args.eval_windows + 1) * args.eval_seq), args.eval_seq,
                    args.eval_windows, "eval")
@@ -48,29 +48,41 @@ def _data(tok, args):
 
 
 def _ppl(model, ev, ood) -> dict:
-    from lrqat_export.evaluate import perplexity
+    from lrqat_export.runtimes.torch_eval import perplexity
 
     return {"ppl": perplexity(model, ev)["ppl"], "ppl_ood": perplexity(model, ood)["ppl"]}
+
+
+def method_config(method: str, steps: int, batch: int):
+    """(registry name, resolved MethodOptions, resolved TrainConfig) of a trained cell: every method at its
+    registry defaults (tests/test_architecture.py checks that they are exactly the CLI's)."""
+    from lrqat_export.methods import registry
+    from lrqat_export.methods.common import MethodOptions
+    from lrqat_export.train.config import TrainConfig
+
+    name = method.removeprefix("gptq-")
+    # the paper's full QAT keeps checkpointing off unless memory forces it; time it as such
+    opts = registry.resolve_options(name, MethodOptions(checkpointing=name != "full-qat"))
+    return name, opts, TrainConfig(steps=steps, batch_size=batch, seed=0).resolved(name)
 
 
 def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     """One (preset, method) cell on a fresh copy of the base model. base = (model, tok, src, (train, ev, ood))."""
     import torch
 
-    from lrqat_export.baselines import fuse_baseline, merged_float_model, param_groups, prepare_baseline
-    from lrqat_export.cli import METHOD_DEFAULTS
-    from lrqat_export.gptq_ptq import load_weights_from, ptq_gptq
-    from lrqat_export.intckpt import fuse, load_intckpt, ptq_rtn, write_intckpt
-    from lrqat_export.prepare import prepare
-    from lrqat_export.quant import PRESETS
-    from lrqat_export.train import TrainConfig, train
+    from lrqat_export.core.intckpt import load_intckpt, write_intckpt
+    from lrqat_export.core.quant import PRESETS
+    from lrqat_export.methods import registry
+    from lrqat_export.methods.baselines import merged_float_model
+    from lrqat_export.methods.common import load_weights_from
+    from lrqat_export.methods.gptq_ptq import ptq_gptq
+    from lrqat_export.methods.rtn import ptq_rtn
+    from lrqat_export.train.loop import train
 
     torch.manual_seed(0)
     model, tok, src = copy.deepcopy(base[0]), base[1], base[2]
     train_w, ev, ood = base[3]
     spec = PRESETS[preset]
-    alpha, lr_ab, lr_scale = METHOD_DEFAULTS.get(method.replace("gptq-", ""), METHOD_DEFAULTS["lrqat"])
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr_ab=lr_ab, lr_scale=lr_scale, seed=0)
     t0 = time.perf_counter()
     res: dict = {"preset": preset, "method": method}
     if method == "fp":
@@ -89,42 +101,36 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         res["gptq_import_check"] = gck.manifest["gptq"].get("import_check")
         if method == "gptq":
             return {**res, **_ppl(gck.to_torch_model(), ev, ood), "wall_s": time.perf_counter() - t0}
+    name, opts, cfg = method_config(method, args.steps, args.batch)
     res.update(steps=args.steps, batch=args.batch, seq=args.seq, tokens=args.steps * args.batch * args.seq,
-               alpha=alpha, lr_ab=lr_ab, lr_scale=lr_scale)
+               alpha=opts.alpha, lr_ab=cfg.lr_ab, lr_scale=cfg.lr_scale)
     t = time.perf_counter()
-    if method in ("lrqat", "gptq-lrqat"):
-        init = rtn if method == "lrqat" else gck
-        if method == "gptq-lrqat":
-            load_weights_from(model, gck)  # Φ0 = GPTQ's codes exactly
-        torch.manual_seed(0)
-        prepare(model, spec, 32, alpha, "int8", "lp", True, init=init)
-        hist = train(model, train_w, cfg, progress=args.progress, desc=method)
-        res["train_s"] = time.perf_counter() - t
-        fused = fuse(model, src.to_dict()).to_torch_model()
-        with torch.no_grad():
-            probe = ev[:1, :128]
-            res["fuse_max_abs_logit_diff"] = float((model(input_ids=probe).logits
-                                                    - fused(input_ids=probe).logits).abs().max())
-        res.update(_ppl(fused, ev, ood))
+    m = registry.get(name, trains=True)
+    init = None
+    if method == "gptq-lrqat":
+        load_weights_from(model, gck)  # Φ0 = GPTQ's codes exactly
+        init = gck
+    elif m.uses_init:
+        init = rtn
+    torch.manual_seed(0)
+    m.prepare(model, spec, opts, init)
+    hist = train(model, train_w, cfg, progress=args.progress, method=name, opts=opts, desc=method)
+    res["train_s"] = time.perf_counter() - t
+    if m.output == "float":
+        res.update(_ppl(merged_float_model(model), ev, ood))
     else:
-        torch.manual_seed(0)
-        prepare_baseline(model, method, spec, 32, alpha, True, init=rtn if method in ("peqa", "full-qat", "qalora")
-                         else None)
-        if method == "full-qat":  # paper's full QAT keeps checkpointing off unless memory forces it; time as such
-            for m in model.modules():
-                if hasattr(m, "checkpointing"):
-                    m.checkpointing = False
-        hist = train(model, train_w, cfg, progress=args.progress, groups=param_groups(method, cfg), desc=method)
-        res["train_s"] = time.perf_counter() - t
-        if method == "lora-fp":
-            res.update(_ppl(merged_float_model(model), ev, ood))
-        else:
-            ck = fuse_baseline(model, method, spec, src.to_dict())
-            res["exported_spec"] = ck.spec.name
-            res.update(_ppl(ck.to_torch_model(), ev, ood))
-            if method in ("qlora", "qalora"):  # as trained: float merge / float zero points (not exportable)
-                asf = _ppl(merged_float_model(model), ev, ood)
-                res.update(ppl_as_trained=asf["ppl"], ppl_ood_as_trained=asf["ppl_ood"])
+        ck = m.fuse(model, spec, src.to_dict(), opts, None)
+        fused = ck.to_torch_model()
+        res["exported_spec"] = ck.spec.name
+        if m.exact:
+            with torch.no_grad():
+                probe = ev[:1, :128]
+                res["fuse_max_abs_logit_diff"] = float((model(input_ids=probe).logits
+                                                        - fused(input_ids=probe).logits).abs().max())
+        res.update(_ppl(fused, ev, ood))
+        if not m.exact:  # as trained: float merge / float zero points (not exportable)
+            asf = _ppl(merged_float_model(model), ev, ood)
+            res.update(ppl_as_trained=asf["ppl"], ppl_ood_as_trained=asf["ppl_ood"])
     res["final_loss"] = sum(h["loss"] for h in hist[-10:]) / min(10, len(hist))
     res["step_s_median"] = sorted(args.batch * args.seq / h["tokens_per_s"] for h in hist)[len(hist) // 2]
     res["wall_s"] = time.perf_counter() - t0
@@ -203,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-windows", type=int, default=32, help="GPTQ calibration windows of --seq tokens")
     ap.add_argument("--eval-windows", type=int, help="evaluation windows per text (default 4; --full 8)")
     ap.add_argument("--eval-seq", type=int, default=512, help="evaluation window length (default 512)")
+    ap.add_argument("--wikitext", default=str(ROOT.parent / "shared/data/wikitext-2"),
+                    help="directory with WikiText-2 valid.txt / test.txt (default ../shared/data/wikitext-2)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
     ap.add_argument("--progress", action="store_true", help="show training progress bars")
     # --- output
@@ -211,7 +219,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.steps = args.steps or (300 if args.full else 60)
     args.eval_windows = args.eval_windows or (8 if args.full else 4)
-    from lrqat_export.fsio import write_json
+    from lrqat_export.core.fsio import write_json
 
     out = Path(args.out)
     tag = f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}"
@@ -231,7 +239,7 @@ def main(argv=None) -> int:
             print(f"  {preset:<6} {m:<11} done (cached)", flush=True)
             continue
         if base is None:  # load and tokenize once per process
-            from lrqat_export.models import load_model
+            from lrqat_export.core.models import load_model
 
             model, tok, src = load_model("smollm2-135m")
             base = (model, tok, src, _data(tok, args))

@@ -27,12 +27,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from converters import gguf as G  # noqa: E402
-from lrqat_export import data as D  # noqa: E402
-from lrqat_export.evaluate import perplexity  # noqa: E402
-from lrqat_export.intckpt import is_intckpt, load_intckpt, ptq_rtn, write_intckpt  # noqa: E402
-from lrqat_export.llamacpp import perplexity_gguf  # noqa: E402
-from lrqat_export.models import load_model, load_tokenizer  # noqa: E402
-from lrqat_export.quant import PRESETS  # noqa: E402
+from lrqat_export.core import data as D  # noqa: E402
+from lrqat_export.core.intckpt import is_intckpt, load_intckpt, write_intckpt  # noqa: E402
+from lrqat_export.core.models import load_model, load_tokenizer  # noqa: E402
+from lrqat_export.core.quant import PRESETS  # noqa: E402
+from lrqat_export.methods.rtn import ptq_rtn  # noqa: E402
+from lrqat_export.runtimes.llamacpp import perplexity_gguf  # noqa: E402
+from lrqat_export.runtimes.torch_eval import perplexity  # noqa: E402
 
 
 def rtn_intckpt(preset: str, work: Path, range_method: str) -> Path:
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-f32-control", action="store_true",
                     help="skip the control file holding the same s·W_int as F32 weights (no activation quantization)")
     # --- evaluation
-    ap.add_argument("--eval-data", help="text file (default: ../shared WikiText-2 test, else the embedded corpus)")
+    ap.add_argument("--eval-data", help="text file (default: WikiText-2 test from --wikitext, else the embedded corpus)")
+    ap.add_argument("--wikitext", default=str(Path(__file__).resolve().parents[2] / "shared/data/wikitext-2"),
+                    help="directory with WikiText-2 test.txt (default ../shared/data/wikitext-2)")
     ap.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     ap.add_argument("--protocol", default="full", choices=["full", "second_half"])
@@ -134,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cks = [Path(p) for p in args.intckpt] if args.intckpt else [rtn_intckpt(p, work, args.range_method)
                                                                  for p in args.presets]
-    wiki = D.shared_wikitext("test")
-    data = args.eval_data or (str(wiki) if wiki else "pydoc")
+    wiki = Path(args.wikitext) / "test.txt"
+    data = args.eval_data or (str(wiki) if wiki.is_file() else "pydoc")
     windows = D.text_windows(load_tokenizer(cks[0]), [data], args.seq_len, args.windows)
     rows = [run_one(ck, windows, args.protocol, args.embed_type, work, not args.no_f32_control) for ck in cks]
 

@@ -6,13 +6,16 @@ per configuration.
 """
 import copy, json, sys, time, torch
 torch.backends.cuda.matmul.allow_tf32 = False
-from lrqat_export import data as D
-from lrqat_export.models import load_model
-from lrqat_export.intckpt import ptq_rtn, fuse
-from lrqat_export.prepare import prepare
-from lrqat_export.quant import PRESETS
-from lrqat_export.train import TrainConfig, train
-from lrqat_export.evaluate import perplexity
+from lrqat_export.core import data as D
+from lrqat_export.core.models import load_model
+from lrqat_export.methods import registry
+from lrqat_export.methods.common import MethodOptions
+from lrqat_export.methods.lrqat import fuse, prepare
+from lrqat_export.methods.rtn import ptq_rtn
+from lrqat_export.core.quant import PRESETS
+from lrqat_export.train.config import TrainConfig
+from lrqat_export.train.loop import train
+from lrqat_export.runtimes.torch_eval import perplexity
 gguf, W, dev, configs = sys.argv[1], sys.argv[2].rstrip("/") + "/", sys.argv[3], json.loads(sys.argv[4])
 base, tok, src = load_model(gguf)
 tr = D.windows(D.tokenize(tok, open(W + "valid.txt").read()), 256, None, "train")
@@ -29,10 +32,11 @@ for c in configs:
         rtn[c["preset"]] = perplexity(rm, ev)["ppl"]
         print("rtn", c["preset"], rtn[c["preset"]], "ood", perplexity(rm, ood)["ppl"], flush=True)
     m = copy.deepcopy(base)
-    prepare(m, spec, c.get("rank", 32), c.get("alpha", 1.0), c.get("phi", "int8"))
+    opts = registry.resolve_options("lrqat", MethodOptions(**{k: c[k] for k in ("rank", "alpha", "phi") if k in c}))
+    prepare(m, spec, opts)
     t = time.time()
-    h = train(m, tr, TrainConfig(steps=c.get("steps", 300), batch_size=2, lr_ab=c.get("lr_ab", 1e-3),
-              lr_scale=c.get("lr_scale", 1e-5)), progress=False)
+    h = train(m, tr, TrainConfig(steps=c.get("steps", 300), batch_size=2, lr_ab=c.get("lr_ab"),
+              lr_scale=c.get("lr_scale")), progress=False)
     ck = fuse(m, {})
     fm = ck.to_torch_model().to(dev)
     p = perplexity(fm, ev)["ppl"]

@@ -1,4 +1,4 @@
-"""Baselines (baselines.py): each trains only its own parameters, and each ends in an IntCheckpoint whose reload
+"""Baselines (methods/baselines.py, defined in methods/registry.py): each trains only its own parameters, and each ends in an IntCheckpoint whose reload
 reproduces the trained model exactly (full-qat, peqa) or differs exactly by the documented merge step (qlora: RTN
 of the merged weight; qalora: rounding of the float zero points)."""
 from __future__ import annotations
@@ -9,15 +9,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lrqat_export.baselines import (fuse_baseline, merged_float_model, nf4_dequantize, nf4_levels, nf4_quantize,
-                                    param_groups, prepare_baseline)
-from lrqat_export.data import text_windows
-from lrqat_export.errors import UserError
-from lrqat_export.intckpt import load_intckpt, write_intckpt
-from lrqat_export.models import load_tokenizer
-from lrqat_export.prepare import trainable_parameters
-from lrqat_export.quant import PRESETS, QuantSpec, rtn_quantize
-from lrqat_export.train import TrainConfig, make_optimizer, train
+from lrqat_export.core.data import text_windows
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.intckpt import load_intckpt, write_intckpt
+from lrqat_export.core.models import load_tokenizer
+from lrqat_export.core.quant import PRESETS, QuantSpec, rtn_quantize
+from lrqat_export.methods.baselines import (fuse_baseline, merged_float_model, nf4_dequantize, nf4_levels,
+                                            nf4_quantize, prepare_baseline)
+from lrqat_export.methods.common import MethodOptions, trainable_parameters
+from lrqat_export.methods.registry import METHODS, param_groups
+from lrqat_export.train.config import TrainConfig
+from lrqat_export.train.loop import make_optimizer, train
+
+OPTS = MethodOptions(rank=4, alpha=4.0)
 
 EXPECTED_TRAINABLE = {  # method: parameter-name suffixes that (and only that) must train
     "full-qat": {"weight", "scale"}, "peqa": {"scale"}, "qlora": {"lora_A", "lora_B"},
@@ -40,14 +44,15 @@ def _windows(path, n=16, t=32):
 
 def _trained(path, method, spec=PRESETS["q4_0"], lr_weight=1e-2):
     torch.manual_seed(0)
-    m = prepare_baseline(_model(path), method, spec, rank=4, alpha=4.0)
-    train(m, _windows(path), CFG[method], progress=False, groups=param_groups(method, CFG[method], lr_weight))
+    m = prepare_baseline(_model(path), method, spec, OPTS)
+    train(m, _windows(path), CFG[method], progress=False, method=method,
+          opts=MethodOptions(rank=4, alpha=4.0, lr_weight=lr_weight))
     return m
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_TRAINABLE))
 def test_only_the_methods_parameters_get_gradients(tiny_llama, method):
-    m = prepare_baseline(_model(tiny_llama), method, PRESETS["q4_0"], rank=4, alpha=4.0)
+    m = prepare_baseline(_model(tiny_llama), method, PRESETS["q4_0"], OPTS)
     with torch.no_grad():  # move B off zero so A gets a gradient too
         for n, p in m.named_parameters():
             if n.endswith("lora_B"):
@@ -59,7 +64,8 @@ def test_only_the_methods_parameters_get_gradients(tiny_llama, method):
     assert {n.rsplit(".", 1)[1] for n in with_grad} == EXPECTED_TRAINABLE[method]
     assert all(".layers." in n for n in with_grad), "embeddings, norms and lm_head stay frozen"
     assert all(float(m.get_parameter(n).grad.abs().sum()) > 0 for n in with_grad)
-    opt, _ = make_optimizer(m, TrainConfig(), param_groups(method, TrainConfig()))
+    cfg = TrainConfig().resolved(method)
+    opt, _ = make_optimizer(m, cfg, param_groups(method, cfg.hyper(MethodOptions(lr_weight=1e-2))))
     assert sum(len(g["params"]) for g in opt.param_groups) == len(with_grad)
 
 
@@ -67,7 +73,7 @@ def test_only_the_methods_parameters_get_gradients(tiny_llama, method):
 def test_fused_checkpoint_reproduces_the_trained_model_exactly(tiny_llama, tmp_path, method):
     base_ck = _model(tiny_llama)
     m = _trained(tiny_llama, method)
-    ck = fuse_baseline(m, method, PRESETS["q4_0"], {})
+    ck = METHODS[method].fuse(m, PRESETS["q4_0"], {}, OPTS, None)
     write_intckpt(tmp_path / "ck", ck, load_tokenizer(tiny_llama))
     fused = load_intckpt(tmp_path / "ck").to_torch_model()
     ids = _windows(tiny_llama, 4)
@@ -87,7 +93,7 @@ def test_fused_checkpoint_reproduces_the_trained_model_exactly(tiny_llama, tmp_p
 def test_qlora_checkpoint_is_rtn_of_the_merged_weight(tiny_llama):
     m = _trained(tiny_llama, "qlora")
     ref = copy.deepcopy(m)
-    ck = fuse_baseline(m, "qlora", PRESETS["q4_0"], {})
+    ck = METHODS["qlora"].fuse(m, PRESETS["q4_0"], {}, OPTS, None)
     merged = merged_float_model(ref)
     ids = _windows(tiny_llama, 2)
     m.eval()
@@ -122,7 +128,7 @@ def test_qalora_merges_into_zero_points(tiny_llama, tmp_path):
         for x in layers:   # rounding to integer zeros is exercised
             x.lora_B.mul_(200.0)
     ref = copy.deepcopy(m)
-    ck = fuse_baseline(m, "qalora", PRESETS["q4_0"], {})
+    ck = METHODS["qalora"].fuse(m, PRESETS["q4_0"], {}, OPTS, None)
     assert ck.spec == QuantSpec(4, 32, symmetric=False)
     merged = merged_float_model(ref)  # float zero points: the model that was trained
     ids = _windows(tiny_llama, 2)
@@ -143,21 +149,21 @@ def test_qalora_merges_into_zero_points(tiny_llama, tmp_path):
 
 
 def test_lora_fp_has_no_integer_checkpoint(tiny_llama):
-    m = prepare_baseline(_model(tiny_llama), "lora-fp", PRESETS["q4_0"], rank=4)
+    m = prepare_baseline(_model(tiny_llama), "lora-fp", PRESETS["q4_0"], MethodOptions(rank=4, alpha=16.0))
     with pytest.raises(UserError, match="float control"):
-        fuse_baseline(m, "lora-fp", PRESETS["q4_0"], {})
+        fuse_baseline(m, "lora-fp", PRESETS["q4_0"], {}, "lp", False)
 
 
 def test_bad_method_and_double_prepare_are_refused(tiny_llama):
     with pytest.raises(UserError, match=r"expected one of .*'bogus'"):
-        prepare_baseline(_model(tiny_llama), "bogus", PRESETS["q4_0"])
-    m = prepare_baseline(_model(tiny_llama), "peqa", PRESETS["q4_0"])
+        prepare_baseline(_model(tiny_llama), "bogus", PRESETS["q4_0"], OPTS)
+    m = prepare_baseline(_model(tiny_llama), "peqa", PRESETS["q4_0"], OPTS)
     with pytest.raises(UserError, match="expected nn.Linear, got PEQALinear"):
-        prepare_baseline(m, "peqa", PRESETS["q4_0"])
+        prepare_baseline(m, "peqa", PRESETS["q4_0"], OPTS)
 
 
 def test_cli_train_method_writes_the_baselines_checkpoint(tiny_llama, tmp_path, capsys):
-    from lrqat_export.cli import main
+    from lrqat_export.app.cli import main
 
     common = ["--model", str(tiny_llama), "--preset", "q4_0", "--rank", "4", "--steps", "2", "--seq-len", "32",
               "--max-train-windows", "8"]

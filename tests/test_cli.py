@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lrqat_export.cli import main
-from lrqat_export.intckpt import load_intckpt
+from lrqat_export.app.cli import main
+from lrqat_export.core.intckpt import load_intckpt
 
 
 def test_ptq_inspect_and_eval(tiny_llama, tmp_path, capsys):

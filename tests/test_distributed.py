@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lrqat_export.cli import main
-from lrqat_export.train import CKPT_DIR
+from lrqat_export.app.cli import main
+from lrqat_export.train.state import CKPT_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8

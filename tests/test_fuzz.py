@@ -21,9 +21,9 @@ from hypothesis.extra import numpy as hnp
 from converters import gguf as G
 from converters import gptq as Q
 from converters.gguf_meta import open_gguf
-from lrqat_export.cli import main
-from lrqat_export.errors import UserError
-from lrqat_export.intckpt import load_intckpt
+from lrqat_export.app.cli import main
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.intckpt import load_intckpt
 
 FUZZ = settings(deadline=None, max_examples=50, database=None, derandomize=bool(os.environ.get("CI")),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -296,15 +296,17 @@ def finished_run(tiny_llama, tmp_path_factory):
     """A prepared tiny model and a one-step training run with a checkpoint (built once for all examples)."""
     import torch
 
-    from lrqat_export.data import text_windows
-    from lrqat_export.models import load_model
-    from lrqat_export.prepare import prepare
-    from lrqat_export.quant import PRESETS
-    from lrqat_export.train import TrainConfig, train
+    from lrqat_export.core.data import text_windows
+    from lrqat_export.core.models import load_model
+    from lrqat_export.methods.lrqat import prepare
+    from lrqat_export.methods.common import MethodOptions
+    from lrqat_export.core.quant import PRESETS
+    from lrqat_export.train.config import TrainConfig
+    from lrqat_export.train.loop import train
 
     model, tok, _ = load_model(str(tiny_llama))
     torch.manual_seed(0)
-    prepare(model, PRESETS["q4_0"], rank=2)
+    prepare(model, PRESETS["q4_0"], MethodOptions(rank=2, alpha=1.0))
     windows, cfg = text_windows(tok, ["pydoc"], 32, 4, "w"), TrainConfig(steps=1, batch_size=2)
     run = tmp_path_factory.mktemp("run") / "run"
     train(model, windows, cfg, run, progress=False)
@@ -314,7 +316,8 @@ def finished_run(tiny_llama, tmp_path_factory):
 @READERS
 @given(st.sampled_from(["optim.pt", "trainable.safetensors", "state.json"]), st.binary(max_size=512))
 def test_train_state_reader_on_corrupted_files_raises_a_clear_error(finished_run, tmp_path_factory, name, blob):
-    from lrqat_export.train import latest_checkpoint, train
+    from lrqat_export.train.state import latest_checkpoint
+    from lrqat_export.train.loop import train
 
     model, windows, cfg, src = finished_run
     run = _clone(src, tmp_path_factory.mktemp("r") / "run")

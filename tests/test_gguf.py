@@ -12,11 +12,12 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from converters import gguf as G
-from lrqat_export.cli import main as cli_main
-from lrqat_export.errors import UserError
-from lrqat_export.intckpt import load_intckpt, ptq_rtn, write_intckpt
-from lrqat_export.models import load_tokenizer
-from lrqat_export.quant import PRESETS, QuantSpec
+from lrqat_export.app.cli import main as cli_main
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.intckpt import load_intckpt, write_intckpt
+from lrqat_export.methods.rtn import ptq_rtn
+from lrqat_export.core.models import load_tokenizer
+from lrqat_export.core.quant import PRESETS, QuantSpec
 
 EXACT_SPECS = {  # every grid the converter supports, with the type it must produce
     "q4_0": (PRESETS["q4_0"], QT.Q4_0),

@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from converters import gptq as G
-from lrqat_export.errors import UserError
-from lrqat_export.intckpt import load_intckpt, ptq_rtn, write_intckpt
-from lrqat_export.quant import QuantSpec, dequantize
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.intckpt import load_intckpt, write_intckpt
+from lrqat_export.methods.rtn import ptq_rtn
+from lrqat_export.core.quant import QuantSpec, dequantize
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
@@ -129,7 +130,7 @@ def test_v1_asym_zero0_pitfall():
 
 # --- writer ---------------------------------------------------------------------------------------------------
 def _intckpt(root: Path, model_dir: Path, spec: QuantSpec, zero0: bool = False) -> Path:
-    from lrqat_export.models import load_model
+    from lrqat_export.core.models import load_model
 
     model, tok, src = load_model(str(model_dir))
     ck = ptq_rtn(model, spec, src.to_dict(), "minmax")
@@ -221,7 +222,7 @@ def test_strict_vllm_refusal_and_warning(tiny_llama, tmp_path, caplog):
 
 
 def test_cli_export_and_inspect(ick_q4, tmp_path, capsys):
-    from lrqat_export.cli import main
+    from lrqat_export.app.cli import main
 
     assert main(["export", "gptq", str(ick_q4), "--out", str(tmp_path / "g"), "--format", "gptq_v2"]) == 0
     assert json.loads((tmp_path / "g" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
@@ -253,7 +254,7 @@ def test_transformers_gptqmodel_load_matches_fused_torch(spec, fmt, tiny128, tmp
     """Logits through transformers + GPTQModel (TorchLinear, fp16) vs the float32 fused torch model.
     Tolerance: fp16 compute, |Δ| ≤ 1 % of the largest |logit| (measured ~1e-3 absolute); argmax equal ≥ 95 %."""
     pytest.importorskip("gptqmodel")
-    from lrqat_export.gptq_loader import gptq_logits, load_gptq
+    from lrqat_export.runtimes.gptq_loader import gptq_logits, load_gptq
 
     os.environ.update(GPTQMODEL_CPU_WORKERS="2", GPTQMODEL_DISABLE_PACK_EXT="1", HF_HUB_OFFLINE="1")
     ick = _intckpt(tmp_path, tiny128, spec)
@@ -291,17 +292,18 @@ def test_smollm2_ppl_gptq_within_0p2_percent_of_torch(tmp_path):
     pytest.importorskip("gptqmodel")
     import subprocess
 
-    from lrqat_export.data import shared_wikitext, text_windows
-    from lrqat_export.evaluate import perplexity
-    from lrqat_export.gptq_loader import perplexity_gptq
-    from lrqat_export.models import load_tokenizer
+    import tiny
+    from lrqat_export.core.data import text_windows
+    from lrqat_export.core.models import load_tokenizer
+    from lrqat_export.runtimes.gptq_loader import perplexity_gptq
+    from lrqat_export.runtimes.torch_eval import perplexity
 
     ick = tmp_path / "ick"
     lrqat = Path(sys.executable).parent / "lrqat"
     subprocess.run([str(lrqat), "ptq", "--model", "smollm2-135m", "--preset", "q4_0", "--range-method", "minmax",
                     "--out", str(ick)], check=True)  # min-max: fast on CPU; parity does not depend on the scales
     out = G.export_gptq(ick, tmp_path / "gptq")
-    wt = shared_wikitext("test")
+    wt = tiny.wikitext("test")
     windows = text_windows(load_tokenizer(out), [str(wt) if wt else "pydoc"], 512, 8)
     assert tuple(windows.shape) == (8, 512)
     ref = perplexity(load_intckpt(ick).to_torch_model(), windows)

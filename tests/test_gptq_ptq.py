@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lrqat_export.data import text_windows
-from lrqat_export.intckpt import write_intckpt
-from lrqat_export.models import load_tokenizer
-from lrqat_export.prepare import prepare
-from lrqat_export.quant import PRESETS
+from lrqat_export.core.data import text_windows
+from lrqat_export.core.intckpt import write_intckpt
+from lrqat_export.core.models import load_tokenizer
+from lrqat_export.methods.lrqat import prepare
+from lrqat_export.methods.common import MethodOptions
+from lrqat_export.core.quant import PRESETS
 
 gptqmodel = pytest.importorskip("gptqmodel", reason="GPTQModel is an optional dependency")
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gptq_run(tiny_llama, tmp_path_factory):
-    from lrqat_export.gptq_ptq import ptq_gptq
+    from lrqat_export.methods.gptq_ptq import ptq_gptq
 
     d = tmp_path_factory.mktemp("gptq")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -50,15 +51,15 @@ def test_gptq_integers_export_back_word_for_word(gptq_run):
 
 
 def test_gptq_differs_from_rtn_and_gptq_init_lrqat_starts_at_gptq(gptq_run):
-    from lrqat_export.gptq_ptq import load_weights_from
-    from lrqat_export.intckpt import ptq_rtn
+    from lrqat_export.methods.common import load_weights_from
+    from lrqat_export.methods.rtn import ptq_rtn
 
     model, _, ck, _ = gptq_run
     rtn = ptq_rtn(model, PRESETS["q4_0"], {})
     assert any(not torch.equal(ck.layers[n].codes, rtn.layers[n].codes) for n in ck.layers)
     m = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
     load_weights_from(m, ck)
-    prepare(m, PRESETS["q4_0"], rank=4, alpha=4.0, init=ck)
+    prepare(m, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0), init=ck)
     for name, q in ck.layers.items():
         layer = m.get_submodule(name)
         assert torch.equal(layer.fused_codes(), q.codes), name

@@ -7,16 +7,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lrqat_export.errors import UserError
-from lrqat_export.intckpt import MANIFEST, TENSORS, fuse, load_intckpt, ptq_rtn, write_intckpt
-from lrqat_export.prepare import prepare
-from lrqat_export.quant import PRESETS
-from lrqat_export.train import TrainConfig, train
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.intckpt import MANIFEST, TENSORS, load_intckpt, write_intckpt
+from lrqat_export.methods.lrqat import fuse
+from lrqat_export.methods.rtn import ptq_rtn
+from lrqat_export.methods.lrqat import prepare
+from lrqat_export.methods.common import MethodOptions
+from lrqat_export.core.quant import PRESETS
+from lrqat_export.train.config import TrainConfig
+from lrqat_export.train.loop import train
 
 
 def _trained(path, preset, steps=6, lr_ab=1e-1):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prepare(model, PRESETS[preset], rank=4, alpha=16.0)
+    prepare(model, PRESETS[preset], MethodOptions(rank=4, alpha=16.0))
     data = torch.randint(0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
     train(model, data, TrainConfig(steps=steps, batch_size=2, lr_ab=lr_ab, lr_scale=1e-3), progress=False)
     return model

@@ -19,14 +19,15 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
+import tiny  # noqa: E402
 from converters import gguf as G  # noqa: E402
-from lrqat_export import data as D  # noqa: E402
-from lrqat_export.cli import main as cli_main  # noqa: E402
-from lrqat_export.evaluate import perplexity  # noqa: E402
-from lrqat_export.llamacpp import (generate_greedy, gguf_tokenizer, load_llama, perplexity_gguf,  # noqa: E402
-                                   window_logits)
-from lrqat_export.models import load_tokenizer  # noqa: E402
-from lrqat_export.quant import PRESETS  # noqa: E402
+from lrqat_export.app.cli import main as cli_main  # noqa: E402
+from lrqat_export.core import data as D  # noqa: E402
+from lrqat_export.core.models import load_tokenizer  # noqa: E402
+from lrqat_export.core.quant import PRESETS  # noqa: E402
+from lrqat_export.runtimes.llamacpp import (generate_greedy, gguf_tokenizer, load_llama,  # noqa: E402
+                                            perplexity_gguf, window_logits)
+from lrqat_export.runtimes.torch_eval import perplexity  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_gguf import make_ckpt  # noqa: E402
@@ -121,8 +122,9 @@ def test_cli_eval_runs_llamacpp_on_a_gguf(q4_tiny, capsys):
 def smollm2_rtn(tmp_path_factory) -> dict[str, Path]:
     """Min-max RTN IntCheckpoints of SmolLM2-135M (q4_0, q8_0). `lrqat ptq`'s Lp range search costs ~7 CPU-minutes
     here; parity does not depend on how the scales were chosen."""
-    from lrqat_export.intckpt import ptq_rtn, write_intckpt
-    from lrqat_export.models import load_model
+    from lrqat_export.methods.rtn import ptq_rtn
+    from lrqat_export.core.intckpt import write_intckpt
+    from lrqat_export.core.models import load_model
 
     d = tmp_path_factory.mktemp("smollm2")
     model, tok, src = load_model("smollm2-135m")
@@ -139,7 +141,7 @@ def test_smollm2_q4_0_llamacpp_within_1_percent_of_torch(smollm2_rtn, tmp_path):
     rep = G.verify_gguf(out, ck)
     assert rep["exact"] and rep["quantized"]["n"] == 210
     tok = load_tokenizer(ck)
-    wiki = D.shared_wikitext("test")
+    wiki = tiny.wikitext("test")
     w = D.text_windows(tok, [str(wiki) if wiki else "pydoc"], 512, 8)
     ref = G.reference_model(ck, "f16")
     ppl_cpp = perplexity_gguf(out, w, "full")["ppl"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrqat_export.errors import UserError
-from lrqat_export.lrqat_linear import LRQATLinear, pack_int4, phi_down, phi_up, unpack_int4
-from lrqat_export.quant import PRESETS, QuantSpec, dequantize, rtn_quantize
+from lrqat_export.core.errors import UserError
+from lrqat_export.methods.lrqat import LRQATLinear, pack_int4, phi_down, phi_up, unpack_int4
+from lrqat_export.core.quant import PRESETS, QuantSpec, dequantize, rtn_quantize
 
 CASES = [(s, phi) for s in ("q4_0", "w4pc", "q4_1", "w3g64", "q8_0", "w2g64a") for phi in ("int8", "int4", "bf16", "fp32")
          if not (phi == "int4" and PRESETS[s].bits > 4)]
@@ -20,7 +20,7 @@ def test_ab_zero_forward_equals_rtn_fake_quant_exactly(spec_name, phi):
         torch.manual_seed(seed)
         lin = torch.nn.Linear(128, 96, bias=seed % 2 == 0)
         lin.weight.data *= 1 + 3 * torch.rand(96, 1)  # rows of different ranges
-        layer = LRQATLinear.from_linear(lin, spec, rank=8, phi=phi)
+        layer = LRQATLinear.from_linear(lin, spec, rank=8, phi=phi, alpha=1.0)
         codes, s, z = rtn_quantize(lin.weight, spec)
         w_rtn = dequantize(codes, s, z, spec)
         x = torch.randn(4, 7, 128)
@@ -53,7 +53,7 @@ def test_int4_double_packing_round_trips_and_halves_storage():
 
 @pytest.mark.parametrize("phi, bytes_per_weight", [("int8", 1.0), ("int4", 0.5), ("bf16", 2.0), ("fp32", 4.0)])
 def test_frozen_storage_really_is_one_or_half_a_byte_per_weight(phi, bytes_per_weight):
-    layer = LRQATLinear.from_linear(torch.nn.Linear(256, 64), PRESETS["q4_0"], rank=4, phi=phi)
+    layer = LRQATLinear.from_linear(torch.nn.Linear(256, 64), PRESETS["q4_0"], rank=4, phi=phi, alpha=1.0)
     assert layer.phi0.numel() * layer.phi0.element_size() == 256 * 64 * bytes_per_weight
     assert not any(t.dtype == torch.float32 and t.numel() >= 256 * 64 for t in layer.buffers() if t is not None) \
         or phi == "fp32"
@@ -61,7 +61,7 @@ def test_frozen_storage_really_is_one_or_half_a_byte_per_weight(phi, bytes_per_w
 
 def test_gradients_reach_a_b_and_scale_only():
     torch.manual_seed(0)
-    layer = LRQATLinear.from_linear(torch.nn.Linear(64, 32, bias=True), PRESETS["q4_0"], rank=4)
+    layer = LRQATLinear.from_linear(torch.nn.Linear(64, 32, bias=True), PRESETS["q4_0"], rank=4, alpha=1.0)
     with torch.no_grad():
         layer.lora_A.normal_(0, 1.0)  # A = 0 at init gives B a zero gradient; move off it
     layer(torch.randn(3, 64)).pow(2).sum().backward()
@@ -79,7 +79,7 @@ def test_checkpointing_changes_memory_not_gradients():
     grads = []
     for ckpt in (True, False):
         torch.manual_seed(1)  # same Kaiming draw of B for both layers
-        layer = LRQATLinear.from_linear(lin, PRESETS["q4_1"], rank=4, checkpointing=ckpt)
+        layer = LRQATLinear.from_linear(lin, PRESETS["q4_1"], rank=4, checkpointing=ckpt, alpha=1.0)
         with torch.no_grad():
             layer.lora_A.copy_(torch.linspace(-3, 3, 48 * 4).reshape(48, 4))
         x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
@@ -105,10 +105,10 @@ def test_fused_codes_are_the_codes_the_forward_used():
 
 def test_bad_layer_options_are_refused():
     with pytest.raises(UserError, match="phi int4 .* needs bits <= 4, got bits 8"):
-        LRQATLinear.from_linear(torch.nn.Linear(64, 8), PRESETS["q8_0"], phi="int4")
+        LRQATLinear.from_linear(torch.nn.Linear(64, 8), PRESETS["q8_0"], phi="int4", alpha=1.0, rank=32)
     with pytest.raises(UserError, match="phi: expected one of"):
-        LRQATLinear.from_linear(torch.nn.Linear(64, 8), PRESETS["q4_0"], phi="int2")
+        LRQATLinear.from_linear(torch.nn.Linear(64, 8), PRESETS["q4_0"], phi="int2", alpha=1.0, rank=32)
     lin = torch.nn.Linear(64, 8)
     lin.weight.data[0, 0] = float("nan")
     with pytest.raises(UserError, match="NaN/Inf"):
-        LRQATLinear.from_linear(lin, PRESETS["q4_0"])
+        LRQATLinear.from_linear(lin, PRESETS["q4_0"], alpha=1.0, rank=32)

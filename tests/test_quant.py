@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrqat_export.errors import UserError
-from lrqat_export.quant import (PRESETS, QuantSpec, dequantize, fp16_round, init_scales, quantize_codes,
-                                rtn_quantize, spec_from_args)
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.quant import PRESETS, QuantSpec, dequantize, fp16_round, init_scales, quantize_codes, rtn_quantize, spec_from_args
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lrqat_export.cli import main
+from lrqat_export.app.cli import main
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -315,17 +315,21 @@ def test_disk_full_during_export_fails_cleanly_and_keeps_the_previous_export(art
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(art, tmp_path):
-    from lrqat_export.data import text_windows
-    from lrqat_export.errors import UserError
-    from lrqat_export.models import load_model
-    from lrqat_export.prepare import prepare, trainable_parameters
-    from lrqat_export.quant import PRESETS
-    from lrqat_export.train import CKPT_DIR, TrainConfig, latest_checkpoint, train
+    from lrqat_export.core.data import text_windows
+    from lrqat_export.core.errors import UserError
+    from lrqat_export.core.models import load_model
+    from lrqat_export.methods.lrqat import prepare
+    from lrqat_export.methods.common import MethodOptions
+    from lrqat_export.methods.common import trainable_parameters
+    from lrqat_export.core.quant import PRESETS
+    from lrqat_export.train.state import CKPT_DIR, latest_checkpoint
+    from lrqat_export.train.config import TrainConfig
+    from lrqat_export.train.loop import train
 
     model, tok, _ = load_model(str(art["model"]))
     windows = text_windows(tok, ["pydoc"], 32, 8, "train data")
     torch.manual_seed(0)
-    prepare(model, PRESETS["q4_0"], rank=2)
+    prepare(model, PRESETS["q4_0"], MethodOptions(rank=2, alpha=1.0))
     cfg = TrainConfig(steps=6, batch_size=2, ckpt_every=2)
     train(model, windows, cfg, tmp_path, progress=False, stop_after=4)
     good = latest_checkpoint(tmp_path)
@@ -348,7 +352,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(art, 
 
 def test_directory_overwrite_is_an_atomic_exchange(tmp_path):
     """On Linux the old and new directory trade places in one renameat2(RENAME_EXCHANGE): no instant without one."""
-    from lrqat_export.fsio import atomic_dir
+    from lrqat_export.core.fsio import atomic_dir
 
     out = tmp_path / "d"
     out.mkdir()
@@ -359,7 +363,7 @@ def test_directory_overwrite_is_an_atomic_exchange(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     (a / "x").touch()
-    from lrqat_export.fsio import _exchange
+    from lrqat_export.core.fsio import _exchange
 
     assert _exchange(a, b) and (b / "x").exists() and not (a / "x").exists()
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrqat_export.intckpt import fuse, load_intckpt, ptq_rtn, write_intckpt
-from lrqat_export.models import load_model
-from lrqat_export.prepare import parameter_counts, prepare
-from lrqat_export.quant import PRESETS
-from lrqat_export.train import TrainConfig, train
+from lrqat_export.methods.lrqat import fuse
+from lrqat_export.core.intckpt import load_intckpt, write_intckpt
+from lrqat_export.methods.rtn import ptq_rtn
+from lrqat_export.core.models import load_model
+from lrqat_export.methods.lrqat import parameter_counts, prepare
+from lrqat_export.methods.common import MethodOptions
+from lrqat_export.core.quant import PRESETS
+from lrqat_export.train.config import TrainConfig
+from lrqat_export.train.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +26,7 @@ def test_smollm2_rtn_start_trainable_fraction_and_exact_fuse(tmp_path):
     rtn = ptq_rtn(model, spec, src.to_dict(), range_method="minmax")
     with torch.inference_mode():
         rtn_logits = rtn.to_torch_model()(input_ids=ids).logits
-    prepare(model, spec, rank=32, alpha=1.0, phi="int8", init=rtn)
+    prepare(model, spec, MethodOptions(rank=32, alpha=1.0, phi="int8"), init=rtn)
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, rtn_logits), "A·B = 0 must equal the RTN model exactly"
     c = parameter_counts(model)

@@ -15,18 +15,21 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lrqat_export.data import text_windows
-from lrqat_export.errors import UserError
-from lrqat_export.models import load_tokenizer
-from lrqat_export.prepare import prepare, trainable_parameters
-from lrqat_export.quant import PRESETS
-from lrqat_export.train import (CKPT_DIR, TrainConfig, batch_indices, latest_checkpoint, lr_lambda, make_optimizer,
-                                train)
+from lrqat_export.core.data import text_windows
+from lrqat_export.core.errors import UserError
+from lrqat_export.core.models import load_tokenizer
+from lrqat_export.methods.lrqat import prepare
+from lrqat_export.methods.common import MethodOptions
+from lrqat_export.methods.common import trainable_parameters
+from lrqat_export.core.quant import PRESETS
+from lrqat_export.train.state import CKPT_DIR, latest_checkpoint
+from lrqat_export.train.config import TrainConfig
+from lrqat_export.train.loop import batch_indices, lr_lambda, make_optimizer, train
 
 
 def _prepared(path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return prepare(model, PRESETS["q4_0"], rank=4, alpha=4.0)
+    return prepare(model, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0))
 
 
 def _windows(path, n=24, t=32):
@@ -150,14 +153,23 @@ def test_sigkill_at_a_random_moment_then_resume_matches_uninterrupted_run(tiny_l
         run = _cli([*argv, "--resume"] if attempt else argv)
         target = None if seed == 0 else rng.randint(1 + 6 * attempt, 5 + 6 * attempt)
         deadline = time.time() + (rng.uniform(0.5, 2.0) if target is None else 600)
+        start = kills[-1] if kills else None  # the checkpoint an earlier attempt left (not this run's)
+        first = None  # (time, step) when this run's first checkpoint was seen: paces the extra delay below
         while time.time() < deadline and run.poll() is None:
             try:
-                if target is not None and json.loads(state.read_text())["step"] >= target:
+                step = json.loads(state.read_text())["step"]
+                if step != start:
+                    first = first or (time.time(), step)
+                if target is not None and step >= target:
                     break
             except (FileNotFoundError, json.JSONDecodeError):
                 pass
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.15))
+        # a random delay of up to ~2 steps, so the kill can land inside a checkpoint write but never after the
+        # last step (on a fast machine a step of this tiny model takes ~20 ms)
+        per_step = 0.15 if target is None or first is None or step <= first[1] else \
+            (time.time() - first[0]) / (step - first[1])
+        time.sleep(rng.uniform(0, min(0.15, 2 * per_step)))
         assert run.poll() is None, "the run finished before it could be killed"
         run.send_signal(signal.SIGKILL)
         run.wait()

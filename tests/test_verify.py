@@ -7,9 +7,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lrqat_export.cli import main
-from lrqat_export.intckpt import ptq_rtn, write_intckpt
-from lrqat_export.quant import PRESETS
+from lrqat_export.app.cli import main
+from lrqat_export.methods.rtn import ptq_rtn
+from lrqat_export.core.intckpt import write_intckpt
+from lrqat_export.core.quant import PRESETS
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.gptq_loader]
 EVAL = ["--eval-data", "pydoc", "--eval-seq-len", "64", "--eval-windows", "2"]

@@ -7,13 +7,21 @@ from pathlib import Path
 import torch
 
 VOCAB = 384
+# WikiText-2 beside the checkout (../shared, which CI has too); the library reads no such path itself.
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def wikitext(split: str) -> Path | None:
+    """../shared/data/wikitext-2/{split}.txt, or None where it is absent."""
+    p = WIKITEXT / f"{split}.txt"
+    return p if p.is_file() else None
 
 
 def make_tokenizer(out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lrqat_export.data import embedded_corpus
+    from lrqat_export.core.data import embedded_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -14,7 +14,8 @@ A directory:
     tokenizer files       tokenizer.json, tokenizer_config.json, ... (tokenizer.save_pretrained)
 
 Dequantization: W[o, i] = scales[o, i // g] · (codes[o, i] − zeros[o, i // g]), in float32 (exact; quant.py).
-Converters read only this directory: no training code, no source model needed.
+Converters read only this directory: no training code, no source model needed. Producers build one with
+`build_intckpt` (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .errors import UserError
 from .fsio import atomic_dir, read_json, write_json
 from .quant import QuantSpec, dequantize
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +87,6 @@ class IntCheckpoint:
         if tied:
             model.tie_weights()
         return model.eval()
-
-
-def _manifest(spec: QuantSpec, config: Any, layers: list[str], source: dict, method: str, extra: dict) -> dict:
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "tool": {"name": "lrqat-export", "version": __version__},
-        "method": method,
-        "spec": spec.to_dict(),
-        "architecture": config.architectures[0] if getattr(config, "architectures", None) else None,
-        "codes": "signed int8 container, values in [qmin, qmax]",
-        "dequant": "W[o,i] = scales[o, i//g] * (codes[o,i] - zeros[o, i//g]) in float32",
-        "quantized_layers": layers,
-        "source": source,
-        **extra,
-    }
 
 
 def write_intckpt(
@@ -225,14 +210,15 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Building an IntCheckpoint from a model: fused LR-QAT layers, or round-to-nearest PTQ.
+# Building an IntCheckpoint: the one public builder every producer (fuse, RTN, baselines, GPTQ import, the sharded
+# fuse) goes through, so the manifest and the float-tensor selection have one owner.
 
 
-def _float_tensors(sd: dict[str, torch.Tensor], config: Any, quantized: list[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of the state dict `sd` outside the quantized layers (a tied lm_head is left out)."""
+def float_tensors(state_dict: dict[str, torch.Tensor], config: Any, quantized: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of `state_dict` outside the quantized layers (a tied lm_head is left out)."""
     skip = {f"{n}{s}" for n in quantized for s in (".weight", ".bias")}
     out = {}
-    for k, v in sd.items():
+    for k, v in state_dict.items():
         if k in skip or any(k.startswith(f"{n}.") for n in quantized):
             continue
         if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
@@ -241,40 +227,31 @@ def _float_tensors(sd: dict[str, torch.Tensor], config: Any, quantized: list[str
     return out
 
 
-def fuse(model: nn.Module, source: dict, extra: dict | None = None) -> IntCheckpoint:
-    """Fuse every LRQATLinear into integers: W_int = clip(round(Φ0 + (α/r)AB)), fp16 scales, zero points."""
-    from .prepare import lrqat_layers
+def manifest(spec: QuantSpec, config: Any, layers: list[str], source: dict, method: str, extra: dict) -> dict:
+    """The lrqat_manifest.json of a new IntCheckpoint (format, version, provenance, spec, layer list)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "lrqat-export", "version": __version__},
+        "method": method,
+        "spec": spec.to_dict(),
+        "architecture": config.architectures[0] if getattr(config, "architectures", None) else None,
+        "codes": "signed int8 container, values in [qmin, qmax]",
+        "dequant": "W[o,i] = scales[o, i//g] * (codes[o,i] - zeros[o, i//g]) in float32",
+        "quantized_layers": layers,
+        "source": source,
+        **extra,
+    }
 
-    return fuse_layers(lrqat_layers(model), model.config, model.state_dict(), source, extra)
 
-
-def fuse_layers(lr: dict[str, Any], config: Any, state_dict: dict[str, torch.Tensor], source: dict,
-                extra: dict | None = None) -> IntCheckpoint:
-    """fuse() from its parts: the LRQATLinear layers by name, the HF config and the model's full state dict (the
-    float tensors are taken from it). A sharded run calls this on rank 0 with the gathered state (distributed.py)."""
-    if not lr:
-        raise UserError("fuse: the model has no LRQATLinear layers; expected a prepared (trained) model")
-    spec = next(iter(lr.values())).spec
-    layers = {name: QuantLayer(m.fused_codes(), m.fused_scales(), None if m.zero is None else m.zero.clone(),
-                               None if m.bias is None else m.bias.clone()) for name, m in lr.items()}
+def build_intckpt(spec: QuantSpec, config: Any, layers: dict[str, QuantLayer], state_dict: dict[str, torch.Tensor],
+                  source: dict, method: str, extra: dict | None = None) -> IntCheckpoint:
+    """An IntCheckpoint from its quantized layers and the model's full state dict (the float tensors are taken from
+    it): the manifest records `method`, `source` and `extra`. Every layer is validated as load_intckpt would."""
+    if not layers:
+        raise UserError(f"IntCheckpoint ({method}): expected at least one quantized layer, got none")
+    for name, q in layers.items():
+        _validate_layer(Path(f"<{method}>"), name, q, spec)
     names = list(layers)
-    return IntCheckpoint(spec, config, layers, _float_tensors(state_dict, config, names),
-                         _manifest(spec, config, names, source, "lrqat", extra or {}))
-
-
-def ptq_rtn(model: nn.Module, spec: QuantSpec, source: dict, range_method: str = "lp") -> IntCheckpoint:
-    """Round-to-nearest PTQ baseline with the same range search, as an IntCheckpoint."""
-    from .prepare import quantized_layer_names
-    from .quant import rtn_quantize
-
-    names = quantized_layer_names(model)
-    layers = {}
-    for name in names:
-        lin = model.get_submodule(name)
-        spec.check_layer(name, lin.in_features)
-    for name in names:
-        lin = model.get_submodule(name)
-        codes, scales, zeros = rtn_quantize(lin.weight.detach().float(), spec, range_method)
-        layers[name] = QuantLayer(codes, scales, zeros, None if lin.bias is None else lin.bias.detach().float().clone())
-    return IntCheckpoint(spec, model.config, layers, _float_tensors(model.state_dict(), model.config, names),
-                         _manifest(spec, model.config, names, source, "rtn", {"range_method": range_method}))
+    return IntCheckpoint(spec, config, layers, float_tensors(state_dict, config, names),
+                         manifest(spec, config, names, source, method, extra or {}))

@@ -1,4 +1,6 @@
-"""The LR-QAT linear layer (Bondarenko, Del Chiaro, Nagel 2024, Eq. 8):
+"""LR-QAT (Bondarenko, Del Chiaro, Nagel 2024): its linear layer (Eq. 8), prepare and fuse.
+
+The layer:
 
     Ŵ = s · ( clip(⌊Φ0 + (α/r)·A·B⌉, qmin, qmax) − z )          ⌊·⌉ with a straight-through estimator
 
@@ -10,44 +12,32 @@
       "double-packed" variant; for b = 4 it keeps exactly the RTN codes.
   Ties: fixed point (and bf16) can land exactly on k + 1/2, which round-half-even may send away from the RTN code
   of the unrounded W0/s0. Those values are moved one step of the fixed-point grid toward the RTN code, so with
-  A·B = 0 the layer equals its round-to-nearest start exactly (DESIGN.md, trap 1).
+  A·B = 0 the layer equals its round-to-nearest start exactly (docs/ARCHITECTURE.md, "Traps").
 * A (out × r) starts at zero, B (r × in) Kaiming-uniform, so training starts at the RTN point; s (out × G) is
   trainable and used fp16-rounded (straight-through), the exactness rule; z is a frozen integer (asymmetric grids).
 * The whole upcast + A·B + round + clip + scale + matmul runs under activation checkpointing when gradients are
   on, so no weight-sized intermediate is kept for backward.
 * `fused_codes()` gives W_int = clip(round(Φ0 + (α/r)AB)) — exactly the integers the forward used.
+
+`prepare` swaps a model's projections (core.models.quantized_layer_names) for LRQATLinear layers; `fuse` walks them
+back out into an IntCheckpoint (core.intckpt.build_intckpt). The method's defaults live in methods/registry.py.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .errors import UserError
-from .quant import FP16_MAX, FP16_TINY, QuantSpec, grouped, init_scales
+from ..core.errors import UserError
+from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
+from ..core.models import quantized_layer_names, set_module
+from ..core.quant import QuantSpec, grouped, init_scales
+from .common import (PHI_CHOICES, MethodOptions, RoundSTE, check_init, check_linears, fp16_scales, fp16_ste, linear,
+                     maybe_checkpoint, trainable_parameters)
 
-PHI_CHOICES = ("int8", "int4", "bf16", "fp32")
-
-
-class RoundSTE(torch.autograd.Function):
-    """round() forward, identity backward (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return g
-
-
-def fp16_ste(s: torch.Tensor) -> torch.Tensor:
-    """Value: s rounded to fp16 (exactly, see quant.py); gradient: identity."""
-    s_c = s.clamp(FP16_TINY, FP16_MAX)
-    return s_c + (s_c.to(torch.float16).to(s.dtype) - s_c).detach()
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,16 +116,6 @@ def _lrqat_weight_fp32(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale)
     return (c * fp16_ste(scale.float()).unsqueeze(-1)).reshape(phi0.shape[0], -1)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x·Wᵀ + b in x's dtype (bf16 under autocast), from float32 weight and bias."""
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def maybe_checkpoint(enabled: bool, fn, *args):
-    """fn(*args), recomputed in backward instead of keeping its weight-sized intermediates when `enabled`."""
-    return checkpoint(fn, *args, use_reentrant=False) if enabled and torch.is_grad_enabled() else fn(*args)
-
-
 def _lrqat_forward(x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_scale):
     return linear(x, _lrqat_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale), bias)
 
@@ -145,7 +125,7 @@ class LRQATLinear(nn.Module):
     lora_A, lora_B, scale. Build with `from_linear`; the float weight is not kept."""
 
     def __init__(
-        self, in_features: int, out_features: int, spec: QuantSpec, rank: int = 32, alpha: float = 1.0,
+        self, in_features: int, out_features: int, spec: QuantSpec, *, rank: int, alpha: float,
         phi: str = "int8", bias: bool = False, checkpointing: bool = True,
     ) -> None:
         super().__init__()
@@ -178,7 +158,7 @@ class LRQATLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(
-        cls, linear: nn.Linear, spec: QuantSpec, rank: int = 32, alpha: float = 1.0, phi: str = "int8",
+        cls, linear: nn.Linear, spec: QuantSpec, *, rank: int, alpha: float, phi: str = "int8",
         range_method: str = "lp", checkpointing: bool = True, name: str = "linear",
         init: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> LRQATLinear:
@@ -188,7 +168,7 @@ class LRQATLinear(nn.Module):
         w = linear.weight.detach().float()
         if not torch.isfinite(w).all():
             raise UserError(f"layer {name}: weight has NaN/Inf values; expected finite weights")
-        layer = cls(linear.in_features, linear.out_features, spec, rank, alpha, phi,
+        layer = cls(linear.in_features, linear.out_features, spec, rank=rank, alpha=alpha, phi=phi,
                     bias=linear.bias is not None, checkpointing=checkpointing)
         if init is None:
             s0, z0 = init_scales(w, spec, range_method)
@@ -226,8 +206,71 @@ class LRQATLinear(nn.Module):
     @torch.no_grad()
     def fused_scales(self) -> torch.Tensor:
         """fp16 scales (out, G) — the values the forward multiplies by."""
-        return self.scale.detach().float().clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+        return fp16_scales(self.scale)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, spec={self.spec.name}, r={self.rank}, "
                 f"alpha={self.alpha}, phi={self.phi}, bias={self.bias is not None}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole model: prepare (swap projections for LRQATLinear), inspect, fuse.
+
+
+def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntCheckpoint | None = None) -> nn.Module:
+    """In place: freeze everything, then replace each projection by LRQATLinear.from_linear. Returns the model.
+
+    Every layer is validated before any is replaced, so a bad spec leaves the model untouched.
+    init: an IntCheckpoint of the same model and spec (e.g. the RTN baseline) whose scales and zero points start
+    the training instead of a new range search.
+    """
+    opts.require("alpha", method="lrqat")
+    names = quantized_layer_names(model)
+    check_init(init, spec, names, "prepare")
+    check_linears(model, names, spec)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        lin = model.get_submodule(name)
+        q = None if init is None else init.layers[name]
+        set_module(model, name, LRQATLinear.from_linear(
+            lin, spec, rank=opts.rank, alpha=opts.alpha, phi=opts.phi, range_method=opts.range_method,
+            checkpointing=opts.checkpointing, name=name, init=None if q is None else (q.scales, q.zeros)))
+    log.info("prepared %d layers with %s, r=%d, alpha=%g, phi=%s", len(names), spec.name, opts.rank, opts.alpha,
+             opts.phi)
+    return model
+
+
+def lrqat_layers(model: nn.Module) -> dict[str, LRQATLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LRQATLinear)}
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable (A, B, s) vs everything the model holds (float params + frozen Φ0 weights counted as weights)."""
+    trainable = sum(p.numel() for p in trainable_parameters(model).values())
+    frozen_float = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen_int = sum(m.out_features * m.in_features for m in lrqat_layers(model).values())
+    total = trainable + frozen_float + frozen_int
+    return {"trainable": trainable, "total": total, "frozen_quantized_weights": frozen_int}
+
+
+def frozen_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the frozen Φ0 buffers (1 per weight for int8, 0.5 for double-packed int4)."""
+    return sum(m.phi0.numel() * m.phi0.element_size() for m in lrqat_layers(model).values())
+
+
+def fuse(model: nn.Module, source: dict, extra: dict | None = None) -> IntCheckpoint:
+    """Fuse every LRQATLinear into integers: W_int = clip(round(Φ0 + (α/r)AB)), fp16 scales, zero points."""
+    return fuse_layers(lrqat_layers(model), model.config, model.state_dict(), source, extra)
+
+
+def fuse_layers(lr: dict[str, LRQATLinear], config, state_dict: dict[str, torch.Tensor], source: dict,
+                extra: dict | None = None) -> IntCheckpoint:
+    """fuse() from its parts: the LRQATLinear layers by name, the HF config and the model's full state dict (the
+    float tensors are taken from it). A sharded run calls this on rank 0 with the gathered state (train/fsdp.py)."""
+    if not lr:
+        raise UserError("fuse: the model has no LRQATLinear layers; expected a prepared (trained) model")
+    spec = next(iter(lr.values())).spec
+    layers = {name: QuantLayer(m.fused_codes(), m.fused_scales(), None if m.zero is None else m.zero.clone(),
+                               None if m.bias is None else m.bias.clone()) for name, m in lr.items()}
+    return build_intckpt(spec, config, layers, state_dict, source, "lrqat", extra)

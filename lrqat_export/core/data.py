@@ -2,8 +2,8 @@
 
 Windows are non-overlapping slices of one token stream (no BOS inserted; every position after the first is a
 next-token target). The embedded default corpus is CPython's own help text (`pydoc_data.topics`, ~0.7 MB of
-English that ships with every Python installation), so the default pipeline works offline; WikiText-2 in
-../shared/data is what tests and benchmarks use, with a fallback to the embedded corpus when it is absent.
+English that ships with every Python installation), so the default pipeline works offline. Other text comes in
+as file paths (tests and benchmarks pass WikiText-2's location in; the library reads no path of its own).
 """
 from __future__ import annotations
 
@@ -85,10 +85,3 @@ def text_windows(tokenizer, paths, seq_len: int, max_windows: int | None = None,
     text = read_texts(paths)
     max_tokens = None if max_windows is None else (max_windows + 1) * seq_len
     return windows(tokenize(tokenizer, text, max_tokens), seq_len, max_windows, what)
-
-
-def shared_wikitext(split: str) -> Path | None:
-    """../shared/data/wikitext-2/{split}.txt next to the checkout, if present."""
-    here = Path(__file__).resolve().parent.parent
-    p = here.parent / "shared" / "data" / "wikitext-2" / f"{split}.txt"
-    return p if p.is_file() else None

@@ -7,7 +7,7 @@ is the tightest of the CPU kernels (it dequantizes scales[g_idx]·(q − z) exac
 aten/fused int4 kernels differ from the torch reference by ~7e-3 in logits, this one by ~1e-3). It refuses
 float32, so fp16 is the most precise dtype it runs in.
 
-Scoring reuses `lrqat_export.evaluate.perplexity` on the loaded model, so the numbers are computed exactly as for
+Scoring reuses `runtimes.torch_eval.perplexity` on the loaded model, so the numbers are computed exactly as for
 the torch reference; only the model differs.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .evaluate import perplexity
+from ..core.errors import UserError
+from .torch_eval import perplexity
 
 log = logging.getLogger(__name__)
 

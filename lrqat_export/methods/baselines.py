@@ -34,20 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .intckpt import IntCheckpoint, QuantLayer, _float_tensors, _manifest
-from .lrqat_linear import RoundSTE, fp16_ste, linear, maybe_checkpoint
-from .prepare import _set_module, quantized_layer_names
-from .quant import FP16_MAX, FP16_TINY, QuantSpec, dequantize, grouped, init_scales, quantize_codes, rtn_quantize
-from .train import ParamGroup, TrainConfig
+from ..core.errors import UserError
+from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
+from ..core.models import quantized_layer_names, set_module
+from ..core.quant import FP16_MAX, FP16_TINY, QuantSpec, dequantize, grouped, init_scales, quantize_codes, rtn_quantize
+from .common import (MethodOptions, RoundSTE, check_init, check_linears, fp16_scales, fp16_ste, frozen_bias, linear,
+                     maybe_checkpoint)
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lrqat", "full-qat", "peqa", "qlora", "qalora", "lora-fp")
-BASELINES = METHODS[1:]
 NF4_BLOCK = 64  # QLoRA: one absmax per 64 weights (the second-level "double quantization" of absmax is not modelled)
-FULL_QAT_LR_W = 5e-5  # paper's best full-model QAT weight lr (anchors §1.7)
-FULL_QAT_WD_W = 0.1  # paper: weight decay 0.1 on the full-model weights
 
 
 def nf4_levels() -> torch.Tensor:
@@ -80,10 +76,6 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, levels: torch.Ten
 # Layers. Each keeps HF's bias (if any) frozen as a buffer.
 
 
-def _frozen_bias(linear: nn.Linear) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.detach().float().clone()
-
-
 def _fq_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
     s = fp16_ste(scale.float()).unsqueeze(-1)  # (out, G, 1)
     x = grouped(w.float(), spec) / s
@@ -107,7 +99,7 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(w.clone())
         self.scale = nn.Parameter(s0.float().clone())
         self.register_buffer("zero", None if z0 is None else z0.float().to(torch.int8))
-        self.register_buffer("bias", _frozen_bias(linear))
+        self.register_buffer("bias", frozen_bias(linear))
 
     @staticmethod
     def _forward(x, w, scale, zero, bias, spec):
@@ -119,7 +111,7 @@ class FakeQuantLinear(nn.Module):
 
     @torch.no_grad()
     def fused(self) -> QuantLayer:
-        s16 = self.scale.float().clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+        s16 = fp16_scales(self.scale)
         z = None if self.zero is None else self.zero.float()
         codes = quantize_codes(self.weight, s16.float(), z, self.spec)  # the same ops as _fq_weight's forward
         return QuantLayer(codes, s16, None if self.zero is None else self.zero.clone(), self.bias)
@@ -135,7 +127,7 @@ class PEQALinear(nn.Module):
         self.spec, self.checkpointing = spec, checkpointing
         self.register_buffer("codes", quantize_codes(w, s0, z0, spec))
         self.register_buffer("zero", None if z0 is None else z0.float().to(torch.int8))
-        self.register_buffer("bias", _frozen_bias(linear))
+        self.register_buffer("bias", frozen_bias(linear))
         self.scale = nn.Parameter(s0.float().clone())
 
     @staticmethod
@@ -148,7 +140,7 @@ class PEQALinear(nn.Module):
 
     @torch.no_grad()
     def fused(self) -> QuantLayer:
-        s16 = self.scale.float().clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+        s16 = fp16_scales(self.scale)
         return QuantLayer(self.codes.clone(), s16, None if self.zero is None else self.zero.clone(), self.bias)
 
 
@@ -170,7 +162,7 @@ class LoRALinear(nn.Module):
             self.register_buffer("weight", None)
         else:
             self.register_buffer("weight", w.clone())
-        self.register_buffer("bias", _frozen_bias(linear))
+        self.register_buffer("bias", frozen_bias(linear))
         self.lora_A = nn.Parameter(torch.empty(rank, in_f))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank))
@@ -210,7 +202,7 @@ class QALoRALinear(nn.Module):
         self.register_buffer("codes", quantize_codes(w, s0, None, sym))
         self.register_buffer("scale", s0.float().clamp(FP16_TINY, FP16_MAX).to(torch.float16))
         self.register_buffer("zero", torch.zeros(out_f, self.n_groups))  # float z' (0 at start)
-        self.register_buffer("bias", _frozen_bias(linear))
+        self.register_buffer("bias", frozen_bias(linear))
         self.lora_A = nn.Parameter(torch.empty(rank, self.n_groups))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(out_f, rank))
@@ -246,58 +238,75 @@ BASELINE_LAYERS = (FakeQuantLinear, PEQALinear, LoRALinear, QALoRALinear)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def prepare_baseline(model: nn.Module, method: str, spec: QuantSpec, rank: int = 32, alpha: float = 16.0,
-                     checkpointing: bool = True, init: IntCheckpoint | None = None,
-                     range_method: str = "lp") -> nn.Module:
-    """In place: freeze everything, swap each projection for the method's layer. Scales (and zeros) start from the
-    same range search as LR-QAT's (`range_method`), or from `init`, an IntCheckpoint of the same model and spec
-    (full-qat, peqa, qalora; QA-LoRA needs a symmetric spec)."""
-    if method == "qalora" and not spec.symmetric:
-        raise UserError(f"qalora: expected a symmetric spec (its zero points are what the adapter trains), "
-                        f"got {spec.name}")
-    if method not in BASELINES:
-        raise UserError(f"baseline method: expected one of {BASELINES}, got {method!r}")
+def _swap(model: nn.Module, what: str, spec: QuantSpec | None, init: IntCheckpoint | None, make) -> nn.Module:
+    """In place: freeze everything, then replace each projection by make(linear, name) — every layer checked first
+    (an nn.Linear, a width the grid tiles when `spec` is given), so a refusal leaves the model untouched."""
     names = quantized_layer_names(model)
-    for name in names:
-        lin = model.get_submodule(name)
-        if not isinstance(lin, nn.Linear):
-            raise UserError(f"layer {name}: expected nn.Linear, got {type(lin).__name__} (already prepared?)")
-        if method != "lora-fp":
-            spec.check_layer(name, lin.in_features)
-    if init is not None and (init.spec != spec or set(init.layers) != set(names)):
-        raise UserError(f"prepare {method}: init checkpoint has spec {init.spec.name} and {len(init.layers)} layers; "
-                        f"expected spec {spec.name} and {len(names)} layers")
+    check_linears(model, names, spec)
+    if spec is not None:
+        check_init(init, spec, names, f"prepare {what}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         lin = model.get_submodule(name)
-        if method in ("qlora", "lora-fp"):
-            ini = None
-        elif init is None:
-            ini = init_scales(lin.weight.detach().float(), spec, range_method)
-        else:
-            q = init.layers[name]
-            ini = (q.scales.float(), None if q.zeros is None else q.zeros.float())
-        if method == "full-qat":
-            layer = FakeQuantLinear(lin, spec, checkpointing, ini)
-        elif method == "peqa":
-            layer = PEQALinear(lin, spec, checkpointing, ini)
-        elif method == "qalora":
-            layer = QALoRALinear(lin, spec, rank, alpha, checkpointing, ini)
-        else:
-            layer = LoRALinear(lin, rank, alpha, "nf4" if method == "qlora" else "float", checkpointing)
-        _set_module(model, name, layer.to(lin.weight.device))
-    log.info("prepared %d layers for %s (%s)", len(names), method, spec.name)
+        set_module(model, name, make(lin, name).to(lin.weight.device))
+    log.info("prepared %d layers for %s (%s)", len(names), what, spec.name if spec else "float")
     return model
 
 
-def param_groups(method: str, cfg: TrainConfig, lr_weight: float = FULL_QAT_LR_W) -> list[ParamGroup]:
-    """Optimizer groups per method (same AdamW, schedule, clipping as LR-QAT)."""
-    if method == "full-qat":
-        return [("weight", (".weight",), lr_weight, FULL_QAT_WD_W), ("scale", (".scale",), cfg.lr_scale, 0.0)]
-    if method == "peqa":
-        return [("scale", (".scale",), cfg.lr_scale, 0.0)]
-    return [("ab", ("lora_A", "lora_B"), cfg.lr_ab, cfg.weight_decay)]
+def _start(lin: nn.Linear, name: str, spec: QuantSpec, opts: MethodOptions, init: IntCheckpoint | None):
+    """(scales, zeros) a quantized baseline starts from: `init`'s, or the same range search as LR-QAT's."""
+    if init is None:
+        return init_scales(lin.weight.detach().float(), spec, opts.range_method)
+    q = init.layers[name]
+    return q.scales.float(), None if q.zeros is None else q.zeros.float()
+
+
+def prepare_full_qat(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntCheckpoint | None = None):
+    return _swap(model, "full-qat", spec, init,
+                 lambda lin, n: FakeQuantLinear(lin, spec, opts.checkpointing, _start(lin, n, spec, opts, init)))
+
+
+def prepare_peqa(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntCheckpoint | None = None):
+    return _swap(model, "peqa", spec, init,
+                 lambda lin, n: PEQALinear(lin, spec, opts.checkpointing, _start(lin, n, spec, opts, init)))
+
+
+def prepare_qalora(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntCheckpoint | None = None):
+    if not spec.symmetric:
+        raise UserError(f"qalora: expected a symmetric spec (its zero points are what the adapter trains), "
+                        f"got {spec.name}")
+    opts.require("alpha", method="qalora")
+    return _swap(model, "qalora", spec, init, lambda lin, n: QALoRALinear(
+        lin, spec, opts.rank, opts.alpha, opts.checkpointing, _start(lin, n, spec, opts, init)))
+
+
+def prepare_qlora(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntCheckpoint | None = None):
+    """NF4 base (its own blocks, not the grid) + float LoRA; `spec` is the grid the merged weight is rounded to."""
+    opts.require("alpha", method="qlora")
+    return _swap(model, "qlora", spec, None,
+                 lambda lin, n: LoRALinear(lin, opts.rank, opts.alpha, "nf4", opts.checkpointing))
+
+
+def prepare_lora_fp(model: nn.Module, spec: QuantSpec | None, opts: MethodOptions, init: IntCheckpoint | None = None):
+    """The float control: no grid at all (`spec` is ignored)."""
+    opts.require("alpha", method="lora-fp")
+    return _swap(model, "lora-fp", None, None,
+                 lambda lin, n: LoRALinear(lin, opts.rank, opts.alpha, "float", opts.checkpointing))
+
+
+PREPARE = {"full-qat": prepare_full_qat, "peqa": prepare_peqa, "qlora": prepare_qlora, "qalora": prepare_qalora,
+           "lora-fp": prepare_lora_fp}
+
+
+def prepare_baseline(model: nn.Module, method: str, spec: QuantSpec, opts: MethodOptions,
+                     init: IntCheckpoint | None = None) -> nn.Module:
+    """prepare_<method> by name. Scales (and zeros) start from the same range search as LR-QAT's
+    (`opts.range_method`), or from `init`, an IntCheckpoint of the same model and spec (full-qat, peqa, qalora).
+    `opts` must be resolved (methods.registry)."""
+    if method not in PREPARE:
+        raise UserError(f"baseline method: expected one of {tuple(PREPARE)}, got {method!r}")
+    return PREPARE[method](model, spec, opts, init)
 
 
 def baseline_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -319,19 +328,21 @@ def merged_float_model(model: nn.Module) -> nn.Module:
         if m.bias is not None:
             lin.bias.copy_(m.bias)
         lin.requires_grad_(False)
-        _set_module(model, name, lin)
+        set_module(model, name, lin)
     return model.eval()
 
 
 @torch.no_grad()
-def fuse_baseline(model: nn.Module, method: str, spec: QuantSpec, source: dict, range_method: str = "lp",
+def fuse_baseline(model: nn.Module, method: str, spec: QuantSpec, source: dict, range_method: str, exact: bool,
                   extra: dict | None = None) -> IntCheckpoint:
-    """The trained baseline as an IntCheckpoint (see the module docstring for what is exact)."""
-    if method == "lora-fp":
-        raise UserError("lora-fp is the float control: it has no integer checkpoint; use merged_float_model")
+    """The trained baseline as an IntCheckpoint (see the module docstring for what is exact; `exact` comes from
+    the registry and is recorded in the manifest)."""
     layers_m = baseline_layers(model)
     if not layers_m:
         raise UserError(f"fuse {method}: the model has no baseline layers; expected a prepared model")
+    if any(isinstance(m, LoRALinear) and m.base == "float" for m in layers_m.values()):
+        raise UserError(f"fuse {method}: the float control (lora-fp) has no integer checkpoint; use "
+                        f"merged_float_model")
     layers: dict[str, QuantLayer] = {}
     out_spec = spec
     for name, m in layers_m.items():
@@ -341,7 +352,5 @@ def fuse_baseline(model: nn.Module, method: str, spec: QuantSpec, source: dict, 
         else:
             layers[name] = m.fused()
             out_spec = m.spec
-    names = list(layers)
-    info = {"baseline": method, "exact": method in ("full-qat", "peqa"), **(extra or {})}
-    return IntCheckpoint(out_spec, model.config, layers, _float_tensors(model.state_dict(), model.config, names),
-                         _manifest(out_spec, model.config, names, source, method, info))
+    info = {"baseline": method, "exact": exact, **(extra or {})}
+    return build_intckpt(out_spec, model.config, layers, model.state_dict(), source, method, info)

@@ -1,6 +1,6 @@
 """Real llama.cpp (llama-cpp-python) on a GGUF file: logits, perplexity, greedy generation, tokenizer.
 
-Perplexity uses the same windows and the same scoring code as the torch side (evaluate.nll_from_logits), so the
+Perplexity uses the same windows and the same scoring code as the torch side (runtimes/torch_eval.nll_from_logits), so the
 two numbers differ only by what the runtimes compute. Settings (env-llamacpp.md): 2 threads (the library default
 is cpu_count()//2), flash attention off (the Python default; `llama-perplexity -fa auto` turns it on and moves ppl
 by ~0.3 %), logits for every position, KV cache cleared between windows (reset + eval).
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .evaluate import nll_from_logits
+from ..core.errors import UserError
+from .torch_eval import nll_from_logits
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Exceptions that map onto the CLI's exit status (DESIGN.md: 0 ok, 1 a check failed, 2 bad input)."""
+"""Exceptions that map onto the CLI's exit status (docs/ARCHITECTURE.md: 0 ok, 1 a check failed, 2 bad input)."""
 from __future__ import annotations
 
 

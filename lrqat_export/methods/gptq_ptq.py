@@ -27,10 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .intckpt import IntCheckpoint, QuantLayer, _float_tensors, _manifest
-from .prepare import quantized_layer_names
-from .quant import QuantSpec
+from converters.gptq import read_gptq, unpack_codes
+
+from ..core.errors import UserError
+from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
+from ..core.models import quantized_layer_names
+from ..core.quant import QuantSpec
+from .common import check_linears
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ def gptqmodel_quantize(float_dir: str | Path, out_dir: str | Path, spec: QuantSp
 
 def gptq_dir_to_layers(gptq_dir: str | Path, spec: QuantSpec, names: list[str]) -> dict[str, QuantLayer]:
     """Read GPTQModel's qweight/qzeros/scales/g_idx into signed codes, fp16 scales (out, G), no zeros (sym)."""
-    from converters.gptq import read_gptq, unpack_codes
-
     qc, layers, _ = read_gptq(gptq_dir)
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
     if qc.get("bits") != spec.bits or qc.get("group_size") != spec.group_size or qc.get("desc_act"):
@@ -126,8 +127,7 @@ def ptq_gptq(model, tok, spec: QuantSpec, source: dict, calib: torch.Tensor, kee
     """GPTQ baseline as an IntCheckpoint: save the float model, quantize it with GPTQModel on CPU, import the
     integers, and (check=True) verify them element-wise against GPTQModel's own dequantization."""
     names = quantized_layer_names(model)
-    for name in names:
-        spec.check_layer(name, model.get_submodule(name).in_features)
+    check_linears(model, names, spec)
     with tempfile.TemporaryDirectory(prefix="lrqat-gptq-") as tmp:
         fdir, qdir = Path(tmp) / "float", Path(keep_dir) if keep_dir else Path(tmp) / "gptq"
         model.save_pretrained(fdir)
@@ -140,8 +140,7 @@ def ptq_gptq(model, tok, spec: QuantSpec, source: dict, calib: torch.Tensor, kee
                 q.bias = lin.bias.detach().float().clone()
         extra = {"gptq": {"calib_windows": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1]),
                           "timings": timings, "quantizer": "gptqmodel"}}
-        ck = IntCheckpoint(spec, model.config, layers, _float_tensors(model.state_dict(), model.config, names),
-                           _manifest(spec, model.config, names, source, "gptq", extra))
+        ck = build_intckpt(spec, model.config, layers, model.state_dict(), source, "gptq", extra)
         if check:
             res = check_against_gptqmodel(qdir, ck)
             ck.manifest["gptq"]["import_check"] = res
@@ -149,20 +148,3 @@ def ptq_gptq(model, tok, spec: QuantSpec, source: dict, calib: torch.Tensor, kee
                 raise UserError(f"GPTQ import: imported weights differ from GPTQModel's dequantization: "
                                 f"{res['mismatches']}")
     return ck
-
-
-@torch.no_grad()
-def load_weights_from(model, ck: IntCheckpoint) -> None:
-    """Put s·(c − z) of `ck` into the model's projections, so a later prepare(init=ck) freezes exactly ck's codes
-    (W/s = c exactly for fp16 s: GPTQ-initialised LR-QAT starts at the GPTQ model)."""
-    names = quantized_layer_names(model)
-    if set(names) != set(ck.layers):
-        raise UserError(f"init checkpoint {ck.path}: layers differ from the model's: "
-                        f"{sorted(set(names) ^ set(ck.layers))[:5]}")
-    for name in names:
-        lin = model.get_submodule(name)
-        w = ck.dequantized(name)
-        if tuple(w.shape) != tuple(lin.weight.shape):
-            raise UserError(f"init checkpoint {ck.path}: layer {name} has shape {tuple(w.shape)}, "
-                            f"expected {tuple(lin.weight.shape)}")
-        lin.weight.copy_(w.to(lin.weight.dtype))

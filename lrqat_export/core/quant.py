@@ -9,7 +9,7 @@ with one (s, z) per output channel (group_size = -1) or per `group_size` consecu
 The formats see unsigned codes q = c + 2^(b-1): GGUF Q4_0 stores q = c + 8 and d = s (w = d·(q − 8)); GPTQ stores
 q and the unsigned zero z + 2^(b-1) (8 for symmetric 4-bit).
 
-Exactness rule (DESIGN.md): GGUF and GPTQ store scales as fp16, so every scale used in a forward pass is
+Exactness rule (docs/ARCHITECTURE.md): GGUF and GPTQ store scales as fp16, so every scale used in a forward pass is
 fp16-representable (`fp16_round`). Then s·(c − z) has at most 11 + 9 significant bits and is exact in float32, so
 the float32 weights of the trained model, of the fused IntCheckpoint and of every export's dequantization are the
 same numbers bit for bit.
@@ -94,7 +94,7 @@ class QuantSpec:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
-# Presets are named after the target they export exactly to (DESIGN.md grid table).
+# Presets are named after the target they export exactly to (docs/ARCHITECTURE.md, grid table).
 PRESETS: dict[str, QuantSpec] = {
     "q4_0": QuantSpec(bits=4, group_size=32, symmetric=True),  # GGUF Q4_0, GPTQ 4-bit g32 sym
     "q8_0": QuantSpec(bits=8, group_size=32, symmetric=True),  # GGUF Q8_0, GPTQ 8-bit g32 sym
@@ -109,6 +109,9 @@ PRESETS: dict[str, QuantSpec] = {
 }
 
 
+DEFAULT_PRESET = "w4pc"  # the grid every verb uses when none is named
+
+
 def spec_from_args(preset: str | None, bits: int | None, group_size: int | None, asym: bool) -> QuantSpec:
     """Preset first, then explicit options override it (CLI: --preset q4_0 --bits 3 ...)."""
     if preset is not None:
@@ -116,7 +119,7 @@ def spec_from_args(preset: str | None, bits: int | None, group_size: int | None,
             raise UserError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
         base = PRESETS[preset]
     else:
-        base = PRESETS["w4pc"] if bits is None and group_size is None and not asym else QuantSpec()
+        base = PRESETS[DEFAULT_PRESET] if bits is None and group_size is None and not asym else QuantSpec()
     return QuantSpec(
         bits=base.bits if bits is None else bits,
         group_size=base.group_size if group_size is None else group_size,

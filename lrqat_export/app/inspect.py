@@ -1,10 +1,14 @@
-"""`lrqat inspect`: a readable summary of an artefact (IntCheckpoint directory)."""
+"""`lrqat inspect`: a readable summary of an artefact (IntCheckpoint directory, .gguf file, GPTQ directory)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
-from .intckpt import is_intckpt, load_intckpt
+from converters.gguf import inspect_gguf
+from converters.gptq import inspect_gptq
+from converters.sniff import artifact_kind
+
+from ..core.errors import UserError
+from ..core.intckpt import load_intckpt
 
 
 def inspect_intckpt(path: str | Path) -> str:
@@ -34,16 +38,12 @@ def inspect_intckpt(path: str | Path) -> str:
 
 
 def inspect_path(target: str) -> str:
-    p = Path(target)
-    if is_intckpt(p):
-        return inspect_intckpt(p)
-    if p.is_file() and p.suffix == ".gguf":
-        from converters.gguf import inspect_gguf
-
-        return inspect_gguf(p)
-    if p.is_dir() and (p / "quantize_config.json").is_file():
-        from converters.gptq import inspect_gptq
-
-        return inspect_gptq(p)
+    kind = artifact_kind(target)
+    if kind == "intckpt":
+        return inspect_intckpt(target)
+    if kind == "gguf":
+        return inspect_gguf(target)
+    if kind == "gptq":
+        return inspect_gptq(target)
     raise UserError(f"inspect {target}: expected an IntCheckpoint directory (with lrqat_manifest.json), "
                     f"a .gguf file or a GPTQ directory")

@@ -16,12 +16,18 @@ import logging
 import time
 from pathlib import Path
 
-from . import data as D
-from .errors import CheckFailed, UserError
-from .evaluate import perplexity
-from .fsio import atomic_file, write_json
-from .intckpt import load_intckpt
-from .models import load_tokenizer
+from converters.gguf import reference_model, verify_gguf
+from converters.gguf_meta import open_gguf
+from converters.gptq import compare_with_intckpt
+
+from ..core import data as D
+from ..core.errors import CheckFailed, UserError
+from ..core.fsio import atomic_file, write_json
+from ..core.intckpt import load_intckpt
+from ..core.models import load_tokenizer
+from ..runtimes.torch_eval import perplexity
+from .jobs import VerifyJob
+from .report import VERIFY_LABELS, plot_report
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +36,6 @@ ASYM_MAX_STEP = 2.0**-6  # Q4_1/Q5_1: fp16 rounding of the offset m, in units of
 
 
 def _gguf_embed_type(path: Path) -> str:
-    from converters.gguf_meta import open_gguf
-
     for t in open_gguf(path).tensors:
         if t.name == "token_embd.weight":
             return {"F16": "f16", "Q8_0": "q8_0", "F32": "f32"}.get(t.tensor_type.name, "f16")
@@ -67,9 +71,7 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
 
     report["ppl"]["torch"] = timed("torch_s", lambda: perplexity(ck.to_torch_model(), windows, protocol))["ppl"]
     if gguf_path is not None:
-        from converters.gguf import reference_model, verify_gguf
-
-        from .llamacpp import perplexity_gguf
+        from ..runtimes.llamacpp import perplexity_gguf
 
         w = timed("gguf_weights_s", lambda: verify_gguf(gguf_path, ck))
         q = w["quantized"]
@@ -85,9 +87,7 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
         report["ppl"]["torch_gguf_ref"], report["ppl"]["gguf"] = ref, got
         _parity(report, "gguf", got, ref, limits["gguf"], ok_w, failures, f"embeddings {embed}")
     if gptq_dir is not None:
-        from converters.gptq import compare_with_intckpt
-
-        from .gptq_loader import perplexity_gptq
+        from ..runtimes.gptq_loader import perplexity_gptq
 
         c = timed("gptq_weights_s", lambda: compare_with_intckpt(gptq_dir, ck))
         report["weights"]["gptq"] = {"exact": c["exact"], "passed": c["exact"], "max_abs": c["max_abs_diff"],
@@ -103,6 +103,14 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
     if failures:
         raise CheckFailed("; ".join(failures))
     return report
+
+
+def verify_job(job: VerifyJob) -> dict:
+    """`lrqat verify` as a function of its config object (see verify)."""
+    if not job.eval.eval_data:
+        raise UserError("--eval-data: expected at least one text file")
+    return verify(job.intckpt, job.gguf, job.gptq, list(job.eval.eval_data), job.eval.seq_len, job.eval.windows,
+                  job.eval.protocol, job.max_gap, job.report)
 
 
 def _parity(report, runtime, got, ref, limit, weights_ok, failures, note) -> None:
@@ -140,8 +148,6 @@ def markdown(report: dict) -> str:
 
 def write_report(report: dict, d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    from .plot import VERIFY_LABELS, plot_report
-
     write_json(d / "parity.json", report)
     plot_report(report, [], d / "parity.png", VERIFY_LABELS)
     with atomic_file(d / "parity.md", "w") as f:

@@ -1,0 +1,327 @@
+"""`lrqat` command line (contract in docs/ARCHITECTURE.md). Exit status: 0 ok, 1 a check failed, 2 bad input.
+
+The only module that parses arguments: each verb's options become a config object (app.jobs) and the verb runs
+as a function of it (app.verbs, app.run, app.verify). Every default shown here is read from those objects or from
+methods.registry, never written twice."""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import sys
+
+from ..core.errors import CheckFailed, UserError
+from ..core.models import DEFAULT_MODEL
+from ..core.quant import DEFAULT_PRESET, spec_from_args
+from ..methods import registry
+from ..methods.common import PHI_CHOICES, MethodOptions
+from ..train.config import TrainConfig
+from . import jobs as J
+
+EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
+# A full disk, a file-size or quota limit, a read-only or forbidden target: the environment refuses the write.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+OPTS, TRAIN, DATA, EVAL = MethodOptions(), TrainConfig(), J.DataOptions(), J.EvalOptions()
+
+
+def _method_defaults(key: str) -> str:
+    """'1 for lrqat; 16 for qlora, qalora, lora-fp' — a per-method default as the registry holds it."""
+    by_value: dict = {}
+    for name in registry.names(trains=True):
+        v = registry.default(name, key)
+        if v is not None:
+            by_value.setdefault(v, []).append(name)
+    return "; ".join(f"{v:g} for {', '.join(ns)}" for v, ns in by_value.items())
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization grid")
+    g.add_argument("--preset", help=f"named grid: q4_0, q8_0, q4_1, w4pc, w4g64, w3g64, w4g128, w3g128, ... "
+                                    f"(default {DEFAULT_PRESET}); --bits/--group-size/--asym override it")
+    g.add_argument("--bits", type=int, help="code width, 2..8")
+    g.add_argument("--group-size", type=int, help="input features per scale; -1 = per output channel")
+    g.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points")
+    g.add_argument("--range-method", default=OPTS.range_method, choices=["lp", "mse", "minmax"],
+                   help="scale initialisation by range search (default lp: Lp-norm p=4 grid search, as the paper)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, train: bool, eval_: bool, ev: J.EvalOptions = EVAL) -> None:
+    g = p.add_argument_group("data")
+    if train:
+        g.add_argument("--train-data", nargs="+", default=list(DATA.train_data),
+                       help="UTF-8 text files to train on; 'pydoc' = the embedded corpus (Python's help text)")
+        g.add_argument("--seq-len", type=int, default=DATA.seq_len,
+                       help=f"training window length in tokens (default {DATA.seq_len})")
+        g.add_argument("--max-train-windows", type=int, help="use at most this many training windows")
+    if eval_:
+        g.add_argument("--eval-data", nargs="+", help="UTF-8 text files to evaluate on ('pydoc' = embedded corpus)")
+        g.add_argument("--eval-seq-len", type=int, default=ev.seq_len,
+                       help=f"evaluation window length (default {ev.seq_len})")
+        g.add_argument("--eval-windows", type=int, default=ev.windows,
+                       help=f"number of evaluation windows (default {ev.windows})")
+        g.add_argument("--protocol", default=ev.protocol, choices=["full", "second_half"],
+                       help="score all next-token predictions, or only the second half (llama-perplexity's way)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
+    g = p.add_argument_group("LR-QAT")
+    g.add_argument("--rank", type=int, default=OPTS.rank, help=f"adapter rank r (default {OPTS.rank}, the paper's)")
+    g.add_argument("--alpha", type=float, help=f"adapter scale numerator α; A·B is scaled by α/r (default "
+                                               f"{_method_defaults('alpha')})")
+    g.add_argument("--phi", default=OPTS.phi, choices=list(PHI_CHOICES),
+                   help="storage of the frozen Φ0: int8 fixed point (default), int4 double-packed, bf16, fp32")
+    g.add_argument("--no-checkpointing", action="store_true", help="keep weight-sized intermediates for backward")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=int, default=TRAIN.batch_size,
+                   help=f"windows per optimizer step, over all ranks under torchrun (the global batch; default "
+                        f"{TRAIN.batch_size})")
+    g.add_argument("--grad-accum", type=int, default=TRAIN.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr-ab", type=float, help=f"learning rate of A and B (default {_method_defaults('lr_ab')})")
+    g.add_argument("--lr-scale", type=float, help=f"learning rate of the scales (default "
+                                                  f"{_method_defaults('lr_scale')}; 0 = frozen)")
+    g.add_argument("--warmup", type=float, default=TRAIN.warmup_fraction,
+                   help=f"warmup fraction of the steps (default {TRAIN.warmup_fraction})")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
+    g.add_argument("--checkpoint-layers", action="store_true",
+                   help="recompute each decoder layer's activations in backward: much less activation memory, "
+                        "about one more forward of time, the same numbers (may change on --resume)")
+    g.add_argument("--seed", type=int, default=TRAIN.seed)
+    g.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1)")
+    g.add_argument("--ckpt-every", type=int, default=TRAIN.ckpt_every,
+                   help="steps between resumable checkpoints (0 = end only)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
+    g.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="under torchrun: process-group backend (auto: nccl with --device cuda, else gloo)")
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory's own Python code (config auto_map) to run; off by default")
+
+
+def _spec(args):
+    return spec_from_args(args.preset, args.bits, args.group_size, args.asym)
+
+
+def _options(args) -> MethodOptions:
+    return MethodOptions(rank=args.rank, alpha=args.alpha, phi=args.phi, range_method=args.range_method,
+                         checkpointing=not args.no_checkpointing, lr_weight=getattr(args, "lr_weight", None))
+
+
+def _train_cfg(args) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_ab=args.lr_ab,
+                       lr_scale=args.lr_scale, warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed,
+                       ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers)
+
+
+def _data(args) -> J.DataOptions:
+    return J.DataOptions(tuple(args.train_data), args.seq_len, args.max_train_windows)
+
+
+def _eval(args) -> J.EvalOptions:
+    return J.EvalOptions(None if not args.eval_data else tuple(args.eval_data), args.eval_seq_len, args.eval_windows,
+                         args.protocol)
+
+
+def train_job(args) -> J.TrainJob:
+    return J.TrainJob(out=args.out, model=args.model, method=args.method, spec=_spec(args), options=_options(args),
+                      train=_train_cfg(args), data=_data(args), init=args.init, resume=args.resume,
+                      overwrite=args.overwrite, device=args.device, dist_backend=args.dist_backend,
+                      trust_remote_code=args.trust_remote_code)
+
+
+def run_job(args) -> J.RunJob:
+    return J.RunJob(out=args.out, model=args.model, spec=_spec(args), options=_options(args), train=_train_cfg(args),
+                    data=_data(args), eval=_eval(args), ood_data=None if not args.ood_data else tuple(args.ood_data),
+                    resume=args.resume, overwrite=args.overwrite, device=args.device,
+                    trust_remote_code=args.trust_remote_code)
+
+
+def cmd_train(args) -> int:
+    from .verbs import train
+
+    res = train(train_job(args))
+    if not res["main"]:
+        return EXIT_OK
+    c = res["parameters"]
+    if "total" in c:
+        print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
+    else:
+        print(f"trainable parameters: {c['trainable']:,}")
+    print(f"IntCheckpoint: {res['intckpt']}")
+    return EXIT_OK
+
+
+def cmd_ptq(args) -> int:
+    from .verbs import ptq
+
+    out = ptq(J.PtqJob(out=args.out, model=args.model, method=args.method, spec=_spec(args),
+                       range_method=args.range_method, calib_data=args.calib_data and tuple(args.calib_data),
+                       calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len, overwrite=args.overwrite,
+                       trust_remote_code=args.trust_remote_code))
+    print(f"IntCheckpoint: {out}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from .verbs import evaluate
+
+    print(json.dumps(evaluate(J.EvalJob(args.target, _eval(args), args.runtime, args.tokenizer,
+                                        args.trust_remote_code))))
+    return EXIT_OK
+
+
+def cmd_export_gguf(args) -> int:
+    from .verbs import export_gguf
+
+    print(f"GGUF: {export_gguf(J.ExportGGUFJob(args.intckpt, args.out, args.embed_type, args.overwrite))}")
+    return EXIT_OK
+
+
+def cmd_export_gptq(args) -> int:
+    from .verbs import export_gptq
+
+    out = export_gptq(J.ExportGPTQJob(args.intckpt, args.out, args.format, args.strict_vllm, args.max_shard_size,
+                                      args.overwrite))
+    print(f"GPTQ: {out}")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from .verify import markdown, verify_job
+
+    gaps = {k: v for k, v in (("gguf", args.max_gap_gguf), ("gptq", args.max_gap_gptq)) if v is not None}
+    report = verify_job(J.VerifyJob(args.intckpt, args.gguf, args.gptq, _eval(args), args.report, gaps))
+    print(markdown(report))
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_path
+
+    print(inspect_path(args.target))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .run import run
+
+    report = run(run_job(args))
+    return EXIT_OK if report.get("parity", {}).get("passed", True) else EXIT_CHECK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lrqat", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="LR-QAT: prepare, train, fuse → IntCheckpoint in OUT")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF model dir, .gguf file, or {DEFAULT_MODEL} (default)")
+    p.add_argument("--out", required=True, help="output directory (IntCheckpoint + resumable train state)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--method", default="lrqat", choices=list(registry.names(trains=True)),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in registry.METHODS.values() if m.trains))
+    p.add_argument("--init", help="IntCheckpoint (e.g. from `lrqat ptq --method gptq`) whose codes and scales start "
+                                  "the training (lrqat: Φ0 = its codes exactly)")
+    p.add_argument("--lr-weight", type=float, help=f"full-qat: learning rate of the weights (default "
+                                                   f"{_method_defaults('lr_weight')}, the paper's)")
+    _add_spec_args(p), _add_data_args(p, True, False), _add_train_args(p, steps=TRAIN.steps), _add_trust_arg(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ptq", help="post-training quantization baseline → IntCheckpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default=J.PtqJob.method,
+                   help="; ".join(f"{m.name}: {m.summary}" for m in registry.METHODS.values() if not m.trains))
+    p.add_argument("--calib-data", nargs="+", help="gptq: calibration text files (default: the embedded corpus)")
+    p.add_argument("--calib-windows", type=int, default=J.PtqJob.calib_windows,
+                   help=f"gptq: calibration windows (default {J.PtqJob.calib_windows})")
+    p.add_argument("--calib-seq-len", type=int, default=J.PtqJob.calib_seq_len,
+                   help=f"gptq: calibration window length (default {J.PtqJob.calib_seq_len})")
+    p.add_argument("--overwrite", action="store_true")
+    _add_spec_args(p), _add_trust_arg(p)
+    p.set_defaults(func=cmd_ptq)
+
+    p = sub.add_parser("eval", help="perplexity: IntCheckpoint / float model (torch), .gguf (llama.cpp), GPTQ dir")
+    p.add_argument("target", help="IntCheckpoint dir, HF model dir, .gguf file, GPTQ dir or smollm2-135m")
+    p.add_argument("--runtime", choices=["auto", "torch"], default="auto",
+                   help="auto: by type (.gguf → llama.cpp, GPTQ dir → GPTQ loader); torch: load .gguf as a float model")
+    p.add_argument("--tokenizer", help="tokenizer directory for the eval text (default: the target's own)")
+    _add_data_args(p, False, True), _add_trust_arg(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write an IntCheckpoint into a deployment format")
+    esub = p.add_subparsers(dest="format_name", required=True)
+    e = esub.add_parser("gguf", help="llama.cpp GGUF (Q4_0 / Q4_1 / Q8_0 blocks written from the integers)")
+    e.add_argument("intckpt")
+    e.add_argument("--out", required=True, help="output .gguf file")
+    e.add_argument("--embed-type", default=J.ExportGGUFJob.embed_type, choices=["f16", "q8_0", "f32"],
+                   help="type of token embeddings / output (default f16)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_gguf)
+    e = esub.add_parser("gptq", help="GPTQ safetensors checkpoint (transformers, GPTQModel, AutoGPTQ, vLLM)")
+    e.add_argument("intckpt")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--format", default=J.ExportGPTQJob.format, choices=["gptq", "gptq_v2"],
+                   help="gptq = AutoGPTQ v1 (stored zero - 1, default); gptq_v2 = true zeros (GPTQModel)")
+    e.add_argument("--strict-vllm", action="store_true", help="fail (exit 2) when vLLM would reject the checkpoint")
+    e.add_argument("--max-shard-size", default=J.ExportGPTQJob.max_shard_size,
+                   help=f"shard safetensors above this size (default {J.ExportGPTQJob.max_shard_size})")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_gptq)
+
+    p = sub.add_parser("verify", help="parity of exports with the IntCheckpoint: weights and perplexity per runtime")
+    p.add_argument("intckpt")
+    p.add_argument("--gguf", help="GGUF file exported from INTCKPT (run by llama.cpp)")
+    p.add_argument("--gptq", help="GPTQ directory exported from INTCKPT (loaded by transformers + GPTQModel)")
+    p.add_argument("--report", help="directory for parity.json and parity.md")
+    p.add_argument("--max-gap-gguf", type=float, help="max |relative ppl gap| for llama.cpp (default 0.01)")
+    p.add_argument("--max-gap-gptq", type=float, help="max |relative ppl gap| for the GPTQ loader (default 0.002)")
+    _add_data_args(p, False, True)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="types, shapes and metadata of an IntCheckpoint, a .gguf file or a GPTQ dir")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="the whole pipeline on one model: FP and RTN baselines, LR-QAT, fuse, evaluate")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    # Defaults sized for minutes on 2 CPU cores (app.jobs.RunJob).
+    _add_spec_args(p), _add_data_args(p, True, True, J.RunJob.eval), _add_train_args(p, steps=J.RunJob.train.steps)
+    _add_trust_arg(p)
+    p.add_argument("--ood-data", nargs="+", help="out-of-domain text evaluated beside --eval-data (default: the "
+                                                 "held-out tail of the embedded corpus when training on other text)")
+    p.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd != "train":
+            from ..train.dist import launched_by_torchrun
+
+            if launched_by_torchrun():
+                raise UserError(f"lrqat {args.cmd}: expected a single process, got a torchrun launch (RANK/"
+                                f"WORLD_SIZE set); only `lrqat train` runs distributed")
+        return args.func(args)
+    except UserError as e:
+        print(f"lrqat {args.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except CheckFailed as e:
+        print(f"lrqat {args.cmd}: check failed: {e}", file=sys.stderr)
+        return EXIT_CHECK
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"lrqat {args.cmd}: error: could not write {e.filename or 'the output'}: {e.strerror} "
+              f"(errno {errno.errorcode.get(e.errno, e.errno)}); nothing was published and earlier outputs are "
+              f"unchanged", file=sys.stderr)
+        return EXIT_INPUT
+

@@ -1,0 +1,118 @@
+"""Pieces every method's layer shares: the straight-through rounding, fp16 scales in the forward (the exactness
+rule, docs/ARCHITECTURE.md), the matmul, activation checkpointing of a layer's weight construction, and the
+options a method is prepared with.
+
+`MethodOptions` carries no per-method values of its own: a field left None takes the method's default from
+`methods.registry` (one spelling, one value for the CLI, the Python API and the benchmarks).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..core.errors import UserError
+from ..core.intckpt import IntCheckpoint
+from ..core.models import quantized_layer_names
+from ..core.quant import FP16_MAX, FP16_TINY
+
+PHI_CHOICES = ("int8", "int4", "bf16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodOptions:
+    """How a method's layers are built. None = the method's default (methods.registry.resolve_options)."""
+
+    rank: int = 32  # adapter rank r (the paper's)
+    alpha: float | None = None  # adapter scale numerator α; A·B is scaled by α/r
+    phi: str = "int8"  # LR-QAT frozen-weight storage: int8 fixed point Q(b).(8-b) (the paper's default)
+    range_method: str = "lp"  # scale init: Lp-norm (p = 4) grid search (the paper's)
+    checkpointing: bool = True  # recompute each layer's weight construction in backward
+    lr_weight: float | None = None  # full-qat: learning rate of the float weights
+
+    def require(self, *names: str, method: str = "method") -> None:
+        """Refuse unresolved (None) fields: low-level builders take every hyperparameter explicitly."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise UserError(f"{method}: options {missing} are unset; expected values (methods.registry."
+                            f"resolve_options fills each method's defaults)")
+
+
+class RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g
+
+
+def fp16_ste(s: torch.Tensor) -> torch.Tensor:
+    """Value: s rounded to fp16 (exactly, see core/quant.py); gradient: identity."""
+    s_c = s.clamp(FP16_TINY, FP16_MAX)
+    return s_c + (s_c.to(torch.float16).to(s.dtype) - s_c).detach()
+
+
+def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
+    """The fp16 scales a trained scale parameter stands for: the values the forward multiplied by."""
+    return scale.detach().float().clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·Wᵀ + b in x's dtype (bf16 under autocast), from float32 weight and bias."""
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def maybe_checkpoint(enabled: bool, fn, *args):
+    """fn(*args), recomputed in backward instead of keeping its weight-sized intermediates when `enabled`."""
+    return checkpoint(fn, *args, use_reentrant=False) if enabled and torch.is_grad_enabled() else fn(*args)
+
+
+def frozen_bias(lin: nn.Linear) -> torch.Tensor | None:
+    """HF's bias (if any) as a float32 copy, kept frozen as a buffer by every method's layer."""
+    return None if lin.bias is None else lin.bias.detach().float().clone()
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_linears(model: nn.Module, names: list[str], spec=None) -> None:
+    """Every layer to be replaced is still an nn.Linear whose width the grid tiles (checked before any is replaced,
+    so a bad spec leaves the model untouched)."""
+    for name in names:
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear):
+            raise UserError(f"layer {name}: expected nn.Linear, got {type(lin).__name__} (already prepared?)")
+        if spec is not None:
+            spec.check_layer(name, lin.in_features)
+
+
+def check_init(init, spec, names: list[str], what: str) -> None:
+    """An init IntCheckpoint must hold the same spec and layers as the model being prepared."""
+    if init is not None and (init.spec != spec or set(init.layers) != set(names)):
+        raise UserError(f"{what}: init checkpoint has spec {init.spec.name} and {len(init.layers)} layers; "
+                        f"expected spec {spec.name} and {len(names)} layers")
+
+
+@torch.no_grad()
+def load_weights_from(model, ck: IntCheckpoint) -> None:
+    """Put s·(c − z) of `ck` into the model's projections, so a later prepare(init=ck) freezes exactly ck's codes
+    (W/s = c exactly for fp16 s: a GPTQ-initialised method starts at the GPTQ model)."""
+    names = quantized_layer_names(model)
+    if set(names) != set(ck.layers):
+        raise UserError(f"init checkpoint {ck.path}: layers differ from the model's: "
+                        f"{sorted(set(names) ^ set(ck.layers))[:5]}")
+    for name in names:
+        lin = model.get_submodule(name)
+        w = ck.dequantized(name)
+        if tuple(w.shape) != tuple(lin.weight.shape):
+            raise UserError(f"init checkpoint {ck.path}: layer {name} has shape {tuple(w.shape)}, "
+                            f"expected {tuple(lin.weight.shape)}")
+        lin.weight.copy_(w.to(lin.weight.dtype))

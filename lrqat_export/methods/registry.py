@@ -1,0 +1,136 @@
+"""Every method the tool offers, each defined once: what it trains, its defaults, how it is prepared, which
+parameters the optimizer takes and at what learning rate, how it becomes an IntCheckpoint, and whether that
+checkpoint is exactly the model that was trained.
+
+The CLI (`lrqat train --method`, `lrqat ptq --method`), the Python API (app.jobs) and the benchmarks read their
+choices and defaults from here, so a method's default has one spelling and one value (tests/test_architecture.py
+compares them). Adding a method means adding its layer module and one entry below.
+
+    method     trains                    defaults (alpha, lr_ab, lr_scale, lr_weight)   output         exact export
+    lrqat      A, B, s (inside ⌊·⌉)      1, 1e-3, 1e-5 (the paper's)                    IntCheckpoint  yes
+    full-qat   W, s (LSQ)                lr_scale 1e-5, lr_weight 5e-5 (the paper's)    IntCheckpoint  yes
+    peqa       s                         lr_scale 1e-4                                  IntCheckpoint  yes
+    qlora      A, B on an NF4 base       16, 2e-4 (QLoRA's)                             merged → RTN   no
+    qalora     A, B on pooled inputs     16, 2e-4                                       zeros rounded  no
+    lora-fp    A, B on the float model   16, 2e-4 (the float control)                   float model    —
+    rtn        — (PTQ)                   range search                                   IntCheckpoint  yes
+    gptq       — (PTQ, GPTQModel)        calibration windows                            IntCheckpoint  yes
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ..core.errors import UserError
+from . import baselines, gptq_ptq, lrqat, rtn
+from .common import MethodOptions, trainable_parameters
+
+# One optimizer parameter group: (name, parameter-name suffixes it takes, lr, weight decay).
+ParamGroup = tuple[str, tuple[str, ...], float, float]
+
+FULL_QAT_WD_W = 0.1  # the paper: weight decay 0.1 on the full-model weights
+HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight")  # the per-method defaults
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # one line: --help and docs
+    trains: bool  # False: post-training quantization (no training loop)
+    output: str  # "intckpt" | "float" (the float control writes a Hugging Face directory)
+    exact: bool  # its IntCheckpoint reproduces the trained (or quantized) model's logits bit for bit
+    defaults: Mapping[str, float | None] = field(default_factory=dict)  # HYPERPARAMETERS
+    distributed: bool = False  # trains under torchrun (FSDP2)
+    uses_init: bool = False  # an --init IntCheckpoint's codes and scales start the training
+    prepare: Callable[..., Any] | None = None  # (model, spec, opts, init) -> model
+    groups: Callable[[Mapping[str, float]], list[ParamGroup]] | None = None  # resolved hyperparameters -> groups
+    fuse: Callable[..., Any] | None = None  # (model, spec, source, opts, extra) -> IntCheckpoint
+    # PTQ methods: (model, tok, spec, source, range_method, calib windows | None) -> IntCheckpoint
+    quantize: Callable[..., Any] | None = None
+    calibrated: bool = False  # quantize needs calibration windows (--calib-data)
+    counts: Callable[[Any], dict] = lambda model: {  # noqa: E731 - what `lrqat train` reports as trainable
+        "trainable": sum(p.numel() for p in trainable_parameters(model).values())}
+
+
+def _fuse_baseline(name: str):
+    def fuse(model, spec, source, opts, extra):
+        return baselines.fuse_baseline(model, name, spec, source, opts.range_method, METHODS[name].exact, extra)
+
+    return fuse
+
+
+def _ab(h) -> list[ParamGroup]:
+    return [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"])]
+
+
+_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None}  # QLoRA's α and lr
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("lrqat", "LR-QAT: low-rank A·B inside the rounding of frozen int8 Φ0, learned fp16 scales",
+           trains=True, output="intckpt", exact=True, distributed=True, uses_init=True,
+           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": None},
+           prepare=lrqat.prepare,
+           groups=lambda h: [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"]),
+                             ("scale", (".scale",), h["lr_scale"], h["weight_decay"])],
+           fuse=lambda model, spec, source, opts, extra: lrqat.fuse(model, source, extra),
+           counts=lrqat.parameter_counts),
+    Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
+           exact=True, uses_init=True,
+           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5},
+           prepare=baselines.prepare_full_qat, fuse=_fuse_baseline("full-qat"),
+           groups=lambda h: [("weight", (".weight",), h["lr_weight"], FULL_QAT_WD_W),
+                             ("scale", (".scale",), h["lr_scale"], 0.0)]),
+    Method("peqa", "PEQA: frozen RTN codes, scales trained", trains=True, output="intckpt", exact=True,
+           uses_init=True, defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-4, "lr_weight": None},
+           prepare=baselines.prepare_peqa, fuse=_fuse_baseline("peqa"),
+           groups=lambda h: [("scale", (".scale",), h["lr_scale"], 0.0)]),
+    Method("qlora", "QLoRA: NF4 base + float LoRA, merged then RTN", trains=True, output="intckpt", exact=False,
+           defaults=_LORA, prepare=baselines.prepare_qlora, fuse=_fuse_baseline("qlora"), groups=_ab),
+    Method("qalora", "QA-LoRA: group-pooled LoRA merged into the zero points", trains=True, output="intckpt",
+           exact=False, uses_init=True, defaults=_LORA, prepare=baselines.prepare_qalora,
+           fuse=_fuse_baseline("qalora"), groups=_ab),
+    Method("lora-fp", "float LoRA control: writes a float Hugging Face model", trains=True, output="float",
+           exact=False, defaults=_LORA, prepare=baselines.prepare_lora_fp, groups=_ab),
+    Method("rtn", "round to nearest after the range search", trains=False, output="intckpt", exact=True,
+           quantize=lambda model, tok, spec, source, range_method, calib: rtn.ptq_rtn(model, spec, source,
+                                                                                       range_method)),
+    Method("gptq", "GPTQ by GPTQModel on CPU, symmetric grids, calibrated on --calib-data", trains=False,
+           output="intckpt", exact=True, calibrated=True,
+           quantize=lambda model, tok, spec, source, range_method, calib: gptq_ptq.ptq_gptq(model, tok, spec, source,
+                                                                                             calib)),
+)}
+
+
+def names(trains: bool | None = None) -> tuple[str, ...]:
+    """Method names, all or only the trained (True) / post-training (False) ones, in the table's order."""
+    return tuple(n for n, m in METHODS.items() if trains is None or m.trains == trains)
+
+
+def get(name: str, trains: bool | None = None) -> Method:
+    """The method `name`; `trains` restricts the choice (UserError naming the valid names otherwise)."""
+    choices = names(trains)
+    if name not in choices:
+        raise UserError(f"--method: expected one of {choices}, got {name!r}")
+    return METHODS[name]
+
+
+def resolve_options(name: str, opts: MethodOptions | None = None) -> MethodOptions:
+    """`opts` with every unset (None) per-method field filled with the method's default."""
+    m, opts = get(name), opts or MethodOptions()
+    fill = {k: m.defaults.get(k) for k in ("alpha", "lr_weight") if getattr(opts, k) is None}
+    return dataclasses.replace(opts, **fill)
+
+
+def default(name: str, key: str) -> float | None:
+    """One default of one method (`key` in HYPERPARAMETERS)."""
+    if key not in HYPERPARAMETERS:
+        raise KeyError(f"{key!r} is not a per-method hyperparameter; expected one of {HYPERPARAMETERS}")
+    return get(name).defaults.get(key)
+
+
+def param_groups(name: str, hyper: Mapping[str, float]) -> list[ParamGroup]:
+    """The optimizer groups of method `name` at the resolved hyperparameters `hyper` (lr_ab, lr_scale, lr_weight,
+    weight_decay)."""
+    m = get(name, trains=True)
+    return m.groups(hyper)

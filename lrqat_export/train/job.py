@@ -1,0 +1,94 @@
+"""One method's whole training job on a loaded model: prepare → train → fuse → IntCheckpoint in `out`.
+
+Every trained method goes through `train_method`; what differs between methods (layers, parameter groups, defaults,
+fuse, float or integer output) comes from methods.registry. The app's verbs (`lrqat train`, `lrqat run`) load the
+model and data and call this.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.errors import UserError
+from ..core.fsio import write_json
+from ..core.intckpt import IntCheckpoint, write_intckpt
+from ..core.quant import QuantSpec
+from ..methods import registry
+from ..methods.baselines import merged_float_model
+from ..methods.common import MethodOptions
+from . import dist as D
+from . import fsdp
+from .config import TrainConfig
+from .loop import train
+
+log = logging.getLogger(__name__)
+
+BASELINE_INFO = "lrqat_baseline.json"  # what the float control writes beside its Hugging Face files
+
+
+def check_launch(method: str, dist: D.Dist | None) -> registry.Method:
+    """The trained method `method`, refused under torchrun unless it trains distributed."""
+    m = registry.get(method, trains=True)
+    if dist is not None and not m.distributed:
+        raise UserError(f"--method {method}: under torchrun only "
+                        f"{', '.join(n for n, x in registry.METHODS.items() if x.distributed)} is supported; run the "
+                        f"baselines in one process")
+    return m
+
+
+def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, spec: QuantSpec,
+                 opts: MethodOptions, cfg: TrainConfig, out: Path, train_data: list[str], resume: bool = False,
+                 progress: bool = True, init: IntCheckpoint | None = None, dist: D.Dist | None = None) -> dict:
+    """prepare → train → fuse → IntCheckpoint written in `out` (beside out/train_state); the float control
+    (output "float") writes its merged float model as a Hugging Face directory instead.
+
+    init: an IntCheckpoint whose scales (and codes, for methods with uses_init) start the training instead of a new
+    range search (e.g. the RTN baseline). dist: shard with FSDP2 after prepare, train on this rank's slice of each
+    global batch, fuse and write on rank 0 (methods with `distributed` only)."""
+    m = check_launch(method, dist)
+    opts, cfg = registry.resolve_options(method, opts), cfg.resolved(method)
+    out = Path(out)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # adapters' Kaiming init: the same run gives the same model in every process
+    m.prepare(model, spec, opts, init if m.uses_init else None)
+    counts = m.counts(model)
+    log.info("%s: trainable parameters %s", method, counts)
+    if dist is not None:
+        fsdp.shard(model, dist)
+    t_prep = time.perf_counter()
+    history = train(model, windows, cfg, out, resume=resume, progress=progress, dist=dist, method=method, opts=opts)
+    t_train = time.perf_counter()
+    extra = {
+        "training": {"config": dataclasses.asdict(cfg), "method": method, "lrqat": dataclasses.asdict(opts),
+                     "groups": registry.param_groups(method, cfg.hyper(opts)), "seq_len": int(windows.shape[1]),
+                     "train_data": train_data, "train_windows": int(windows.shape[0]),
+                     **D.training_metadata(dist), "final_loss": history[-1]["loss"] if history else None},
+        "parameters": counts,
+    }
+    if m.output == "float":
+        _write_float_model(model, tok, out, extra)
+    else:
+        ckpt = (m.fuse(model, spec, source, opts, extra) if dist is None
+                else fsdp.fuse_on_main(model, source, extra, dist))
+        if ckpt is not None:
+            write_intckpt(out, ckpt, tok, in_place=True)
+    D.barrier(dist)
+    return {"intckpt": str(out.resolve()), "parameters": counts, "history": history,
+            "timings": {"prepare_s": t_prep - t0, "train_s": t_train - t_prep, "fuse_s": time.perf_counter() - t_train}}
+
+
+def _write_float_model(model, tok, out: Path, info: dict) -> None:
+    """The float control's merged model as a Hugging Face directory in `out`, whole files only (as write_intckpt)."""
+    merged_float_model(model)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".hf.") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
+    write_json(out / BASELINE_INFO, info)
