@@ -53,17 +53,40 @@ def _ppl(model, ev, ood) -> dict:
     return {"ppl": perplexity(model, ev)["ppl"], "ppl_ood": perplexity(model, ood)["ppl"]}
 
 
-def method_config(method: str, steps: int, batch: int):
+def method_config(method: str, steps: int, batch: int, recipe: str = "default", objective: str | None = None,
+                  overrides: dict | None = None, kd: dict | None = None):
     """(registry name, resolved MethodOptions, resolved TrainConfig) of a trained cell: every method at its
-    registry defaults (tests/test_architecture.py checks that they are exactly the CLI's)."""
+    registry defaults in `recipe` (tests/test_architecture.py checks that they are exactly the CLI's), then the
+    sweep's `overrides` (MethodOptions / TrainConfig fields) and distillation settings `kd`."""
+    import dataclasses
+
     from lrqat_export.methods import registry
     from lrqat_export.methods.common import MethodOptions
     from lrqat_export.train.config import TrainConfig
 
     name = method.removeprefix("gptq-")
+    ov = dict(overrides or {})
+    opt_fields = {f.name for f in dataclasses.fields(MethodOptions)}
     # the paper's full QAT keeps checkpointing off unless memory forces it; time it as such
-    opts = registry.resolve_options(name, MethodOptions(checkpointing=name != "full-qat"))
-    return name, opts, TrainConfig(steps=steps, batch_size=batch, seed=0).resolved(name)
+    opts = MethodOptions(checkpointing=name != "full-qat", **{k: v for k, v in ov.items() if k in opt_fields})
+    opts = registry.resolve_options(name, opts, recipe)
+    cfg = TrainConfig(steps=steps, batch_size=batch, seed=0, objective=objective, **(kd or {}),
+                      **{k: v for k, v in ov.items() if k not in opt_fields})
+    return name, opts, cfg.resolved(name, recipe)
+
+
+_TEACHERS: dict = {}  # one pre-pass per (objective settings, budget): every cell trains on the same windows
+
+
+def _teacher(model, train_w, cfg):
+    from lrqat_export.train.job import teacher_targets
+
+    if cfg.objective == "ce":
+        return None
+    key = (cfg.steps, cfg.batch_size, cfg.seed, cfg.kd_topk, cfg.kd_temperature, cfg.bf16)
+    if key not in _TEACHERS:
+        _TEACHERS[key] = teacher_targets(model, train_w, cfg)
+    return _TEACHERS[key]
 
 
 def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
@@ -101,9 +124,15 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         res["gptq_import_check"] = gck.manifest["gptq"].get("import_check")
         if method == "gptq":
             return {**res, **_ppl(gck.to_torch_model(), ev, ood), "wall_s": time.perf_counter() - t0}
-    name, opts, cfg = method_config(method, args.steps, args.batch)
+    name, opts, cfg = method_config(method, args.steps, args.batch, args.recipe, args.objective,
+                                    args.overrides.get(method.removeprefix("gptq-")), args.kd)
     res.update(steps=args.steps, batch=args.batch, seq=args.seq, tokens=args.steps * args.batch * args.seq,
-               alpha=opts.alpha, lr_ab=cfg.lr_ab, lr_scale=cfg.lr_scale)
+               alpha=opts.alpha, lr_ab=cfg.lr_ab, lr_scale=cfg.lr_scale, objective=cfg.objective,
+               recipe=args.recipe, options={k: v for k, v in vars(opts).items()},
+               overrides=args.overrides.get(name, {}))
+    t = time.perf_counter()
+    teacher = _teacher(model, train_w, cfg)  # the float model, before anything is prepared or loaded into it
+    res["teacher_s"] = time.perf_counter() - t
     t = time.perf_counter()
     m = registry.get(name, trains=True)
     init = None
@@ -114,7 +143,8 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         init = rtn
     torch.manual_seed(0)
     m.prepare(model, spec, opts, init)
-    hist = train(model, train_w, cfg, progress=args.progress, method=name, opts=opts, desc=method)
+    hist = train(model, train_w, cfg, progress=args.progress, method=name, opts=opts, desc=method, teacher=teacher,
+                 recipe=args.recipe)
     res["train_s"] = time.perf_counter() - t
     if m.output == "float":
         res.update(_ppl(merged_float_model(model), ev, ood))
@@ -212,6 +242,15 @@ def main(argv=None) -> int:
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared/data/wikitext-2"),
                     help="directory with WikiText-2 valid.txt / test.txt (default ../shared/data/wikitext-2)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
+    # --- objective and recipe (every trained method under the same ones)
+    ap.add_argument("--recipe", default="default", help="named per-method defaults (methods.registry.RECIPES)")
+    ap.add_argument("--objective", choices=["ce", "kl", "mix"], help="training loss (default: the recipe's)")
+    ap.add_argument("--kd-topk", type=int, help="teacher tokens kept per position (default TrainConfig's)")
+    ap.add_argument("--kd-temperature", type=float, help="distillation temperature (default TrainConfig's)")
+    ap.add_argument("--hp", nargs="+", default=[], metavar="METHOD.KEY=VALUE",
+                    help="override one option of one method (MethodOptions or TrainConfig field), e.g. "
+                         "lrqat.alpha=16 lrqat.lr_ab=3e-3; the cells go to their own directory (--tag)")
+    ap.add_argument("--tag", default="", help="suffix of the cells directory (a sweep point's name)")
     ap.add_argument("--progress", action="store_true", help="show training progress bars")
     # --- output
     ap.add_argument("--out", default=str(ROOT / "docs/bench/quality"), help="cells/, quality.json, quality.png")
@@ -219,10 +258,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.steps = args.steps or (300 if args.full else 60)
     args.eval_windows = args.eval_windows or (8 if args.full else 4)
+    args.overrides = {}
+    for item in args.hp:
+        key, _, value = item.partition("=")
+        meth, _, field = key.partition(".")
+        if not (meth and field and value):
+            ap.error(f"--hp {item!r}: expected METHOD.KEY=VALUE")
+        try:
+            v = json.loads(value)
+        except json.JSONDecodeError:
+            v = value
+        args.overrides.setdefault(meth, {})[field] = v
+    args.kd = {k: v for k, v in (("kd_topk", args.kd_topk), ("kd_temperature", args.kd_temperature)) if v is not None}
     from lrqat_export.core.fsio import write_json
 
     out = Path(args.out)
     tag = f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}"
+    if args.recipe != "default" or args.objective or args.kd or args.overrides or args.tag:
+        tag += f"_{args.recipe}_{args.objective or 'rdef'}" + (f"_{args.tag}" if args.tag else "")
     cells_dir, work = out / f"cells_{tag}", Path(args.work)
     cells_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from ..core.quant import DEFAULT_PRESET, spec_from_args
 from ..methods import registry
 from ..methods.common import PHI_CHOICES, MethodOptions
 from ..train.config import TrainConfig
+from ..train.objective import OBJECTIVES
 from . import jobs as J
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
@@ -32,7 +33,8 @@ def _method_defaults(key: str) -> str:
         v = registry.default(name, key)
         if v is not None:
             by_value.setdefault(v, []).append(name)
-    return "; ".join(f"{v:g} for {', '.join(ns)}" for v, ns in by_value.items())
+    return "; ".join(f"{v:g} for {', '.join(ns)}" if isinstance(v, float) else f"{v} for {', '.join(ns)}"
+                     for v, ns in by_value.items())
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,19 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
     g.add_argument("--lr-ab", type=float, help=f"learning rate of A and B (default {_method_defaults('lr_ab')})")
     g.add_argument("--lr-scale", type=float, help=f"learning rate of the scales (default "
                                                   f"{_method_defaults('lr_scale')}; 0 = frozen)")
+    g.add_argument("--recipe", default=registry.DEFAULT_RECIPE, choices=list(registry.RECIPES),
+                   help="named set of per-method defaults for every option left unset: default (the tool's, tuned "
+                        "for short budgets) or paper (each method's paper's settings, cross-entropy)")
+    g.add_argument("--objective", choices=list(OBJECTIVES),
+                   help=f"training loss: ce (next-token cross-entropy), kl (distillation from the float model: "
+                        f"τ²·KL(teacher ‖ student) on its top-k tokens + the rest of its mass) or mix "
+                        f"(default {_method_defaults('objective')})")
+    g.add_argument("--kd-temperature", type=float, default=TRAIN.kd_temperature,
+                   help=f"distillation temperature τ (default {TRAIN.kd_temperature})")
+    g.add_argument("--kd-topk", type=int, default=TRAIN.kd_topk,
+                   help=f"teacher tokens kept per position (default {TRAIN.kd_topk})")
+    g.add_argument("--ce-weight", type=float, default=TRAIN.ce_weight,
+                   help=f"mix: weight of cross-entropy, 1 − it on the KL (default {TRAIN.ce_weight})")
     g.add_argument("--warmup", type=float, default=TRAIN.warmup_fraction,
                    help=f"warmup fraction of the steps (default {TRAIN.warmup_fraction})")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
@@ -113,7 +128,8 @@ def _options(args) -> MethodOptions:
 def _train_cfg(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_ab=args.lr_ab,
                        lr_scale=args.lr_scale, warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed,
-                       ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers)
+                       ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers, objective=args.objective,
+                       kd_temperature=args.kd_temperature, kd_topk=args.kd_topk, ce_weight=args.ce_weight)
 
 
 def _data(args) -> J.DataOptions:
@@ -127,7 +143,8 @@ def _eval(args) -> J.EvalOptions:
 
 def train_job(args) -> J.TrainJob:
     return J.TrainJob(out=args.out, model=args.model, method=args.method, spec=_spec(args), options=_options(args),
-                      train=_train_cfg(args), data=_data(args), init=args.init, resume=args.resume,
+                      train=_train_cfg(args), data=_data(args), init=args.init, recipe=args.recipe,
+                      resume=args.resume,
                       overwrite=args.overwrite, device=args.device, dist_backend=args.dist_backend,
                       trust_remote_code=args.trust_remote_code)
 
@@ -135,7 +152,7 @@ def train_job(args) -> J.TrainJob:
 def run_job(args) -> J.RunJob:
     return J.RunJob(out=args.out, model=args.model, spec=_spec(args), options=_options(args), train=_train_cfg(args),
                     data=_data(args), eval=_eval(args), ood_data=None if not args.ood_data else tuple(args.ood_data),
-                    resume=args.resume, overwrite=args.overwrite, device=args.device,
+                    recipe=args.recipe, resume=args.resume, overwrite=args.overwrite, device=args.device,
                     trust_remote_code=args.trust_remote_code)
 
 

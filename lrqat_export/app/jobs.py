@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..core.models import DEFAULT_MODEL
 from ..core.quant import DEFAULT_PRESET, PRESETS, QuantSpec
 from ..methods.common import MethodOptions
+from ..methods.registry import DEFAULT_RECIPE
 from ..train.config import TrainConfig
 
 RUN_STEPS = 100  # `lrqat run`'s budget: sized for minutes on 2 CPU cores (`lrqat train` defaults to TrainConfig's)
@@ -50,6 +51,7 @@ class TrainJob:
     train: TrainConfig = TrainConfig()
     data: DataOptions = DataOptions()
     init: str | None = None  # an IntCheckpoint whose codes and scales start the training
+    recipe: str = DEFAULT_RECIPE  # the named set of per-method defaults that fills unset options
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"
@@ -127,6 +129,7 @@ class RunJob:
     data: DataOptions = DataOptions()
     eval: EvalOptions = EvalOptions(windows=RUN_EVAL_WINDOWS)
     ood_data: tuple[str, ...] | None = None  # out-of-domain text (default: the embedded corpus' tail)
+    recipe: str = DEFAULT_RECIPE
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"

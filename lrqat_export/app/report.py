@@ -50,7 +50,8 @@ def report_markdown(r: dict) -> str:
     ood = r.get("ppl_ood") or {}
     lines = [f"# lrqat run: {r['model']}, spec {r['spec']['name']}", "",
              f"Training: {r['steps']} steps, {t['tokens']:,} tokens of {', '.join(t['data'])} "
-             f"(rank {t['lrqat']['rank']}, alpha {t['lrqat']['alpha']}, phi {t['lrqat']['phi']}). "
+             f"(rank {t['lrqat']['rank']}, alpha {t['lrqat']['alpha']}, phi {t['lrqat']['phi']}, objective "
+             f"{t.get('objective', 'ce')}, recipe {t.get('recipe', 'default')}). "
              f"Evaluation: {e['windows']} windows x {e['seq_len']} tokens of {e['data']}, protocol {e['protocol']}.",
              "", "| model / runtime | perplexity |" + (" out of domain |" if ood else ""),
              "|---|---|" + ("---|" if ood else "")]

@@ -46,7 +46,9 @@ def run(job: RunJob) -> dict:
     """The main job; returns the report (also written to OUT/report.{json,md,png})."""
     out = Path(job.out)
     check_run_output(out, job.overwrite)
-    spec, opts, cfg = job.spec, registry.resolve_options("lrqat", job.options), job.train.resolved("lrqat")
+    recipe = registry.check_recipe(job.recipe)
+    spec, opts = job.spec, registry.resolve_options("lrqat", job.options, recipe)
+    cfg = job.train.resolved("lrqat", recipe)
     ev, data = job.eval, job.data
     out.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
@@ -98,9 +100,9 @@ def run(job: RunJob) -> dict:
 
     _say(f"LR-QAT: {cfg.steps} steps x {cfg.batch_size} x {data.seq_len} tokens, r={opts.rank}, phi={opts.phi}")
     res = train_method(model, tok, src.to_dict(), train_w, "lrqat", spec, opts, cfg, out / "lrqat",
-                       list(data.train_data), resume=job.resume, init=rtn_ck)
+                       list(data.train_data), resume=job.resume, init=rtn_ck, recipe=recipe)
     counts, history, lrqat_dir = res["parameters"], res["history"], Path(res["intckpt"])
-    timings["train_s"] = res["timings"]["prepare_s"] + res["timings"]["train_s"]
+    timings["train_s"] = res["timings"]["teacher_s"] + res["timings"]["prepare_s"] + res["timings"]["train_s"]
     t = time.perf_counter()
     fused = load_intckpt(lrqat_dir).to_torch_model().to(job.device)
     timings["fuse_s"] = res["timings"]["fuse_s"] + time.perf_counter() - t
@@ -117,7 +119,8 @@ def run(job: RunJob) -> dict:
         "spec": spec.to_dict(),
         "steps": cfg.steps,
         "train": {"tokens": cfg.steps * cfg.batch_size * data.seq_len, "windows": int(train_w.shape[0]),
-                  "seq_len": data.seq_len, "data": list(data.train_data),
+                  "seq_len": data.seq_len, "data": list(data.train_data), "recipe": recipe,
+                  "objective": cfg.objective,
                   "final_loss": history[-1]["loss"] if history else None,
                   "lrqat": dataclasses.asdict(opts), "config": dataclasses.asdict(cfg)},
         "eval": {"data": eval_name, "windows": int(eval_w.shape[0]), "seq_len": ev.seq_len,

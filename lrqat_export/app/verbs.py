@@ -30,7 +30,7 @@ def train(job: TrainJob) -> dict:
     # Bad options and wrong launches fail here, on every rank, before any process group exists.
     dist = Dist.from_env(job.device, job.dist_backend)
     check_launch(job.method, dist)
-    cfg = job.train.resolved(job.method)
+    cfg = job.train.resolved(job.method, registry.check_recipe(job.recipe))
     Dist.check_batch(cfg.batch_size, cfg.grad_accum, 1 if dist is None else dist.world_size)
     with Dist.session(dist):
         res = _train(job, dist)
@@ -62,7 +62,8 @@ def _train(job: TrainJob, dist) -> dict:
                              what=f"train data {', '.join(d.train_data)}")
     t_load = time.perf_counter()
     res = train_method(model, tok, src.to_dict(), windows, job.method, job.spec, job.options, job.train, out,
-                       list(d.train_data), resume=job.resume, progress=job.progress, init=init_ck, dist=dist)
+                       list(d.train_data), resume=job.resume, progress=job.progress, init=init_ck, dist=dist,
+                       recipe=job.recipe)
     res["timings"]["load_s"] = t_load - t0
     return res
 

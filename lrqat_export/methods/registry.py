@@ -30,7 +30,11 @@ from .common import MethodOptions, trainable_parameters
 ParamGroup = tuple[str, tuple[str, ...], float, float]
 
 FULL_QAT_WD_W = 0.1  # the paper: weight decay 0.1 on the full-model weights
-HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight")  # the per-method defaults
+HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective")  # the per-method defaults
+# A recipe is a named set of per-method defaults. "default" is `Method.defaults`; every other recipe overrides
+# some of them (`Method.recipes[name]`). "paper": each method's own paper's settings, trained on cross-entropy.
+RECIPES = ("default", "paper")
+DEFAULT_RECIPE = "default"
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Method:
     trains: bool  # False: post-training quantization (no training loop)
     output: str  # "intckpt" | "float" (the float control writes a Hugging Face directory)
     exact: bool  # its IntCheckpoint reproduces the trained (or quantized) model's logits bit for bit
-    defaults: Mapping[str, float | None] = field(default_factory=dict)  # HYPERPARAMETERS
+    defaults: Mapping[str, float | str | None] = field(default_factory=dict)  # HYPERPARAMETERS, "default" recipe
+    recipes: Mapping[str, Mapping[str, float | str | None]] = field(default_factory=dict)  # recipe → overrides
     distributed: bool = False  # trains under torchrun (FSDP2)
     uses_init: bool = False  # an --init IntCheckpoint's codes and scales start the training
     prepare: Callable[..., Any] | None = None  # (model, spec, opts, init) -> model
@@ -64,12 +69,14 @@ def _ab(h) -> list[ParamGroup]:
     return [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"])]
 
 
-_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None}  # QLoRA's α and lr
+_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "ce"}  # QLoRA's α, lr
+_LORA_PAPER = {"paper": {"alpha": 16.0, "lr_ab": 2e-4, "objective": "ce"}}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lrqat", "LR-QAT: low-rank A·B inside the rounding of frozen int8 Φ0, learned fp16 scales",
            trains=True, output="intckpt", exact=True, distributed=True, uses_init=True,
-           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": None},
+           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": None, "objective": "ce"},
+           recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce"}},
            prepare=lrqat.prepare,
            groups=lambda h: [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"]),
                              ("scale", (".scale",), h["lr_scale"], h["weight_decay"])],
@@ -77,21 +84,24 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            counts=lrqat.parameter_counts),
     Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
            exact=True, uses_init=True,
-           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5},
+           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "ce"},
+           recipes={"paper": {"lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "ce"}},
            prepare=baselines.prepare_full_qat, fuse=_fuse_baseline("full-qat"),
            groups=lambda h: [("weight", (".weight",), h["lr_weight"], FULL_QAT_WD_W),
                              ("scale", (".scale",), h["lr_scale"], 0.0)]),
     Method("peqa", "PEQA: frozen RTN codes, scales trained", trains=True, output="intckpt", exact=True,
-           uses_init=True, defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-4, "lr_weight": None},
+           uses_init=True,
+           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "ce"},
+           recipes={"paper": {"lr_scale": 1e-4, "objective": "ce"}},
            prepare=baselines.prepare_peqa, fuse=_fuse_baseline("peqa"),
            groups=lambda h: [("scale", (".scale",), h["lr_scale"], 0.0)]),
     Method("qlora", "QLoRA: NF4 base + float LoRA, merged then RTN", trains=True, output="intckpt", exact=False,
-           defaults=_LORA, prepare=baselines.prepare_qlora, fuse=_fuse_baseline("qlora"), groups=_ab),
+           defaults=_LORA, recipes=_LORA_PAPER, prepare=baselines.prepare_qlora, fuse=_fuse_baseline("qlora"), groups=_ab),
     Method("qalora", "QA-LoRA: group-pooled LoRA merged into the zero points", trains=True, output="intckpt",
-           exact=False, uses_init=True, defaults=_LORA, prepare=baselines.prepare_qalora,
+           exact=False, uses_init=True, defaults=_LORA, recipes=_LORA_PAPER, prepare=baselines.prepare_qalora,
            fuse=_fuse_baseline("qalora"), groups=_ab),
     Method("lora-fp", "float LoRA control: writes a float Hugging Face model", trains=True, output="float",
-           exact=False, defaults=_LORA, prepare=baselines.prepare_lora_fp, groups=_ab),
+           exact=False, defaults=_LORA, recipes=_LORA_PAPER, prepare=baselines.prepare_lora_fp, groups=_ab),
     Method("rtn", "round to nearest after the range search", trains=False, output="intckpt", exact=True,
            quantize=lambda model, tok, spec, source, range_method, calib: rtn.ptq_rtn(model, spec, source,
                                                                                        range_method)),
@@ -115,18 +125,30 @@ def get(name: str, trains: bool | None = None) -> Method:
     return METHODS[name]
 
 
-def resolve_options(name: str, opts: MethodOptions | None = None) -> MethodOptions:
-    """`opts` with every unset (None) per-method field filled with the method's default."""
-    m, opts = get(name), opts or MethodOptions()
-    fill = {k: m.defaults.get(k) for k in ("alpha", "lr_weight") if getattr(opts, k) is None}
+def check_recipe(recipe: str) -> str:
+    if recipe not in RECIPES:
+        raise UserError(f"--recipe: expected one of {RECIPES}, got {recipe!r}")
+    return recipe
+
+
+def defaults(name: str, recipe: str = DEFAULT_RECIPE) -> dict:
+    """Every per-method default of method `name` in `recipe`."""
+    m = get(name)
+    return {**m.defaults, **m.recipes.get(check_recipe(recipe), {})}
+
+
+def resolve_options(name: str, opts: MethodOptions | None = None, recipe: str = DEFAULT_RECIPE) -> MethodOptions:
+    """`opts` with every unset (None) per-method field filled with the method's default in `recipe`."""
+    d, opts = defaults(name, recipe), opts or MethodOptions()
+    fill = {k: d.get(k) for k in ("alpha", "lr_weight") if getattr(opts, k) is None}
     return dataclasses.replace(opts, **fill)
 
 
-def default(name: str, key: str) -> float | None:
-    """One default of one method (`key` in HYPERPARAMETERS)."""
+def default(name: str, key: str, recipe: str = DEFAULT_RECIPE) -> float | str | None:
+    """One default of one method in one recipe (`key` in HYPERPARAMETERS)."""
     if key not in HYPERPARAMETERS:
         raise KeyError(f"{key!r} is not a per-method hyperparameter; expected one of {HYPERPARAMETERS}")
-    return get(name).defaults.get(key)
+    return defaults(name, recipe).get(key)
 
 
 def param_groups(name: str, hyper: Mapping[str, float]) -> list[ParamGroup]:

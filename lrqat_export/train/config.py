@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..core.errors import UserError
 from ..methods import registry
 from ..methods.common import MethodOptions
+from .objective import OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 50  # steps between checkpoints (0 = only at the end)
     checkpoint_layers: bool = False  # recompute each decoder layer's activations in backward (same numbers)
+    objective: str | None = None  # ce | kl | mix (train/objective.py); None = the method's default
+    kd_temperature: float = 1.0  # τ of the distillation targets (kl, mix)
+    kd_topk: int = 64  # teacher tokens kept per position (the rest of its mass is one more outcome)
+    ce_weight: float = 0.5  # mix: weight of cross-entropy (1 − it on the KL)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -36,11 +41,26 @@ class TrainConfig:
                 raise UserError(f"train {name}: expected >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise UserError(f"train batch_size {self.batch_size}: expected a multiple of grad_accum {self.grad_accum}")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise UserError(f"--objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.kd_temperature > 0:
+            raise UserError(f"--kd-temperature: expected > 0, got {self.kd_temperature}")
+        if self.kd_topk < 1:
+            raise UserError(f"--kd-topk: expected >= 1, got {self.kd_topk}")
+        if not 0 <= self.ce_weight <= 1:
+            raise UserError(f"--ce-weight: expected a number in [0, 1], got {self.ce_weight}")
 
-    def resolved(self, method: str = "lrqat") -> TrainConfig:
-        """This config with every unset learning rate taken from `method`'s defaults (methods.registry)."""
-        fill = {k: registry.default(method, k) for k in ("lr_ab", "lr_scale") if getattr(self, k) is None}
+    def resolved(self, method: str = "lrqat", recipe: str = registry.DEFAULT_RECIPE) -> TrainConfig:
+        """This config with every unset learning rate and the objective taken from `method`'s defaults in
+        `recipe` (methods.registry)."""
+        fill = {k: registry.default(method, k, recipe) for k in ("lr_ab", "lr_scale", "objective")
+                if getattr(self, k) is None}
         return dataclasses.replace(self, **fill) if fill else self
+
+    @classmethod
+    def field_default(cls, name: str):
+        """The default of field `name` (a checkpoint written before the field existed resumes with it)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
     def hyper(self, opts: MethodOptions | None = None) -> dict:
         """The resolved values a method's parameter groups read (registry.param_groups)."""

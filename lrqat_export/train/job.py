@@ -24,8 +24,9 @@ from ..methods.baselines import merged_float_model
 from ..methods.common import MethodOptions
 from . import dist as D
 from . import fsdp
+from . import objective
 from .config import TrainConfig
-from .loop import train
+from .loop import batch_indices, train
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,22 @@ def check_launch(method: str, dist: D.Dist | None) -> registry.Method:
 
 def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, spec: QuantSpec,
                  opts: MethodOptions, cfg: TrainConfig, out: Path, train_data: list[str], resume: bool = False,
-                 progress: bool = True, init: IntCheckpoint | None = None, dist: D.Dist | None = None) -> dict:
+                 progress: bool = True, init: IntCheckpoint | None = None, dist: D.Dist | None = None,
+                 recipe: str = registry.DEFAULT_RECIPE) -> dict:
     """prepare → train → fuse → IntCheckpoint written in `out` (beside out/train_state); the float control
     (output "float") writes its merged float model as a Hugging Face directory instead.
 
     init: an IntCheckpoint whose scales (and codes, for methods with uses_init) start the training instead of a new
     range search (e.g. the RTN baseline). dist: shard with FSDP2 after prepare, train on this rank's slice of each
-    global batch, fuse and write on rank 0 (methods with `distributed` only)."""
+    global batch, fuse and write on rank 0 (methods with `distributed` only). recipe: the named set of defaults
+    (methods.registry) that fills unset options. With a distillation objective the float model's targets are taken
+    before it is prepared (teacher_targets)."""
     m = check_launch(method, dist)
-    opts, cfg = registry.resolve_options(method, opts), cfg.resolved(method)
+    opts, cfg = registry.resolve_options(method, opts, recipe), cfg.resolved(method, recipe)
     out = Path(out)
     t0 = time.perf_counter()
+    teacher = teacher_targets(model, windows, cfg, progress and (dist is None or dist.is_main))
+    t_teacher = time.perf_counter()
     torch.manual_seed(cfg.seed)  # adapters' Kaiming init: the same run gives the same model in every process
     m.prepare(model, spec, opts, init if m.uses_init else None)
     counts = m.counts(model)
@@ -62,10 +68,15 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     if dist is not None:
         fsdp.shard(model, dist)
     t_prep = time.perf_counter()
-    history = train(model, windows, cfg, out, resume=resume, progress=progress, dist=dist, method=method, opts=opts)
+    history = train(model, windows, cfg, out, resume=resume, progress=progress, dist=dist, method=method, opts=opts,
+                    teacher=teacher, recipe=recipe)
     t_train = time.perf_counter()
     extra = {
-        "training": {"config": dataclasses.asdict(cfg), "method": method, "lrqat": dataclasses.asdict(opts),
+        "training": {"config": dataclasses.asdict(cfg), "method": method, "recipe": recipe,
+                     "lrqat": dataclasses.asdict(opts),
+                     "teacher": None if teacher is None else {
+                         "topk": teacher.topk, "temperature": teacher.temperature, "windows": len(teacher.ids),
+                         "mean_rest_mass": teacher.rest_mass},
                      "groups": registry.param_groups(method, cfg.hyper(opts)), "seq_len": int(windows.shape[1]),
                      "train_data": train_data, "train_windows": int(windows.shape[0]),
                      **D.training_metadata(dist), "final_loss": history[-1]["loss"] if history else None},
@@ -80,7 +91,20 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
             write_intckpt(out, ckpt, tok, in_place=True)
     D.barrier(dist)
     return {"intckpt": str(out.resolve()), "parameters": counts, "history": history,
-            "timings": {"prepare_s": t_prep - t0, "train_s": t_train - t_prep, "fuse_s": time.perf_counter() - t_train}}
+            "timings": {"teacher_s": t_teacher - t0, "prepare_s": t_prep - t_teacher, "train_s": t_train - t_prep,
+                        "fuse_s": time.perf_counter() - t_train}}
+
+
+def teacher_targets(model, windows: torch.Tensor, cfg: TrainConfig, progress: bool = False
+                    ) -> objective.TeacherCache | None:
+    """The float `model`'s top-k targets on every window the run will draw (none for the ce objective). Call it
+    before the model is prepared: the float model is the teacher."""
+    if cfg.objective == "ce":
+        return None
+    n = int(windows.shape[0])
+    drawn = sorted({int(i) for s in range(cfg.steps) for i in batch_indices(s, cfg.batch_size, n, cfg.seed)})
+    return objective.build_teacher_cache(model, windows, drawn, cfg.kd_topk, cfg.kd_temperature, cfg.bf16,
+                                         progress)
 
 
 def _write_float_model(model, tok, out: Path, info: dict) -> None:

@@ -1,6 +1,7 @@
 """The training loop (every method's) with periodic checkpoints and exact resume.
 
-Causal-LM loss on fixed-length windows; AdamW (β = 0.9, 0.95) over the method's parameter groups (methods.registry;
+The loss on fixed-length windows is next-token cross-entropy, distillation from the float model or a mix
+(train/objective.py); AdamW (β = 0.9, 0.95) over the method's parameter groups (methods.registry;
 LR-QAT: A and B at lr 1e-3, scales at 1e-5, the paper's values); linear warmup then linear decay to zero;
 gradient-norm clip 1.0; optional bf16 autocast.
 
@@ -33,6 +34,7 @@ from ..methods import registry
 from ..methods.common import MethodOptions, trainable_parameters
 from ..methods.registry import ParamGroup
 from . import dist as D
+from . import objective
 from .config import TrainConfig
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .memory import gather_memory, reset_peak_rss
@@ -112,14 +114,18 @@ def enable_layer_checkpointing(model: nn.Module) -> None:
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
           resume: bool = False, progress: bool = True, stop_after: int | None = None,
           dist: D.Dist | None = None, method: str = "lrqat", opts: MethodOptions | None = None,
-          desc: str | None = None) -> list[dict]:
+          desc: str | None = None, teacher: objective.TeacherCache | None = None,
+          recipe: str = registry.DEFAULT_RECIPE) -> list[dict]:
     """Train the prepared model in place. Returns the history [{step, loss, lr, tokens_per_s}, ...].
 
     out: directory for checkpoints (out/train_state) and train_log.json; None = no checkpoints.
     stop_after: return after this many total steps (an interruption, for tests); the run can be resumed.
     dist: this rank under torchrun, the model already sharded (train/fsdp.shard); None = one plain process.
     method: which method's parameter groups and default learning rates (methods.registry) the optimizer uses;
-    opts: its resolved options (full-qat reads lr_weight from them).
+    opts: its resolved options (full-qat reads lr_weight from them); recipe: which named set of defaults fills the
+    unset ones.
+    teacher: the float model's top-k targets on the training windows (objective.build_teacher_cache), needed by the
+    kl and mix objectives.
     """
     out = Path(out) if out is not None else None
     if out is not None:
@@ -129,8 +135,11 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     model.train()
     if cfg.checkpoint_layers:
         enable_layer_checkpointing(model)
-    cfg = cfg.resolved(method)
-    opts = registry.resolve_options(method, opts)
+    cfg = cfg.resolved(method, recipe)
+    opts = registry.resolve_options(method, opts, recipe)
+    if cfg.objective != "ce" and teacher is None:
+        raise UserError(f"objective {cfg.objective}: expected the teacher's targets (objective.build_teacher_cache on "
+                        f"the float model before prepare), got none")
     opt, sched = make_optimizer(model, cfg, registry.param_groups(method, cfg.hyper(opts)))
     torch.manual_seed(cfg.seed)
     step, history = (load_train_state(out, model, opt, sched, cfg, dist) if resume else (0, []))
@@ -156,11 +165,11 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
         batch = train_windows[idx].to(device)
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for i, mb in enumerate(batch.split(micro)):
+        for i, (mb, mb_idx) in enumerate(zip(batch.split(micro), idx.split(micro))):
             if dist is not None:  # reduce-scatter gradients once per step, after the last micro-batch
                 model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
             with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(input_ids=mb, labels=mb).loss / cfg.grad_accum
+                loss = objective.loss(model, mb, cfg.objective, teacher, mb_idx, cfg.ce_weight) / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
         if dist is not None:

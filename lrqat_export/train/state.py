@@ -87,7 +87,9 @@ def load_train_state(out: Path, model, opt, sched, cfg: TrainConfig,
     mine = dataclasses.asdict(cfg)
     # ckpt_every and grad_accum may change on resume: the global batch (batch_size) stays, only its split into
     # micro-batches does (e.g. resuming a 2-rank run on 1 rank with twice the accumulation).
-    diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
+    # a field added after the checkpoint was written counts as its default there
+    diff = {k: (saved.get(k, TrainConfig.field_default(k)), v) for k, v in mine.items()
+            if k not in RESUME_MAY_CHANGE and saved.get(k, TrainConfig.field_default(k)) != v}
     if diff:
         raise UserError(f"--resume: training options differ from the checkpoint's (saved, now): {diff}")
     if state.get("format") == dcp.DCP_FORMAT or dist is not None:

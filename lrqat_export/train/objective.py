@@ -1,0 +1,131 @@
+"""Training objectives: next-token cross-entropy, distillation from the source float model, or a mix.
+
+    ce    mean next-token cross-entropy on the training text (what the loop always did)
+    kl    τ² · KL(teacher_τ ‖ student_τ) per next-token position, averaged: the student is trained to reproduce the
+          float model's distribution, not to adapt to the training text (Gemma 3 QAT, NVIDIA's QAD)
+    mix   ce_weight · ce + (1 − ce_weight) · kl
+
+The teacher is the source float model itself, run once before the model is prepared: a no-grad pre-pass over every
+window the run will draw keeps, per position, the teacher's top-k log-probabilities (at temperature τ) and the
+log of the probability mass outside them. Training then needs no second model in memory — the 7B-on-24 GB budget is
+unchanged — and a resumed run recomputes the same cache (the pre-pass is deterministic).
+
+KL against a top-k teacher ("top-k plus the rest of the mass"): with p_i the teacher's probabilities on its top-k
+tokens, p_r = 1 − Σ p_i the rest, and q the student's (same τ),
+
+    KL = Σ_i p_i (log p_i − log q_i) + p_r (log p_r − log q_r),      q_r = 1 − Σ_i q_i
+
+the exact KL between the two distributions coarsened to k + 1 outcomes (a lower bound of the full-vocabulary KL that
+is tight when the rest mass is small; `TeacherCache.rest_mass` reports how small it was).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("ce", "kl", "mix")
+
+
+@dataclass
+class TeacherCache:
+    """Per training window w (a row of the windows tensor): top-k token ids and log-probabilities of the teacher at
+    every next-token position (T − 1 of them), and the log of the remaining mass."""
+
+    ids: dict[int, torch.Tensor]  # window → (T − 1, k) int32
+    logp: dict[int, torch.Tensor]  # window → (T − 1, k) float32
+    log_rest: dict[int, torch.Tensor]  # window → (T − 1,) float32
+    topk: int
+    temperature: float
+
+    @property
+    def rest_mass(self) -> float:
+        """Mean teacher probability outside the cached top-k (0 = the cache is the whole distribution)."""
+        r = torch.cat([v.exp() for v in self.log_rest.values()])
+        return float(r.mean()) if r.numel() else 0.0
+
+    def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ks = [int(i) for i in idx]
+        return (torch.stack([self.ids[k] for k in ks]).to(device).long(),
+                torch.stack([self.logp[k] for k in ks]).to(device),
+                torch.stack([self.log_rest[k] for k in ks]).to(device))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x ≤ 0, stable at both ends."""
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_targets(logits: torch.Tensor, topk: int, temperature: float):
+    """(ids (…, k) int32, log p (…, k) float32, log p_rest (…)) of softmax(logits / τ)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    top = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+    log_rest = _log1mexp(torch.logsumexp(top.values, dim=-1))
+    return top.indices.to(torch.int32), top.values, log_rest
+
+
+@torch.no_grad()
+def build_teacher_cache(model, windows: torch.Tensor, indices: list[int], topk: int, temperature: float,
+                        bf16: bool = False, progress: bool = False) -> TeacherCache:
+    """The float model's top-k targets on the windows the run will draw (`indices`), one window at a time."""
+    if topk < 1:
+        raise UserError(f"--kd-topk: expected >= 1, got {topk}")
+    if not temperature > 0:
+        raise UserError(f"--kd-temperature: expected > 0, got {temperature}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids, logp, rest = {}, {}, {}
+    it = indices
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(indices, desc="teacher pre-pass", unit="window", leave=False)
+    for w in it:
+        x = windows[w: w + 1].to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=x).logits[0, :-1]
+        i, lp, lr = topk_targets(logits, topk, temperature)
+        ids[w], logp[w], rest[w] = i.cpu(), lp.cpu(), lr.cpu()
+    model.train(was_training)
+    cache = TeacherCache(ids, logp, rest, topk, temperature)
+    log.info("teacher cache: %d windows, top-%d, τ %g, mean rest mass %.4f", len(indices), topk, temperature,
+             cache.rest_mass)
+    return cache
+
+
+def kl_topk(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, t_log_rest: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """Mean over positions of τ² · KL(teacher ‖ student) on the top-k + rest coarsening (module docstring).
+    student_logits (B, T − 1, V); ids, t_logp (B, T − 1, k); t_log_rest (B, T − 1)."""
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_top = s_logp.gather(-1, ids)  # (B, T − 1, k)
+    s_log_rest = _log1mexp(torch.logsumexp(s_top, dim=-1))
+    p = t_logp.exp()
+    kl = (p * (t_logp - s_top)).sum(-1) + t_log_rest.exp() * (t_log_rest - s_log_rest)
+    return kl.mean() * temperature**2
+
+
+def loss(model, batch: torch.Tensor, objective: str, teacher: TeacherCache | None = None,
+         idx: torch.Tensor | None = None, ce_weight: float = 0.5) -> torch.Tensor:
+    """The training loss of `model` on token windows `batch` (rows `idx` of the training windows)."""
+    if objective == "ce":
+        return model(input_ids=batch, labels=batch).loss
+    if teacher is None or idx is None:
+        raise UserError(f"objective {objective}: expected a teacher cache (build_teacher_cache), got none")
+    out = model(input_ids=batch)
+    logits = out.logits[:, :-1]
+    ids, t_logp, t_rest = teacher.batch(idx, logits.device)
+    kl = kl_topk(logits, ids, t_logp, t_rest, teacher.temperature)
+    if objective == "kl":
+        return kl
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return ce_weight * ce + (1 - ce_weight) * kl
