@@ -72,3 +72,32 @@ def test_empty_data_file_and_existing_output_are_refused(tiny_llama, tmp_path, c
     assert main(["ptq", "--model", str(tiny_llama), "--out", str(taken)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+
+def test_missing_parent_directories_of_an_output_are_created(tiny_llama, tmp_path, capsys):
+    """`--out runs/x` on a fresh clone works (runs/ does not exist yet); an ancestor that is a file is refused."""
+    deep = tmp_path / "runs" / "a" / "rtn"
+    assert main(["ptq", "--model", str(tiny_llama), "--preset", "q4_0", "--range-method", "minmax",
+                 "--out", str(deep)]) == 0
+    assert load_intckpt(deep).manifest["method"] == "rtn"
+    gguf = tmp_path / "exports" / "x" / "m.gguf"
+    assert main(["export", "gguf", str(deep), "--out", str(gguf)]) == 0 and gguf.is_file()
+    (tmp_path / "file").write_text("x")
+    assert main(["export", "gptq", str(deep), "--out", str(tmp_path / "file" / "sub" / "gptq")]) == 2
+    err = capsys.readouterr().err
+    assert "expected" in err and "to be a directory, got a file" in err, err
+
+
+def test_a_failed_write_removes_the_parents_it_created(tmp_path):
+    from lrqat_export.core.fsio import atomic_dir, atomic_file
+
+    target = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target):
+            raise RuntimeError("interrupted")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(RuntimeError):
+        with atomic_file(tmp_path / "new2" / "f.json", "w") as f:
+            f.write("{")
+            raise RuntimeError("interrupted")
+    assert not (tmp_path / "new2").exists()

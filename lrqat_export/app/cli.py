@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import sys
 
+from ..core import quiet
 from ..core.errors import CheckFailed, UserError
 from ..core.models import DEFAULT_MODEL
 from ..core.quant import DEFAULT_PRESET, spec_from_args
@@ -231,7 +231,8 @@ def cmd_run(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lrqat", description=__doc__)
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="show everything: INFO logs, and other projects' banners, logs, warnings and progress bars")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train", help="LR-QAT: prepare, train, fuse → IntCheckpoint in OUT")
@@ -318,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    quiet.setup(verbose=args.verbose)
     try:
         if args.cmd != "train":
             from ..train.dist import launched_by_torchrun

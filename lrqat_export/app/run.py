@@ -23,6 +23,7 @@ from converters.gguf import export_gguf
 from converters.gptq import export_gptq
 
 from ..core import data as D
+from ..core import quiet
 from ..core.errors import CheckFailed, UserError
 from ..core.fsio import atomic_file, check_run_output, write_json
 from ..core.intckpt import load_intckpt, write_intckpt
@@ -47,10 +48,15 @@ def run(job: RunJob) -> dict:
     out = Path(job.out)
     check_run_output(out, job.overwrite)
     recipe = registry.check_recipe(job.recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    with quiet.log_file(out / "run.log"):  # every log record, and other projects' captured output
+        return _run(job, out, recipe)
+
+
+def _run(job: RunJob, out: Path, recipe: str) -> dict:
     spec, opts = job.spec, registry.resolve_options("lrqat", job.options, recipe)
     cfg = job.train.resolved("lrqat", recipe)
     ev, data = job.eval, job.data
-    out.mkdir(exist_ok=True)
     timings: dict[str, float] = {}
     t = time.perf_counter()
 

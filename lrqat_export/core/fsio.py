@@ -1,5 +1,6 @@
 """Atomic writes: every file and directory the tool produces appears whole or not at all.
 
+Missing parent directories of an output are created when it is written (and removed again if the write fails).
 A file is written to a temporary sibling and renamed over the target; a directory is built as a temporary sibling
 and renamed into place (the previous one, if overwriting, is swapped out atomically with renameat2 where Linux
 offers it, and removed only after the new one is in place). A failed write (disk full included) removes the
@@ -27,20 +28,44 @@ def _umask() -> int:
     return mask
 
 
+def _check_parent(path: Path) -> None:
+    """Missing parent directories are created when the output is written (make_parents); an ancestor that exists
+    but is not a directory can never hold it."""
+    for anc in Path(path).absolute().parents:
+        if anc.exists():
+            if not anc.is_dir():
+                raise UserError(f"output {path}: expected {anc} to be a directory, got a file")
+            return
+
+
 def check_output_path(path: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked to (nothing is written either way)."""
     if path.exists() and not overwrite:
         raise UserError(f"output {path}: already exists; pass --overwrite to replace it")
-    if not path.parent.exists():
-        raise UserError(f"output {path}: parent directory {path.parent} does not exist")
+    _check_parent(path)
 
 
 def check_run_output(path: Path, overwrite: bool, hint: str = "") -> None:
     """A run directory (it gathers several artefacts) may exist only if empty, unless overwriting."""
     if path.exists() and not overwrite and any(path.iterdir()):
         raise UserError(f"output {path}: already exists and is not empty; pass --overwrite{hint}")
-    if not path.parent.exists():
-        raise UserError(f"output {path}: parent directory {path.parent} does not exist")
+    _check_parent(path)
+
+
+def make_parents(path: str | os.PathLike) -> list[Path]:
+    """Create the missing parent directories of `path` (umask permissions); returns those created, deepest last,
+    so a failed write can remove them again (remove_dirs)."""
+    missing = [a for a in Path(path).absolute().parents if not a.exists()][::-1]
+    for d in missing:
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def remove_dirs(created: list[Path]) -> None:
+    """Remove directories make_parents created, deepest first, where they are still empty."""
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def write_error(e: BaseException, path: Path) -> OSError | None:
@@ -71,6 +96,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling path for writers that open files themselves (gguf-py, safetensors); it replaces
     `path` on success and is removed on any failure."""
     path = Path(path)
+    created = make_parents(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -80,6 +106,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        remove_dirs(created)
         _reraise_write_error(e, path)
         raise
 
@@ -98,6 +125,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yields a temporary directory next to `path`; on success it replaces `path`."""
     path = Path(path)
     check_output_path(path, overwrite)
+    created = make_parents(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
@@ -108,6 +136,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             os.replace(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_dirs(created)
         _reraise_write_error(e, path)
         raise
 

@@ -29,6 +29,7 @@ import torch
 
 from converters.gptq import read_gptq, unpack_codes
 
+from ..core import quiet
 from ..core.errors import UserError
 from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
 from ..core.models import quantized_layer_names
@@ -51,6 +52,7 @@ def gptqmodel_quantize(float_dir: str | Path, out_dir: str | Path, spec: QuantSp
         raise UserError(f"GPTQ PTQ: spec {spec.name} is asymmetric; this importer handles symmetric grids only "
                         f"(GPTQModel's asym v1 zeros can be 0, which v1 cannot store)")
     _gptq_env()
+    quiet.import_gptqmodel()
     from gptqmodel import GPTQModel, QuantizeConfig
 
     t0 = time.perf_counter()
@@ -104,6 +106,7 @@ def check_against_gptqmodel(gptq_dir: str | Path, ck: IntCheckpoint) -> dict:
     """Load `gptq_dir` with GPTQModel (TorchLinear, fp16) and compare each layer's dequantize_weight() with the
     IntCheckpoint's s·(c − z) rounded to fp16, element-wise. Returns {'exact', 'layers', 'max_abs_diff'}."""
     _gptq_env()
+    quiet.import_gptqmodel()
     from gptqmodel import BACKEND, GPTQModel
 
     m = GPTQModel.load(str(gptq_dir), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)

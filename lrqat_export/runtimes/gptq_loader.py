@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..core import quiet
 from ..core.errors import UserError
 from .torch_eval import perplexity
 
@@ -32,6 +33,7 @@ DTYPE = torch.float16  # TorchLinear accepts fp16/bf16 only; fp16 has 3 more man
 def load_gptq(path: str | Path, dtype: torch.dtype = DTYPE, backend: str = BACKEND):
     """transformers AutoModelForCausalLM over a GPTQ directory on CPU, GPTQModel kernels (eval mode)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet.import_gptqmodel()  # transformers loads it for the GPTQ kernels; its banner stays out of the terminal
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     path = Path(path)
