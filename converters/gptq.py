@@ -29,6 +29,11 @@ AutoGPTQ 0.7.1 and vLLM read every file as v1; GPTQModel and transformers honour
 GPTQModel's own `GPTQModel.load` refuses asymmetric v1 files not quantized by GPTQModel (transformers' path and
 AutoGPTQ load them): use "gptq_v2" for GPTQModel.load. vLLM (≥ 0.33) accepts only 4-bit (8-bit on CUDA) symmetric
 grids with group size −1/32/64/128 dividing in_features; `vllm_problems` lists what it would reject.
+
+Per-channel grids (group_size −1 in the IntCheckpoint) are written as groups of the largest of 128/64/32 dividing
+every width, each row's scale repeated per group (`file_group_size`): the same weights, and the layout that the
+loaders' default CPU kernel (aten int4 matmul: groups of 32..256 only) and vLLM run. The config's
+meta.per_channel_as_groups records it.
 """
 from __future__ import annotations
 
@@ -185,6 +190,25 @@ def dequantize_layer(layer: GPTQLayer, bits: int, fmt: str) -> np.ndarray:
 
 
 # --- compatibility ------------------------------------------------------------------------------------------------
+# Group sizes a per-channel grid is written with, largest first: every one is a size the loaders' default CPU kernels
+# take (transformers + GPTQModel pick TorchFusedLinear / TorchAtenLinear for 4-bit, whose aten int4 matmul accepts
+# group sizes 32/64/128/256 only — a per-channel file of SmolLM2 asks it for 576 and crashes on the first forward)
+# and vLLM takes (−1/32/64/128). Every exportable layer's in_features is a multiple of 32, so one always divides.
+PER_CHANNEL_GROUPS = (128, 64, 32)
+
+
+def file_group_size(group_size: int, shapes: dict[str, tuple[int, int]]) -> int:
+    """The group size written to the file: the grid's own, or for a per-channel grid (−1) the largest of
+    PER_CHANNEL_GROUPS dividing every layer's in_features, with each row's scale (and zero) repeated in every group
+    — the same weights exactly, in a layout every default kernel runs."""
+    if group_size != -1:
+        return group_size
+    for g in PER_CHANNEL_GROUPS:
+        if all(i % g == 0 for _, i in shapes.values()):
+            return g
+    return -1
+
+
 def vllm_problems(bits: int, group_size: int, symmetric: bool, shapes: dict[str, tuple[int, int]]) -> list[str]:
     """Reasons vLLM (0.32/0.33, CPU; CUDA where noted) would refuse the checkpoint; empty when it loads it."""
     out = []
@@ -306,7 +330,8 @@ def export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str = "gptq", st
     if spec.bits not in BITS:
         raise UserError(f"IntCheckpoint {intckpt_path}: GPTQ stores bits {BITS}, got {spec.bits} (spec {spec.name})")
     shapes = {n: tuple(q.codes.shape) for n, q in ck.layers.items()}
-    problems = vllm_problems(spec.bits, spec.group_size, spec.symmetric, shapes)
+    group_size = file_group_size(spec.group_size, shapes)
+    problems = vllm_problems(spec.bits, group_size, spec.symmetric, shapes)
     if problems:
         msg = f"GPTQ export of spec {spec.name}: vLLM would reject this checkpoint: " + "; ".join(problems)
         if strict_vllm:
@@ -321,16 +346,22 @@ def export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str = "gptq", st
 
     groups: list[dict[str, torch.Tensor]] = []
     for name, q in ck.layers.items():  # pack everything first: a UserError leaves nothing on disk
-        lay = pack_layer(q.codes.numpy(), q.scales.numpy(), None if q.zeros is None else q.zeros.numpy(),
-                         spec.bits, spec.group_size, fmt, name, None if q.bias is None else q.bias.numpy())
+        scales, zeros = q.scales.numpy(), None if q.zeros is None else q.zeros.numpy()
+        if group_size != spec.group_size:  # per channel written as groups: each row's (s, z) repeated per group
+            reps = q.codes.shape[1] // group_size
+            scales, zeros = scales.repeat(reps, axis=1), None if zeros is None else zeros.repeat(reps, axis=1)
+        lay = pack_layer(q.codes.numpy(), scales, zeros, spec.bits, group_size, fmt, name,
+                         None if q.bias is None else q.bias.numpy())
         grp = {f"{name}.{k}": torch.from_numpy(getattr(lay, k)) for k in LAYER_TENSORS}
         if lay.bias is not None:
             grp[f"{name}.bias"] = torch.from_numpy(lay.bias)
         groups.append(grp)
     groups.append({k: v.contiguous() for k, v in ck.float_tensors.items()})  # embeddings, norms, untied lm_head
 
-    qcfg = quantization_config(spec.bits, spec.group_size, spec.symmetric, fmt,
-                               {"source_method": ck.manifest.get("method"), "spec": spec.name})
+    meta = {"source_method": ck.manifest.get("method"), "spec": spec.name}
+    if group_size != spec.group_size:
+        meta["per_channel_as_groups"] = group_size
+    qcfg = quantization_config(spec.bits, group_size, spec.symmetric, fmt, meta)
     src = Path(intckpt_path)
     with atomic_dir(out, overwrite) as tmp:
         write_shards(tmp, groups, max_bytes)

@@ -17,7 +17,7 @@ from ..methods.registry import DEFAULT_RECIPE
 from ..train.config import TrainConfig
 
 RUN_STEPS = 100  # `lrqat run`'s budget: sized for minutes on 2 CPU cores (`lrqat train` defaults to TrainConfig's)
-RUN_EVAL_WINDOWS = 4  # `lrqat run`'s evaluation windows (the GPTQ loader's fp16 matmuls dominate on CPU)
+RUN_EVAL_WINDOWS = 4  # `lrqat run`'s evaluation windows (each is scored in torch, llama.cpp and the GPTQ loader)
 
 
 @dataclass(frozen=True)

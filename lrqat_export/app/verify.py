@@ -31,7 +31,7 @@ from .report import VERIFY_LABELS, plot_report
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_GAP = {"gguf": 0.01, "gptq": 0.002}  # llama.cpp: 8-bit activations; GPTQ loader: fp16 matmuls
+DEFAULT_MAX_GAP = {"gguf": 0.01, "gptq": 0.002}  # llama.cpp: 8-bit activations; GPTQ loader: its default kernels
 ASYM_MAX_STEP = 2.0**-6  # Q4_1/Q5_1: fp16 rounding of the offset m, in units of the group's scale
 
 
@@ -95,7 +95,7 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
         got = timed("gptq_s", lambda: perplexity_gptq(gptq_dir, windows, protocol, progress=True))["ppl"]
         report["ppl"]["gptq"] = got
         _parity(report, "gptq", got, report["ppl"]["torch"], limits["gptq"], c["exact"], failures,
-                "transformers+gptqmodel fp16")
+                "transformers+gptqmodel, default path")
     report["parity"]["passed"] = not failures
     report["failures"] = failures
     if report_dir is not None:

@@ -1,11 +1,13 @@
-"""Run a GPTQ directory the way users do: transformers `from_pretrained` with GPTQModel as the kernel provider.
+"""Run a GPTQ directory the way users do: `AutoModelForCausalLM.from_pretrained(dir, device_map="cpu")`, with no
+backend or dtype argument, so transformers + GPTQModel pick the kernel a CPU user gets.
 
-Kernel choice (measured, docs/gptq.md): GPTQModel's `TorchLinear` (GPTQConfig backend "torch") in float16. It is
-pure torch — no JIT-compiled C++ op on first load (7.7.0's AUTO kernel compiles for ~135 s), it takes every width
-(2/3/4/8), per-channel groups (the aten int4 kernel refuses group_size −1) and symmetric or asymmetric grids, and it
-is the tightest of the CPU kernels (it dequantizes scales[g_idx]·(q − z) exactly and runs the matmul in fp16; the
-aten/fused int4 kernels differ from the torch reference by ~7e-3 in logits, this one by ~1e-3). It refuses
-float32, so fp16 is the most precise dtype it runs in.
+What that default path picks on CPU (GPTQModel 7.6, measured on SmolLM2-135M, docs/gptq.md): for 4-bit files
+`TorchAtenLinear` (aten's packed int4 matmul, float32 activations) — 3.4 s per 512-token window against 67 s for
+`TorchLinear` in fp16, the kernel this module used before, and +0.07 % perplexity from the float32 fused model;
+for 2/3/8-bit files `TorchLinear`. The aten int4 matmul takes group sizes 32..256 only, so the exporter writes
+per-channel grids as groups (converters/gptq.py: file_group_size); before that, every per-channel checkpoint
+crashed on its first forward through this path. `backend="torch"` and `dtype=torch.float16` still select the old
+kernel where a caller wants it.
 
 Scoring reuses `runtimes.torch_eval.perplexity` on the loaded model, so the numbers are computed exactly as for
 the torch reference; only the model differs.
@@ -26,12 +28,10 @@ from .torch_eval import perplexity
 
 log = logging.getLogger(__name__)
 
-BACKEND = "torch"  # GPTQModel TorchLinear: no JIT compile, all widths, tightest CPU match
-DTYPE = torch.float16  # TorchLinear accepts fp16/bf16 only; fp16 has 3 more mantissa bits than bf16
 
-
-def load_gptq(path: str | Path, dtype: torch.dtype = DTYPE, backend: str = BACKEND):
-    """transformers AutoModelForCausalLM over a GPTQ directory on CPU, GPTQModel kernels (eval mode)."""
+def load_gptq(path: str | Path, dtype: torch.dtype | None = None, backend: str | None = None):
+    """transformers AutoModelForCausalLM over a GPTQ directory on CPU (eval mode). dtype / backend None: the
+    defaults a user gets from a plain from_pretrained."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet.import_gptqmodel()  # transformers loads it for the GPTQ kernels; its banner stays out of the terminal
     from transformers import AutoModelForCausalLM, GPTQConfig
@@ -44,25 +44,34 @@ def load_gptq(path: str | Path, dtype: torch.dtype = DTYPE, backend: str = BACKE
     if not isinstance(qc, dict) or qc.get("quant_method") != "gptq":
         raise UserError(f"GPTQ directory {path}: config.json expected quantization_config with quant_method 'gptq' "
                         f"(without it transformers silently loads random weights), got {qc!r:.120}")
-    # Only loading attributes (the backend) are taken from this object; bits, group size, format come from the file.
-    loading = GPTQConfig(bits=qc["bits"], backend=backend)
+    kw: dict = {"device_map": "cpu"}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if backend is not None:  # only loading attributes are taken from this object; bits, groups, format from the file
+        kw["quantization_config"] = GPTQConfig(bits=qc["bits"], backend=backend)
     with warnings.catch_warnings():  # "...quantization_config from the model will be used" is exactly the intent
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=dtype, quantization_config=loading)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     return model.eval()
 
 
+def kernels(model) -> list[str]:
+    """The quantized-linear classes the loader chose, e.g. ['TorchAtenLinear']."""
+    return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+
+
 @torch.inference_mode()
-def gptq_logits(path_or_model, input_ids: torch.Tensor, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+def gptq_logits(path_or_model, input_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Float32 logits (N, T, V) of the GPTQ model for token ids (N, T): for comparisons with the torch model."""
     model = load_gptq(path_or_model, dtype) if isinstance(path_or_model, (str, Path)) else path_or_model
     return model(input_ids=input_ids).logits.float()
 
 
-def perplexity_gptq(path: str | Path, windows: torch.Tensor, protocol: str = "full", dtype: torch.dtype = DTYPE,
+def perplexity_gptq(path: str | Path, windows: torch.Tensor, protocol: str = "full", dtype: torch.dtype | None = None,
                     progress: bool = True) -> dict:
     """{'ppl', 'nll_sum', 'tokens', 'per_window_nll', 'runtime'} on (N, T) windows, scored as the torch reference."""
     model = load_gptq(path, dtype)
     r = perplexity(model, windows, protocol, progress=progress, desc="ppl (GPTQ loader)")
-    r["runtime"] = f"transformers+gptqmodel (backend {BACKEND}, {str(dtype).replace('torch.', '')})"
+    r["runtime"] = (f"transformers+gptqmodel (default path: {', '.join(kernels(model))}, "
+                    f"{str(model.dtype).replace('torch.', '')})")
     return r
