@@ -66,14 +66,17 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool, eval_: bool, ev: J.E
                        help="score all next-token predictions, or only the second half (llama-perplexity's way)")
 
 
-def _add_train_args(p: argparse.ArgumentParser, steps: int) -> None:
+def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions = OPTS) -> None:
     g = p.add_argument_group("LR-QAT")
     g.add_argument("--rank", type=int, default=OPTS.rank, help=f"adapter rank r (default {OPTS.rank}, the paper's)")
     g.add_argument("--alpha", type=float, help=f"adapter scale numerator α; A·B is scaled by α/r (default "
                                                f"{_method_defaults('alpha')})")
     g.add_argument("--phi", default=OPTS.phi, choices=list(PHI_CHOICES),
                    help="storage of the frozen Φ0: int8 fixed point (default), int4 double-packed, bf16, fp32")
-    g.add_argument("--no-checkpointing", action="store_true", help="keep weight-sized intermediates for backward")
+    g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=opts.checkpointing,
+                   help=f"recompute each layer's fake-quantized weight in backward instead of keeping weight-sized "
+                        f"intermediates: less memory, slower, the same numbers (default "
+                        f"{'on' if opts.checkpointing else 'off'})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     g.add_argument("--batch-size", type=int, default=TRAIN.batch_size,
@@ -122,7 +125,7 @@ def _spec(args):
 
 def _options(args) -> MethodOptions:
     return MethodOptions(rank=args.rank, alpha=args.alpha, phi=args.phi, range_method=args.range_method,
-                         checkpointing=not args.no_checkpointing, lr_weight=getattr(args, "lr_weight", None))
+                         checkpointing=args.checkpointing, lr_weight=getattr(args, "lr_weight", None))
 
 
 def _train_cfg(args) -> TrainConfig:
@@ -309,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     # Defaults sized for minutes on 2 CPU cores (app.jobs.RunJob).
-    _add_spec_args(p), _add_data_args(p, True, True, J.RunJob.eval), _add_train_args(p, steps=J.RunJob.train.steps)
+    _add_spec_args(p), _add_data_args(p, True, True, J.RunJob.eval), _add_train_args(p, steps=J.RunJob.train.steps, opts=J.RunJob.options)
     _add_trust_arg(p)
     p.add_argument("--ood-data", nargs="+", help="out-of-domain text evaluated beside --eval-data (default: the "
                                                  "held-out tail of the embedded corpus when training on other text)")

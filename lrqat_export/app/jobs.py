@@ -124,7 +124,9 @@ class RunJob:
     out: str
     model: str = DEFAULT_MODEL
     spec: QuantSpec = PRESETS[DEFAULT_PRESET]
-    options: MethodOptions = MethodOptions()
+    # A 135M model on a CPU has memory to spare: keeping the weight-sized intermediates makes a step 1.7× faster than
+    # recomputing them (same numbers); `lrqat train` keeps the memory-saving default for large models.
+    options: MethodOptions = MethodOptions(checkpointing=False)
     train: TrainConfig = TrainConfig(steps=RUN_STEPS)
     data: DataOptions = DataOptions()
     eval: EvalOptions = EvalOptions(windows=RUN_EVAL_WINDOWS)

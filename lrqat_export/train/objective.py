@@ -74,8 +74,9 @@ def topk_targets(logits: torch.Tensor, topk: int, temperature: float):
 
 @torch.no_grad()
 def build_teacher_cache(model, windows: torch.Tensor, indices: list[int], topk: int, temperature: float,
-                        bf16: bool = False, progress: bool = False) -> TeacherCache:
-    """The float model's top-k targets on the windows the run will draw (`indices`), one window at a time."""
+                        bf16: bool = False, progress: bool = False, batch_size: int = 4) -> TeacherCache:
+    """The float model's top-k targets on the windows the run will draw (`indices`), `batch_size` windows per
+    forward (each window is scored on its own: no position attends across windows)."""
     if topk < 1:
         raise UserError(f"--kd-topk: expected >= 1, got {topk}")
     if not temperature > 0:
@@ -84,17 +85,19 @@ def build_teacher_cache(model, windows: torch.Tensor, indices: list[int], topk: 
     was_training = model.training
     model.eval()
     ids, logp, rest = {}, {}, {}
-    it = indices
+    chunks = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
+    it = chunks
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(indices, desc="teacher pre-pass", unit="window", leave=False)
-    for w in it:
-        x = windows[w: w + 1].to(device)
+        it = tqdm(chunks, desc="teacher pre-pass", unit="batch", leave=False)
+    for chunk in it:
+        x = windows[chunk].to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=x).logits[0, :-1]
+            logits = model(input_ids=x).logits[:, :-1]
         i, lp, lr = topk_targets(logits, topk, temperature)
-        ids[w], logp[w], rest[w] = i.cpu(), lp.cpu(), lr.cpu()
+        for k, w in enumerate(chunk):
+            ids[w], logp[w], rest[w] = i[k].cpu(), lp[k].cpu(), lr[k].cpu()
     model.train(was_training)
     cache = TeacherCache(ids, logp, rest, topk, temperature)
     log.info("teacher cache: %d windows, top-%d, τ %g, mean rest mass %.4f", len(indices), topk, temperature,
