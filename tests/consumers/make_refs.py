@@ -24,9 +24,10 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 import tiny  # noqa: E402
 from converters.gptq import VLLM_GROUP_SIZES, export_gptq  # noqa: E402
-from lrqat_export.intckpt import load_intckpt, ptq_rtn, write_intckpt  # noqa: E402
-from lrqat_export.models import load_model  # noqa: E402
-from lrqat_export.quant import QuantSpec  # noqa: E402
+from lrqat_export.core.intckpt import load_intckpt, write_intckpt  # noqa: E402
+from lrqat_export.methods.rtn import ptq_rtn  # noqa: E402
+from lrqat_export.core.models import load_model  # noqa: E402
+from lrqat_export.core.quant import QuantSpec  # noqa: E402
 
 # name: (spec, format, consumers). vLLM takes only 4-bit symmetric; AutoGPTQ 0.7.1 reads v1 only.
 CASES = {
