@@ -32,7 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from lrqat_export.core.errors import UserError
-from lrqat_export.core.fsio import atomic_path, check_output_path
+from lrqat_export.core.fsio import atomic_path, check_apart, check_output_path
 from lrqat_export.core.intckpt import IntCheckpoint, load_intckpt
 from lrqat_export.core.quant import QuantSpec
 
@@ -278,6 +278,7 @@ def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f1
     _arch(ck)  # unsupported architecture: refuse before any work
     qtype = ggml_type_for(ck.spec, widen)
     out = Path(out)
+    check_apart(out, {"IntCheckpoint": intckpt_path})
     check_output_path(out, overwrite)
     tensors = list(gguf_tensors(ck, qtype, embed_type))  # all checks before anything is written
     if not ck.spec.symmetric:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from lrqat_export.core.errors import CheckFailed, UserError
-from lrqat_export.core.fsio import atomic_dir, read_json, write_json
+from lrqat_export.core.fsio import atomic_dir, check_apart, read_json, write_json
 from lrqat_export.core.intckpt import load_intckpt
 from lrqat_export.core.version import __version__
 
@@ -325,6 +325,7 @@ def export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str = "gptq", st
     if fmt not in FORMATS:
         raise UserError(f"--format: expected one of {FORMATS}, got {fmt!r}")
     max_bytes = parse_size(max_shard_size)
+    check_apart(out, {"IntCheckpoint": intckpt_path})
     ck = load_intckpt(intckpt_path)
     spec = ck.spec
     if spec.bits not in BITS:

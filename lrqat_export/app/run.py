@@ -25,7 +25,7 @@ from converters.gptq import export_gptq
 from ..core import data as D
 from ..core import quiet
 from ..core.errors import CheckFailed, UserError
-from ..core.fsio import atomic_file, check_run_output, write_json
+from ..core.fsio import atomic_file, check_apart, check_run_output, write_json
 from ..core.intckpt import load_intckpt, write_intckpt
 from ..core.models import load_model
 from ..methods import registry
@@ -46,6 +46,8 @@ def _say(msg: str) -> None:
 def run(job: RunJob) -> dict:
     """The main job; returns the report (also written to OUT/report.{json,md,png})."""
     out = Path(job.out)
+    check_apart(out, {"--model": job.model, "--train-data": list(job.data.train_data),
+                      "--eval-data": list(job.eval.eval_data or []), "--ood-data": list(job.ood_data or [])})
     check_run_output(out, job.overwrite)
     recipe = registry.check_recipe(job.recipe)
     out.mkdir(parents=True, exist_ok=True)

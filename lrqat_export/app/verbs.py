@@ -11,7 +11,7 @@ from converters.sniff import artifact_kind
 
 from ..core import data as D
 from ..core.errors import UserError
-from ..core.fsio import check_output_path, check_run_output
+from ..core.fsio import check_apart, check_output_path, check_run_output
 from ..core.intckpt import is_intckpt, load_intckpt, write_intckpt
 from ..core.models import load_model, load_tokenizer
 from ..methods import registry
@@ -40,6 +40,7 @@ def train(job: TrainJob) -> dict:
 
 def _train(job: TrainJob, dist) -> dict:
     out = Path(job.out)
+    check_apart(out, {"--model": job.model, "--init": job.init, "--train-data": list(job.data.train_data)})
     if not job.resume:
         check_run_output(out, job.overwrite, hint=" (or --resume)")
     elif latest_checkpoint(out) is None and out.is_dir() and not job.overwrite:
@@ -71,6 +72,7 @@ def _train(job: TrainJob, dist) -> dict:
 def ptq(job: PtqJob) -> Path:
     """RTN (our range search) or GPTQ (GPTQModel on CPU, calibrated on `calib_data`) → IntCheckpoint in `out`."""
     m = registry.get(job.method, trains=False)
+    check_apart(job.out, {"--model": job.model, "--calib-data": list(job.calib_data or [])})
     check_output_path(Path(job.out), job.overwrite)
     model, tok, src = load_model(job.model, job.trust_remote_code)
     calib = None

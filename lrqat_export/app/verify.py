@@ -22,7 +22,7 @@ from converters.gptq import compare_with_intckpt
 
 from ..core import data as D
 from ..core.errors import CheckFailed, UserError
-from ..core.fsio import atomic_file, write_json
+from ..core.fsio import atomic_file, check_apart, write_json
 from ..core.intckpt import load_intckpt
 from ..core.models import load_tokenizer
 from ..runtimes.torch_eval import perplexity
@@ -51,6 +51,9 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
     for p, what in ((gguf_path, "--gguf"), (gptq_dir, "--gptq")):
         if p is not None and not Path(p).exists():
             raise UserError(f"verify {what} {p}: not found")
+    if report_dir is not None:
+        check_apart(report_dir, {"IntCheckpoint": intckpt, "--gguf": gguf_path, "--gptq": gptq_dir,
+                                 "--eval-data": list(eval_data or [])})
     limits = {**DEFAULT_MAX_GAP, **(max_gap or {})}
     ck = load_intckpt(intckpt)
     if windows is None:

@@ -52,6 +52,22 @@ def check_run_output(path: Path, overwrite: bool, hint: str = "") -> None:
     _check_parent(path)
 
 
+def check_apart(out: str | os.PathLike, inputs: dict[str, object]) -> None:
+    """Refuse an output that is, contains, or lies inside any input (symlinks resolved), --overwrite or not: writing
+    it would destroy the input. `inputs` maps what each input is ("--model") to its path, a list of paths or None;
+    names that are not paths on disk (the embedded "pydoc", "smollm2-135m") are skipped."""
+    o = Path(out).resolve()
+    for what, value in inputs.items():
+        for p in value if isinstance(value, (list, tuple)) else [value]:
+            if p is None or not Path(str(p)).exists():
+                continue
+            i = Path(str(p)).resolve()
+            how = "is" if o == i else "contains" if o in i.parents else "lies inside" if i in o.parents else None
+            if how:
+                raise UserError(f"output {out}: expected a path apart from every input, got one that {how} {what} "
+                                f"{p}; writing it would destroy that input (refused with or without --overwrite)")
+
+
 def make_parents(path: str | os.PathLike) -> list[Path]:
     """Create the missing parent directories of `path` (umask permissions); returns those created, deepest last,
     so a failed write can remove them again (remove_dirs)."""
