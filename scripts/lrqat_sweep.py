@@ -36,7 +36,7 @@ for c in configs:
     prepare(m, spec, opts)
     t = time.time()
     h = train(m, tr, TrainConfig(steps=c.get("steps", 300), batch_size=2, lr_ab=c.get("lr_ab"),
-              lr_scale=c.get("lr_scale")), progress=False)
+              lr_scale=c.get("lr_scale"), objective="ce"), progress=False)
     ck = fuse(m, {})
     fm = ck.to_torch_model().to(dev)
     p = perplexity(fm, ev)["ppl"]

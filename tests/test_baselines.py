@@ -1,6 +1,6 @@
-"""Baselines (methods/baselines.py, defined in methods/registry.py): each trains only its own parameters, and each ends in an IntCheckpoint whose reload
-reproduces the trained model exactly (full-qat, peqa) or differs exactly by the documented merge step (qlora: RTN
-of the merged weight; qalora: rounding of the float zero points)."""
+"""Baselines (methods/baselines.py, defined in methods/registry.py): each trains only its own parameters, and each
+ends in an IntCheckpoint whose reload reproduces the trained model exactly (full-qat, peqa) or differs exactly by
+the documented merge step (qlora: RTN of the merged weight; qalora: rounding of the float zero points)."""
 from __future__ import annotations
 
 import copy
@@ -27,11 +27,11 @@ EXPECTED_TRAINABLE = {  # method: parameter-name suffixes that (and only that) m
     "full-qat": {"weight", "scale"}, "peqa": {"scale"}, "qlora": {"lora_A", "lora_B"},
     "qalora": {"lora_A", "lora_B"}, "lora-fp": {"lora_A", "lora_B"},
 }
-CFG = {"full-qat": TrainConfig(steps=6, batch_size=2, lr_scale=1e-3),
-       "peqa": TrainConfig(steps=6, batch_size=2, lr_scale=1e-2),
-       "qlora": TrainConfig(steps=6, batch_size=2, lr_ab=1e-2),
-       "qalora": TrainConfig(steps=6, batch_size=2, lr_ab=3e-2),
-       "lora-fp": TrainConfig(steps=6, batch_size=2, lr_ab=1e-2)}
+CFG = {"full-qat": TrainConfig(steps=6, batch_size=2, objective="ce", lr_scale=1e-3),
+       "peqa": TrainConfig(steps=6, batch_size=2, objective="ce", lr_scale=1e-2),
+       "qlora": TrainConfig(steps=6, batch_size=2, objective="ce", lr_ab=1e-2),
+       "qalora": TrainConfig(steps=6, batch_size=2, objective="ce", lr_ab=3e-2),
+       "lora-fp": TrainConfig(steps=6, batch_size=2, objective="ce", lr_ab=1e-2)}
 
 
 def _model(path):
@@ -170,7 +170,7 @@ def test_cli_train_method_writes_the_baselines_checkpoint(tiny_llama, tmp_path, 
     assert main(["train", "--method", "peqa", "--out", str(tmp_path / "peqa"), *common]) == 0
     ck = load_intckpt(tmp_path / "peqa")
     assert ck.manifest["method"] == "peqa" and ck.manifest["exact"] is True
-    assert ck.manifest["training"]["config"]["lr_scale"] == 1e-4  # PEQA's per-method default
+    assert ck.manifest["training"]["config"]["lr_scale"] == METHODS["peqa"].defaults["lr_scale"]  # PEQA's default
     assert main(["train", "--method", "lora-fp", "--out", str(tmp_path / "lora"), *common]) == 0
     assert (tmp_path / "lora" / "config.json").is_file() and not (tmp_path / "lora" / "lrqat_manifest.json").exists()
     assert main(["ptq", "--model", str(tiny_llama), "--method", "awq", "--out", str(tmp_path / "x")]) == 2

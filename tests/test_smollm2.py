@@ -39,7 +39,7 @@ def test_smollm2_rtn_start_trainable_fraction_and_exact_fuse(tmp_path):
     assert c["trainable"] == 30 * per_layer == 9_924_480
     assert 0.06 < frac < 0.08
     windows = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    train(model, windows, TrainConfig(steps=2, batch_size=2, lr_ab=1e-2), progress=False)
+    train(model, windows, TrainConfig(steps=2, batch_size=2, lr_ab=1e-2, objective="ce"), progress=False)
     out = write_intckpt(tmp_path / "ck", fuse(model, src.to_dict()), tok)
     fused = load_intckpt(out).to_torch_model()
     with torch.inference_mode():

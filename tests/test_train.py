@@ -38,7 +38,7 @@ def _windows(path, n=24, t=32):
 
 def test_optimizer_groups_and_schedule_follow_the_paper(tiny_llama):
     model = _prepared(tiny_llama)
-    cfg = TrainConfig(steps=100)
+    cfg = TrainConfig(steps=100).resolved("lrqat", "paper")
     opt, _ = make_optimizer(model, cfg)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["ab"]["initial_lr"] == 1e-3 and groups["scale"]["initial_lr"] == 1e-5  # lr itself is warmed up
@@ -60,7 +60,7 @@ def test_data_order_is_a_pure_function_of_seed_and_step():
 def test_training_lowers_the_loss(tiny_llama):
     model = _prepared(tiny_llama)
     w = _windows(tiny_llama)
-    hist = train(model, w, TrainConfig(steps=30, batch_size=4, lr_ab=1e-2, lr_scale=1e-3), progress=False)
+    hist = train(model, w, TrainConfig(steps=30, batch_size=4, lr_ab=1e-2, lr_scale=1e-3, objective="ce"), progress=False)
     first = sum(h["loss"] for h in hist[:5]) / 5
     last = sum(h["loss"] for h in hist[-5:]) / 5
     assert last < first - 0.05, (first, last)
@@ -72,7 +72,7 @@ def _final_state(model):
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_llama, tmp_path):
     w = _windows(tiny_llama)
-    cfg = TrainConfig(steps=8, batch_size=2, lr_ab=1e-2, lr_scale=1e-3, ckpt_every=3)
+    cfg = TrainConfig(steps=8, batch_size=2, lr_ab=1e-2, lr_scale=1e-3, ckpt_every=3, objective="ce")
     full = _prepared(tiny_llama)
     train(full, w, cfg, tmp_path / "a", progress=False)
     part = _prepared(tiny_llama)
@@ -91,7 +91,7 @@ def test_layer_checkpointing_recomputes_and_changes_no_number(tiny_llama, tmp_pa
     """--checkpoint-layers: every decoder layer runs its forward again in backward (counted inside the layer), and
     the losses and every trained tensor equal the run without it bit for bit; it may be switched on at --resume."""
     w = _windows(tiny_llama)
-    cfg = TrainConfig(steps=6, batch_size=2, lr_ab=1e-2, lr_scale=1e-3, ckpt_every=3)
+    cfg = TrainConfig(steps=6, batch_size=2, lr_ab=1e-2, lr_scale=1e-3, ckpt_every=3, objective="ce")
     runs = {}
     for name, c in (("plain", cfg), ("ckpt", dataclasses.replace(cfg, checkpoint_layers=True))):
         torch.manual_seed(0)  # B's random init, as train_and_fuse seeds it
@@ -116,9 +116,10 @@ def test_layer_checkpointing_recomputes_and_changes_no_number(tiny_llama, tmp_pa
 
 def test_resume_with_different_options_is_refused(tiny_llama, tmp_path):
     w = _windows(tiny_llama)
-    train(_prepared(tiny_llama), w, TrainConfig(steps=2, batch_size=2), tmp_path, progress=False)
+    train(_prepared(tiny_llama), w, TrainConfig(steps=2, batch_size=2, objective="ce"), tmp_path, progress=False)
     with pytest.raises(UserError, match=r"training options differ .*'steps': \(2, 3\)"):
-        train(_prepared(tiny_llama), w, TrainConfig(steps=3, batch_size=2), tmp_path, resume=True, progress=False)
+        train(_prepared(tiny_llama), w, TrainConfig(steps=3, batch_size=2, objective="ce"), tmp_path, resume=True,
+              progress=False)
 
 
 def _cli(args, **kw):
