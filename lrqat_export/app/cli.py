@@ -19,7 +19,6 @@ from ..methods.common import PHI_CHOICES, MethodOptions
 from ..train.config import TrainConfig
 from ..train.objective import OBJECTIVES
 from . import jobs as J
-from .verify import DEFAULT_MAX_GAP
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
 # A full disk, a file-size or quota limit, a read-only or forbidden target: the environment refuses the write.
@@ -300,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq", help="GPTQ directory exported from INTCKPT (loaded by transformers + GPTQModel)")
     p.add_argument("--report", help="directory for parity.json and parity.md")
     p.add_argument("--max-gap-gguf", type=float,
-                   help=f"max |relative ppl gap| for llama.cpp (default {DEFAULT_MAX_GAP['gguf']})")
+                   help=f"max |relative ppl gap| for llama.cpp (default {J.DEFAULT_MAX_GAP['gguf']})")
     p.add_argument("--max-gap-gptq", type=float,
-                   help=f"max |relative ppl gap| for the GPTQ loader (default {DEFAULT_MAX_GAP['gptq']})")
+                   help=f"max |relative ppl gap| for the GPTQ loader (default {J.DEFAULT_MAX_GAP['gptq']})")
     _add_data_args(p, False, True)
     p.set_defaults(func=cmd_verify)
 

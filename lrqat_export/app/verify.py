@@ -26,17 +26,11 @@ from ..core.fsio import atomic_file, check_apart, write_json
 from ..core.intckpt import load_intckpt
 from ..core.models import load_tokenizer
 from ..runtimes.torch_eval import perplexity
-from .jobs import VerifyJob
+from .jobs import DEFAULT_MAX_GAP, VerifyJob
 from .report import VERIFY_LABELS, plot_report
 
 log = logging.getLogger(__name__)
 
-# Relative perplexity gap each runtime's own arithmetic may add (the weights themselves are checked exactly):
-# llama.cpp quantizes activations to 8 bits in its CPU dot products; the GPTQ loader's default CPU kernel for 4-bit
-# (aten int4 matmul) casts activations *and the scales* to bf16 (8 mantissa bits), so every row's weights move by up
-# to 2^-9 relative: measured on SmolLM2 w4pc +0.07 % and −0.52 % (2-step models, 2 windows) and +0.23 % (the
-# 100-step main job, 4 windows), where fp16 TorchLinear gave ±0.02 %. Both runtimes get the same ±1 %.
-DEFAULT_MAX_GAP = {"gguf": 0.01, "gptq": 0.01}
 ASYM_MAX_STEP = 2.0**-6  # Q4_1/Q5_1: fp16 rounding of the offset m, in units of the group's scale
 
 
