@@ -85,8 +85,7 @@ def ptq(job: PtqJob) -> Path:
 
 
 def eval_windows(tok, ev: EvalOptions) -> torch.Tensor:
-    if not ev.eval_data:
-        raise UserError("--eval-data: expected at least one text file")
+    """The evaluation windows of `ev` (its eval_data is checked non-empty by the caller, before any loading)."""
     return D.text_windows(tok, list(ev.eval_data), ev.seq_len, ev.windows,
                           what=f"eval data {', '.join(ev.eval_data)}")
 
