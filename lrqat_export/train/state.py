@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -26,17 +27,64 @@ from .dist import barrier as dist_barrier
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "train_state"
+STEP_DIR = re.compile(r"step-(\d+)")  # the name of one checkpoint directory under CKPT_DIR
 RESUME_MAY_CHANGE = ("ckpt_every", "grad_accum", "checkpoint_layers")  # they change memory/time, not the numbers
 
 
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The complete checkpoint directory named by OUT/train_state/latest.json, or None."""
-    d = Path(out) / CKPT_DIR
+def _step_of(name: str) -> int | None:
+    """N of a step directory's name "step-N"; None for any other name (temp dirs, a hostile latest.json)."""
+    m = STEP_DIR.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(step_dir: Path) -> bool:
+    """A step directory a resume can load: state.json holds an object with an integer step, and the files of its
+    format (one-process or DCP) are there."""
+    try:
+        state = json.loads((step_dir / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    need = (".metadata", "scheduler.pt") if state.get("format") == dcp.DCP_FORMAT else ("trainable.safetensors",
+                                                                                       "optim.pt")
+    return all((step_dir / n).is_file() for n in need)
+
+
+def _named_by_latest(d: Path) -> Path | None:
+    """The step directory latest.json names, when latest.json is readable and the directory has its state.json."""
     try:
         name = json.loads((d / "latest.json").read_text())["dir"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(name, str) or _step_of(name) is None:
         return None
     return d / name if (d / name / "state.json").is_file() else None
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint a resume continues from: the step directory OUT/train_state/latest.json names; where
+    latest.json is missing, unreadable or names no checkpoint, the newest complete step directory (with a warning).
+    None when there is no checkpoint at all (a run killed before its first one). A resume never starts over beside
+    a checkpoint it could not read: latest.json or step directories with no complete one among them are a
+    UserError (starting over would delete them at the first save)."""
+    d = Path(out) / CKPT_DIR
+    named = _named_by_latest(d)
+    if named is not None:
+        return named
+    steps = sorted((p for p in d.glob("step-*") if p.is_dir() and _step_of(p.name) is not None),
+                   key=lambda p: _step_of(p.name), reverse=True)
+    complete = next((p for p in steps if is_complete(p)), None)
+    latest = d / "latest.json"
+    if complete is not None:
+        log.warning("--resume: %s does not name a complete checkpoint; resuming from the newest complete one, %s",
+                    latest, complete)
+        return complete
+    if steps or latest.exists():
+        raise UserError(f"--resume {d}: expected a complete step-N directory (state.json, tensors, optimizer state), "
+                        f"got none among {[p.name for p in steps][:3]} and latest.json "
+                        f"{'naming none' if latest.exists() else 'missing'}; refusing to start over beside them "
+                        f"(move {d} aside to start from step 0)")
+    return None
 
 
 def save_train_state(out: Path, model, opt, sched, step: int, cfg: TrainConfig, history: list,
