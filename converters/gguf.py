@@ -32,7 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from lrqat_export.core.errors import UserError
-from lrqat_export.core.fsio import atomic_path, check_apart, check_output_path
+from lrqat_export.core.fsio import atomic_path, check_apart, check_output_path, claim_output
 from lrqat_export.core.intckpt import IntCheckpoint, load_intckpt
 from lrqat_export.core.quant import QuantSpec
 
@@ -271,15 +271,21 @@ def gguf_tensors(ck: IntCheckpoint, qtype: QT, embed_type: str) -> Iterator[tupl
 
 def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f16", overwrite: bool = False,
                 widen: bool = False) -> Path:
-    """Write the IntCheckpoint as a GGUF file (atomically). Returns the path."""
+    """Write the IntCheckpoint as a GGUF file (atomically). Returns the path. The output is checked and claimed
+    (core.fsio.claim_output) before the checkpoint is read: a second writer of `out` is refused at once."""
     if embed_type not in EMBED_TYPES:
         raise UserError(f"--embed-type: expected one of {sorted(EMBED_TYPES)}, got {embed_type!r}")
+    out = Path(out)
+    check_apart(out, {"IntCheckpoint": intckpt_path})
+    with claim_output(out):
+        check_output_path(out, overwrite, is_file=True)
+        return _export_gguf(intckpt_path, out, embed_type, overwrite, widen)
+
+
+def _export_gguf(intckpt_path: str | Path, out: Path, embed_type: str, overwrite: bool, widen: bool) -> Path:
     ck = load_intckpt(intckpt_path)
     _arch(ck)  # unsupported architecture: refuse before any work
     qtype = ggml_type_for(ck.spec, widen)
-    out = Path(out)
-    check_apart(out, {"IntCheckpoint": intckpt_path})
-    check_output_path(out, overwrite)
     tensors = list(gguf_tensors(ck, qtype, embed_type))  # all checks before anything is written
     if not ck.spec.symmetric:
         frac, step = offset_rounding(ck, qtype)
@@ -295,7 +301,7 @@ def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.n
     """Metadata (architecture, tokenizer, provenance) + the given tensors → `out`, atomically. export_gguf's
     back end; scripts/gguf_direct_vs_naive.py passes re-quantized tensors through it to build the naive file."""
     out = Path(out)
-    check_output_path(out, overwrite)
+    check_output_path(out, overwrite, is_file=True)
     arch, _ = _arch(ck)
     src = M.source_gguf(ck)
     w = gguf.GGUFWriter(None, arch)
@@ -310,7 +316,7 @@ def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.n
             w.add_tensor(name, arr)
         else:
             w.add_tensor(name, arr, raw_dtype=t)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from lrqat_export.core.errors import CheckFailed, UserError
-from lrqat_export.core.fsio import atomic_dir, check_apart, read_json, write_json
+from lrqat_export.core.fsio import atomic_dir, check_apart, check_output_path, claim_output, read_json, write_json
 from lrqat_export.core.intckpt import load_intckpt
 from lrqat_export.core.version import __version__
 
@@ -326,6 +326,13 @@ def export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str = "gptq", st
         raise UserError(f"--format: expected one of {FORMATS}, got {fmt!r}")
     max_bytes = parse_size(max_shard_size)
     check_apart(out, {"IntCheckpoint": intckpt_path})
+    with claim_output(out):  # a second writer of `out` is refused at once
+        check_output_path(Path(out), overwrite)
+        return _export_gptq(intckpt_path, out, fmt, strict_vllm, overwrite, max_bytes, verify)
+
+
+def _export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str, strict_vllm: bool, overwrite: bool,
+                 max_bytes: int, verify: bool) -> Path:
     ck = load_intckpt(intckpt_path)
     spec = ck.spec
     if spec.bits not in BITS:

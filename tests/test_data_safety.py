@@ -2,9 +2,13 @@
 one output never both succeed (class 5). Each test checks the bytes of what must survive before and after."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,109 @@ def test_a_resume_with_no_complete_step_refuses_and_deletes_nothing(run, tiny_ll
 def test_a_resume_of_a_run_killed_before_its_first_checkpoint_still_starts_from_step_0(tmp_path):
     (tmp_path / CKPT_DIR / ".step-00000001.abc.tmp").mkdir(parents=True)  # a killed writer's temp dir
     assert latest_checkpoint(tmp_path) is None
+
+
+# --- class 5: racing writers: the second one loses, atomically -------------------------------------------------------
+@pytest.fixture(scope="module")
+def ck(tiny_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("race") / "ck"
+    assert main(["ptq", "--model", str(tiny_llama), "--preset", "q4_0", "--range-method", "minmax",
+                 "--out", str(out)]) == 0
+    return out
+
+
+@contextlib.contextmanager
+def held(out: Path):
+    """Another process holding the claim on `out` (core.fsio.claim_output) until the block ends; yields its pid."""
+    code = ("import sys; from lrqat_export.core.fsio import claim_output; c = claim_output(sys.argv[1]); "
+            "c.__enter__(); print('held', flush=True); sys.stdin.read(); c.__exit__(None, None, None)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def _writers(tiny_llama, ck, tmp):
+    """Every verb that writes, each aimed at an output that already holds a good result (argv, out)."""
+    return {
+        "export-gguf": (["export", "gguf", str(ck), "--out", str(tmp / "m.gguf"), "--overwrite"], tmp / "m.gguf"),
+        "export-gptq": (["export", "gptq", str(ck), "--out", str(tmp / "gptq"), "--overwrite"], tmp / "gptq"),
+        "ptq": (["ptq", "--model", str(tiny_llama), "--out", str(tmp / "rtn"), "--overwrite"], tmp / "rtn"),
+        "train": (["train", "--model", str(tiny_llama), "--out", str(tmp / "run"), "--overwrite", *TRAIN],
+                  tmp / "run"),
+        "train-resume": (["train", "--model", str(tiny_llama), "--out", str(tmp / "run"), "--resume", *TRAIN],
+                         tmp / "run"),
+        "run": (["run", "--model", str(tiny_llama), "--out", str(tmp / "job"), "--overwrite", "--steps", "1"],
+                tmp / "job"),
+        "verify-report": (["verify", str(ck), "--gguf", str(tmp / "m.gguf"), "--eval-data", "pydoc",
+                           "--eval-seq-len", "32", "--eval-windows", "1", "--report", str(tmp / "report")],
+                          tmp / "report"),
+    }
+
+
+@pytest.mark.parametrize("verb", ["export-gguf", "export-gptq", "ptq", "train", "train-resume", "run",
+                                  "verify-report"])
+def test_a_second_writer_is_refused_at_once_even_with_overwrite(tiny_llama, ck, run, tmp_path, capsys, verb):
+    shutil.copytree(ck, tmp_path / "rtn")
+    shutil.copytree(run, tmp_path / "run")
+    assert main(["export", "gguf", str(ck), "--out", str(tmp_path / "m.gguf")]) == 0
+    assert main(["export", "gptq", str(ck), "--out", str(tmp_path / "gptq")]) == 0
+    (tmp_path / "job").mkdir(), (tmp_path / "job" / "report.json").write_text("{}")
+    (tmp_path / "report").mkdir(), (tmp_path / "report" / "parity.json").write_text("{}")
+    argv, out = _writers(tiny_llama, ck, tmp_path)[verb]
+    before = digest(tmp_path)
+    capsys.readouterr()
+    with held(out) as pid:
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"expected no other writer, got process {pid} writing it now" in err and err.count("\n") == 1, err
+    assert digest(tmp_path) == before  # the first writer's output and every input: unchanged, nothing added
+
+
+def test_two_concurrent_exports_one_wins_the_other_exits_2_and_the_file_is_whole(ck, tmp_path):
+    alone = tmp_path / "alone.gguf"
+    assert main(["export", "gguf", str(ck), "--out", str(alone)]) == 0
+    out = tmp_path / "m.gguf"
+    cmd = [sys.executable, "-m", "lrqat_export.cli", "export", "gguf", str(ck), "--out", str(out)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [rc for rc, _ in results] == [0, 2], results
+    assert "expected no other writer" in results[1][1] or "already exists" in results[1][1], results[1][1]
+    assert out.read_bytes() == alone.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.gguf", "m.gguf"]  # no lock, no temp left
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_a_publish_without_overwrite_never_replaces_what_appeared_meanwhile(tmp_path, kind):
+    """The last line of defence, for writers that do not claim: the rename itself refuses an existing name."""
+    from lrqat_export.core.errors import UserError
+    from lrqat_export.core.fsio import atomic_dir, atomic_file
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="expected it absent until published, got one another process wrote"):
+        if kind == "file":
+            with atomic_file(out, overwrite=False) as f:
+                f.write(b"mine")
+                out.write_bytes(b"theirs")  # another writer publishes first
+        else:
+            with atomic_dir(out) as d:
+                (d / "f").write_bytes(b"mine")
+                out.mkdir()  # an empty directory: a plain rename() would silently replace it
+    if kind == "file":
+        assert out.read_bytes() == b"theirs"
+    else:
+        assert out.is_dir() and not any(out.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp left
+
+
+def test_a_lock_left_by_a_killed_writer_does_not_block_the_next_one(ck, tmp_path):
+    out = tmp_path / "m.gguf"
+    lock = tmp_path / ".m.gguf.lrqat-lock"
+    lock.write_text("999999\n")  # kill -9 leaves the file, but the kernel has released its flock
+    assert main(["export", "gguf", str(ck), "--out", str(out)]) == 0
+    assert out.is_file() and not lock.exists()

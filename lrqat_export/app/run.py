@@ -25,7 +25,7 @@ from converters.gptq import export_gptq
 from ..core import data as D
 from ..core import quiet
 from ..core.errors import CheckFailed, UserError
-from ..core.fsio import atomic_file, check_apart, check_run_output, write_json
+from ..core.fsio import atomic_file, check_apart, check_run_output, claim_output, write_json
 from ..core.intckpt import load_intckpt, write_intckpt
 from ..core.models import load_model
 from ..methods import registry
@@ -48,11 +48,12 @@ def run(job: RunJob) -> dict:
     out = Path(job.out)
     check_apart(out, {"--model": job.model, "--train-data": list(job.data.train_data),
                       "--eval-data": list(job.eval.eval_data or []), "--ood-data": list(job.ood_data or [])})
-    check_run_output(out, job.overwrite)
-    recipe = registry.check_recipe(job.recipe)
-    out.mkdir(parents=True, exist_ok=True)
-    with quiet.log_file(out / "run.log"):  # every log record, and other projects' captured output
-        return _run(job, out, recipe)
+    with claim_output(out):  # a second `lrqat run` of OUT is refused at once
+        check_run_output(out, job.overwrite)
+        recipe = registry.check_recipe(job.recipe)
+        out.mkdir(parents=True, exist_ok=True)
+        with quiet.log_file(out / "run.log"):  # every log record, and other projects' captured output
+            return _run(job, out, recipe)
 
 
 def _run(job: RunJob, out: Path, recipe: str) -> dict:

@@ -2,6 +2,7 @@
 `lrqat run` is app.run, `lrqat verify` app.verify. Each returns what it made; the CLI prints it."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from converters.sniff import artifact_kind
 
 from ..core import data as D
 from ..core.errors import UserError
-from ..core.fsio import check_apart, check_output_path, check_run_output
+from ..core.fsio import check_apart, check_output_path, check_run_output, claim_output
 from ..core.intckpt import is_intckpt, load_intckpt, write_intckpt
 from ..core.models import load_model, load_tokenizer
 from ..methods import registry
@@ -41,6 +42,13 @@ def train(job: TrainJob) -> dict:
 def _train(job: TrainJob, dist) -> dict:
     out = Path(job.out)
     check_apart(out, {"--model": job.model, "--init": job.init, "--train-data": list(job.data.train_data)})
+    # One process claims OUT for the whole job (a second `lrqat train` or `--resume` of it is refused at once);
+    # under torchrun the ranks check OUT together and are not claimed (a refusal on one rank would hang the others).
+    with claim_output(out) if dist is None else contextlib.nullcontext():
+        return _train_claimed(job, out, dist)
+
+
+def _train_claimed(job: TrainJob, out: Path, dist) -> dict:
     if not job.resume:
         check_run_output(out, job.overwrite, hint=" (or --resume)")
     elif latest_checkpoint(out) is None and out.is_dir() and not job.overwrite:
@@ -73,7 +81,12 @@ def ptq(job: PtqJob) -> Path:
     """RTN (our range search) or GPTQ (GPTQModel on CPU, calibrated on `calib_data`) → IntCheckpoint in `out`."""
     m = registry.get(job.method, trains=False)
     check_apart(job.out, {"--model": job.model, "--calib-data": list(job.calib_data or [])})
-    check_output_path(Path(job.out), job.overwrite)
+    with claim_output(job.out):  # a second writer of `out` is refused at once
+        check_output_path(Path(job.out), job.overwrite)
+        return _ptq(job, m)
+
+
+def _ptq(job: PtqJob, m) -> Path:
     model, tok, src = load_model(job.model, job.trust_remote_code)
     calib = None
     if m.calibrated:

@@ -22,7 +22,7 @@ from converters.gptq import compare_with_intckpt
 
 from ..core import data as D
 from ..core.errors import CheckFailed, UserError
-from ..core.fsio import atomic_file, check_apart, write_json
+from ..core.fsio import atomic_file, check_apart, claim_output, write_json
 from ..core.intckpt import load_intckpt
 from ..core.models import load_tokenizer
 from ..runtimes.torch_eval import perplexity
@@ -50,9 +50,24 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
     for p, what in ((gguf_path, "--gguf"), (gptq_dir, "--gptq")):
         if p is not None and not Path(p).exists():
             raise UserError(f"verify {what} {p}: not found")
-    if report_dir is not None:
-        check_apart(report_dir, {"IntCheckpoint": intckpt, "--gguf": gguf_path, "--gptq": gptq_dir,
-                                 "--eval-data": list(eval_data or [])})
+    args = (intckpt, gguf_path, gptq_dir, eval_data, seq_len, n_windows, protocol, max_gap, report_dir, windows)
+    if report_dir is None:
+        return _verify(*args)
+    check_apart(report_dir, {"IntCheckpoint": intckpt, "--gguf": gguf_path, "--gptq": gptq_dir,
+                             "--eval-data": list(eval_data or [])})
+    with claim_output(report_dir):  # checked and claimed before the evaluation runs
+        check_report_dir(Path(report_dir))
+        return _verify(*args)
+
+
+def check_report_dir(d: Path) -> None:
+    """The report directory may exist (its files are replaced) but must be a directory, or a new path."""
+    if d.exists() and not d.is_dir():
+        raise UserError(f"verify --report {d}: expected a directory (or a new path), got an existing file")
+
+
+def _verify(intckpt, gguf_path, gptq_dir, eval_data, seq_len, n_windows, protocol, max_gap, report_dir,
+            windows) -> dict:
     limits = {**DEFAULT_MAX_GAP, **(max_gap or {})}
     ck = load_intckpt(intckpt)
     if windows is None:

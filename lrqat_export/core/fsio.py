@@ -4,13 +4,19 @@ Missing parent directories of an output are created when it is written (and remo
 A file is written to a temporary sibling and renamed over the target; a directory is built as a temporary sibling
 and renamed into place (the previous one, if overwriting, is swapped out atomically with renameat2 where Linux
 offers it, and removed only after the new one is in place). A failed write (disk full included) removes the
-temporary and leaves the previous file or directory as it was.
+temporary and leaves the previous file or directory as it was. Published files get the umask's permissions
+(0666 & ~umask), whatever mode the library that wrote them chose.
+
+Racing writers: a verb holds `claim_output(out)` (an flock'd lock file beside OUT) from its output checks to the
+publish, so a second writer of the same output is refused at once; and a publish without overwrite never replaces
+what appeared at OUT meanwhile (renameat2 RENAME_NOREPLACE, or link() for a file).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
@@ -38,10 +44,17 @@ def _check_parent(path: Path) -> None:
             return
 
 
-def check_output_path(path: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless asked to (nothing is written either way)."""
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path}: already exists; pass --overwrite to replace it")
+def check_output_path(path: Path, overwrite: bool, is_file: bool | None = None) -> None:
+    """Refuse to replace an existing output unless asked to (nothing is written either way). A symlink at `path`
+    counts as existing, dangling or not. is_file: the output is a file (an existing directory there is refused even
+    with overwrite) or a directory (None: either)."""
+    path = Path(path)
+    if os.path.lexists(path) and not overwrite:
+        link = f" (a symlink to {os.readlink(path)}; --overwrite replaces the link, not its target)" \
+            if path.is_symlink() else ""
+        raise UserError(f"output {path}: already exists; pass --overwrite to replace it{link}")
+    if is_file and path.is_dir():
+        raise UserError(f"output {path}: expected a file path, got an existing directory")
     _check_parent(path)
 
 
@@ -108,9 +121,9 @@ def _reraise_write_error(e: BaseException, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """A temporary sibling path for writers that open files themselves (gguf-py, safetensors); it replaces
-    `path` on success and is removed on any failure."""
+    `path` on success (without overwrite: only while `path` is still absent) and is removed on any failure."""
     path = Path(path)
     created = make_parents(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -118,7 +131,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        publish(Path(tmp), path, overwrite)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -128,17 +141,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+def atomic_file(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator[Any]:
     """An open file object on a temporary sibling of `path`, flushed to disk and renamed over `path` on success."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+    with atomic_path(path, overwrite) as tmp, open(tmp, mode) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
 
 
+def umask_modes(root: Path) -> None:
+    """Give every file under `root` the umask's permissions: writers such as safetensors create theirs 0600."""
+    mode = 0o666 & ~_umask()
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary directory next to `path`; on success it replaces `path`."""
+    """Yields a temporary directory next to `path`; on success it replaces `path` (without overwrite: only while
+    `path` is still absent)."""
     path = Path(path)
     check_output_path(path, overwrite)
     created = make_parents(path)
@@ -146,10 +168,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
-        if path.exists():
-            replace_dir(tmp, path)
-        else:
-            os.replace(tmp, path)
+        umask_modes(tmp)
+        publish(tmp, path, overwrite)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_dirs(created)
@@ -157,36 +177,143 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
+def publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the finished temporary `tmp` (file or directory) to `path`. With overwrite it replaces whatever is
+    there (a directory through an atomic exchange); without, the rename itself refuses an existing `path`, so an
+    output another process published meanwhile is never replaced (no check-then-rename window)."""
+    if overwrite:
+        if os.path.lexists(path) and (tmp.is_dir() or (path.is_dir() and not path.is_symlink())):
+            replace_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
+        return
+    try:
+        if not _rename2(tmp, path, _RENAME_NOREPLACE):
+            _publish_noreplace_fallback(tmp, path)
+    except FileExistsError:
+        raise UserError(f"output {path}: expected it absent until published, got one another process wrote "
+                        f"meanwhile; nothing was published (pass --overwrite to replace it)") from None
+
+
+def _publish_noreplace_fallback(tmp: Path, path: Path) -> None:
+    """Where renameat2 is missing: link() refuses an existing name atomically for a file; a directory keeps a short
+    check-then-rename window (claim_output still keeps writers of this tool apart)."""
+    if tmp.is_dir():
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists", str(path))
+        os.rename(tmp, path)
+        return
+    os.link(tmp, path)
+    os.unlink(tmp)
+
+
+# --- claiming an output: one writer at a time ---------------------------------------------------------------------
+_CLAIMED: set[Path] = set()  # outputs this process holds (a nested claim of the same output is a no-op)
+
+
+def _lock_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.lrqat-lock"
+
+
+def _take_lock(path: Path) -> int:
+    """flock the lock file beside `path` without waiting; a held lock is a UserError naming its holder. The lock is
+    released by the kernel when its holder dies (kill -9 included), so a stale lock never blocks a later writer."""
+    lock = _lock_path(path)
+    for _ in range(50):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"output {path}: expected no other writer, got process {holder} writing it now (lock "
+                            f"{lock}); wait for it to finish or choose another output") from None
+        try:  # the previous holder may have removed the file between our open and flock: lock the current one
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+    raise UserError(f"output {path}: could not take the lock {lock}; expected it stable, got it replaced 50 times")
+
+
+@contextlib.contextmanager
+def claim_output(path: str | os.PathLike) -> Iterator[Path]:
+    """The exclusive right to write `path` while the block runs: a second process claiming the same output (any
+    verb of this tool, with or without --overwrite) gets a UserError at once. Check the output's existence inside
+    the block, so no other writer can publish between that check and this one's publish. Missing parent
+    directories are created, and removed again when the block leaves them empty."""
+    path = Path(path)
+    key = path.resolve()
+    if key in _CLAIMED:
+        yield path
+        return
+    _check_parent(path)
+    created = make_parents(path)
+    fd = None
+    try:
+        fd = _take_lock(path)
+        _CLAIMED.add(key)
+        yield path
+    finally:
+        if fd is not None:
+            _CLAIMED.discard(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_lock_path(path))
+            os.close(fd)
+        remove_dirs(created)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
 _AT_FDCWD = -100
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) (Linux ≥ 3.15, glibc ≥ 2.28). False where the
-    system or file system cannot (then the caller falls back to two renames)."""
+def _rename2(a: Path, b: Path, flags: int) -> bool:
+    """renameat2(a, b, flags) (Linux ≥ 3.15, glibc ≥ 2.28). False where the system or file system cannot (the
+    caller falls back); FileExistsError for RENAME_NOREPLACE onto an existing name."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(b))
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the system cannot."""
+    return _rename2(a, b, _RENAME_EXCHANGE)
+
+
+def _remove(p: Path) -> None:
+    """Remove whatever `p` names (a directory tree, a file or a symlink, never a link's target)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 def replace_dir(new: Path, path: Path) -> None:
-    """Put directory `new` in the place of the existing directory `path`. With an atomic exchange there is no
-    instant at which `path` is missing or partial: a kill leaves either the old or the new directory there."""
+    """Put directory `new` in the place of the existing `path` (a directory, or a file or symlink being replaced by
+    a directory). With an atomic exchange there is no instant at which `path` is missing or partial: a kill leaves
+    either the old or the new one there. The old one is removed whatever its type (no temp is left holding it)."""
     if _exchange(new, path):
-        shutil.rmtree(new, ignore_errors=True)  # `new` now names the old directory
+        _remove(new)  # `new` now names the old one
         return
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     os.replace(path, old)
     os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

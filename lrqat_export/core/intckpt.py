@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .fsio import atomic_dir, read_json, write_json
+from .fsio import atomic_dir, read_json, umask_modes, write_json
 from .quant import QuantSpec, dequantize
 from .version import __version__
 
@@ -120,6 +120,7 @@ def write_intckpt(
         (out / MANIFEST).unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(dir=out, prefix=".intckpt.") as tmp:
             write_all(Path(tmp))
+            umask_modes(Path(tmp))
             for f in Path(tmp).iterdir():
                 os.replace(f, out / f.name)
         write_json(out / MANIFEST, ckpt.manifest)
