@@ -241,6 +241,72 @@ def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntChe
     return model
 
 
+AB_INITS = ("lora", "act", "grad")  # B: Kaiming (LoRA's) | input principal subspace | gradient row space
+
+
+def data_aware_init(model: nn.Module, batches, mode: str, loss_fn=None, seed: int = 0) -> dict:
+    """Point each layer's B (r × in) at the input directions that matter, keeping A = 0: the start is still the RTN
+    point exactly. `batches` yields (windows, their row indices) — windows the run trains on anyway, so no extra
+    tokens. One pass accumulates, per layer, a randomized range sketch Y (in × 2r):
+
+        act    Y += Xᵀ (X Ω)     the top principal directions of the layer's inputs
+        grad   Y += Xᵀ (δ Ω')    the row space of the loss gradient w.r.t. the weight, G = Σ δ xᵀ
+
+    X: the layer's inputs; δ: the gradient of loss_fn(windows, indices) at its output; Ω, Ω': fixed Gaussian test
+    matrices. Memory is in × 2r per layer, never in × in or out × in. B's rows become Y's top-r left singular
+    vectors scaled to the row norm of the Kaiming start (1/√3): the step sizes stay those of the default init, only
+    the direction of A·B's updates changes. Returns {"layers": n, "windows": m}."""
+    if mode not in AB_INITS:
+        raise UserError(f"ab_init: expected one of {AB_INITS}, got {mode!r}")
+    layers = lrqat_layers(model)
+    if mode == "lora" or not layers:
+        return {"layers": 0}
+    if mode == "grad" and loss_fn is None:
+        raise UserError("ab_init grad: expected the training loss (loss_fn), got none")
+    gen = torch.Generator().manual_seed(seed)
+    sketch, omega, hooks = {}, {}, []
+    for name, m in layers.items():
+        k = min(2 * m.rank, m.in_features)
+        dev = m.phi0.device
+        omega[name] = torch.randn(m.in_features if mode == "act" else m.out_features, k, generator=gen).to(dev)
+        sketch[name] = torch.zeros(m.in_features, k, device=dev)
+
+        def hook(mod, inp, out, name=name):
+            x = inp[0].detach().reshape(-1, mod.in_features).float()
+            if mode == "act":
+                sketch[name] += x.T @ (x @ omega[name])
+            elif out.requires_grad:
+                def grad_hook(g):  # returns None: the gradient itself is left as it is
+                    sketch[name].add_(x.T @ (g.reshape(-1, mod.out_features).float() @ omega[name]))
+                out.register_hook(grad_hook)
+        hooks.append(m.register_forward_hook(hook))
+    n = 0
+    try:
+        for mb, idx in batches:
+            n += mb.shape[0]
+            if mode == "act":
+                with torch.no_grad():
+                    model(input_ids=mb)
+            else:
+                loss_fn(mb, idx).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in trainable_parameters(model).values():
+            p.grad = None
+    with torch.no_grad():
+        for name, m in layers.items():
+            u = torch.linalg.svd(sketch[name], full_matrices=False)[0]  # (in, k), columns by singular value
+            r = min(m.rank, u.shape[1])
+            b = torch.zeros_like(m.lora_B)
+            b[:r] = u[:, :r].T.to(b.dtype) / math.sqrt(3.0)
+            if r < m.rank:  # in < r: keep Kaiming rows for the rest
+                b[r:] = m.lora_B[r:]
+            m.lora_B.copy_(b)
+    log.info("ab_init %s: B of %d layers from %d windows", mode, len(layers), n)
+    return {"layers": len(layers), "windows": n}
+
+
 def lrqat_layers(model: nn.Module) -> dict[str, LRQATLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LRQATLinear)}
 

@@ -57,6 +57,8 @@ class Method:
     # PTQ methods: (model, tok, spec, source, range_method, calib windows | None) -> IntCheckpoint
     quantize: Callable[..., Any] | None = None
     calibrated: bool = False  # quantize needs calibration windows (--calib-data)
+    # before the first step: (model, opts, batches, loss_fn) -> dict, a data-aware start (LR-QAT's ab_init)
+    data_init: Callable[..., Any] | None = None
     counts: Callable[[Any], dict] = lambda model: {  # noqa: E731 - what `lrqat train` reports as trainable
         "trainable": sum(p.numel() for p in trainable_parameters(model).values())}
 
@@ -86,7 +88,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            groups=lambda h: [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"]),
                              ("scale", (".scale",), h["lr_scale"], h["weight_decay"])],
            fuse=lambda model, spec, source, opts, extra: lrqat.fuse(model, source, extra),
-           counts=lrqat.parameter_counts),
+           counts=lrqat.parameter_counts,
+           data_init=lambda model, opts, batches, loss_fn: lrqat.data_aware_init(model, batches, opts.ab_init,
+                                                                                 loss_fn)),
     Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
            exact=True, uses_init=True,
            defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "kl"},

@@ -53,6 +53,9 @@ def batch_indices(step: int, batch_size: int, n_windows: int, seed: int) -> torc
     return torch.tensor(idx, dtype=torch.long)
 
 
+INIT_STEPS = 4  # a data-aware start (registry data_init) looks at the windows of the first 4 steps
+
+
 def lr_lambda(cfg: TrainConfig):
     warm = max(1, int(round(cfg.steps * cfg.warmup_fraction)))
 
@@ -158,6 +161,17 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
 
         bar = tqdm(total=cfg.steps, initial=step, desc=desc or ("LR-QAT" if method == "lrqat" else method),
                    unit="step", dynamic_ncols=True)
+    data_init = registry.get(method).data_init
+    if step == 0 and data_init is not None and getattr(opts, "ab_init", "lora") != "lora":
+        if dist is not None:
+            raise UserError(f"ab_init {opts.ab_init}: not supported under torchrun yet; expected ab_init lora")
+        first = torch.cat([batch_indices(s, cfg.batch_size, n_windows, cfg.seed) for s in range(INIT_STEPS)])
+
+        def init_loss(mb, mb_idx):
+            with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                return objective.loss(model, mb, cfg.objective, teacher, mb_idx, cfg.ce_weight)
+
+        data_init(model, opts, ((train_windows[i].to(device), i) for i in first.split(micro)), init_loss)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()
