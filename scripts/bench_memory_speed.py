@@ -69,7 +69,11 @@ def _status_bytes(key: str) -> int:
     return -1
 
 
-def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dtype: str = "fp32"):
+def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dtype: str = "fp32",
+           teacher_windows=None):
+    """(model, optimizer, teacher cache | None, pre-pass record | None). teacher_windows: the token windows the
+    steps will use; when given, the float model's top-k targets are computed on them before it is prepared (the
+    kl objective's pre-pass), with that pass's own peak resident set recorded."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,6 +94,24 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
         rank=rank, phi="int4" if config == "lrqat-int4" else "int8", range_method="minmax",
         checkpointing=config != "full-qat"))
     spec, tc = PRESETS[preset], TrainConfig(steps=1000).resolved(method)
+    teacher, prepass = None, None
+    if teacher_windows is not None:
+        from lrqat_export.train.objective import build_teacher_cache
+
+        model.to(teacher_windows.device)
+        rss0 = _status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        t0 = time.perf_counter()
+        teacher = build_teacher_cache(model, teacher_windows, list(range(teacher_windows.shape[0])), tc.kd_topk,
+                                      tc.kd_temperature)
+        cache = sum(t.numel() * t.element_size() for d in (teacher.ids, teacher.logp, teacher.log_rest)
+                    for t in d.values())
+        prepass = {"prepass_s": time.perf_counter() - t0, "rss_before_bytes": rss0,
+                   "peak_bytes": _status_bytes("VmHWM"), "cache_bytes": cache,
+                   "cache_bytes_per_token": cache / teacher_windows.numel(), "topk": tc.kd_topk,
+                   "rest_mass": teacher.rest_mass}
+        if device.startswith("cuda"):
+            prepass["peak_bytes"] = torch.cuda.max_memory_allocated()
     registry.get(method).prepare(model, spec, opts, None)
     model.to(device)
     opt, _ = make_optimizer(model, tc, registry.param_groups(method, tc.hyper(opts)))
@@ -99,7 +121,7 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
             for key, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
                 if key in ("weight", "bias") and t.is_floating_point() and id(t) not in trainable:
                     t.data = t.data.to(torch.bfloat16)
-    return model, opt
+    return model, opt, teacher, prepass
 
 
 def _tensor_bytes(ts) -> int:
@@ -110,8 +132,13 @@ def child(a: dict) -> dict:
     import torch
 
     torch.set_num_threads(a["threads"]) if a.get("threads") else None
+    kl = a.get("objective", "ce") == "kl"
+    vocab = SHAPES[a["shape"]].get("vocab_size", 32000)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (a["batch"], a["seq"]), generator=gen).to(a["device"])
     t0 = time.perf_counter()
-    model, opt = _build(a["shape"], a["config"], a["preset"], a["rank"], a["device"], a.get("base_dtype", "fp32"))
+    model, opt, teacher, prepass = _build(a["shape"], a["config"], a["preset"], a["rank"], a["device"],
+                                          a.get("base_dtype", "fp32"), ids if kl else None)
     setup_s = time.perf_counter() - t0
     params = [p for g in opt.param_groups for p in g["params"]]
     trainable = {id(p) for p in params}
@@ -119,9 +146,6 @@ def child(a: dict) -> dict:
            "frozen_bytes": _tensor_bytes([p for p in model.parameters() if id(p) not in trainable])
            + _tensor_bytes(list(model.buffers())),
            "trainable_params": sum(p.numel() for p in params)}
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (a["batch"], a["seq"]), generator=gen).to(a["device"])
     cuda = a["device"].startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -141,11 +165,15 @@ def child(a: dict) -> dict:
 
         enable_layer_checkpointing(model)
     dev_type = a["device"].split(":")[0]
+    from lrqat_export.train import objective
+
+    rows = torch.arange(a["batch"])
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=a.get("bf16", False)):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = (objective.loss(model, ids, "kl", teacher, rows) if kl
+                    else model(input_ids=ids, labels=ids).loss)
         loss.backward()
         if "grad_bytes" not in acc:
             acc["grad_bytes"] = _tensor_bytes([p.grad for p in params])
@@ -165,7 +193,8 @@ def child(a: dict) -> dict:
                                             if torch.is_tensor(v) and v.dim() > 0])
     res = {"ok": True, "setup_s": setup_s, "step_s": statistics.median(times), "step_times": times,
            "rss_setup_bytes": rss_setup, "peak_step_bytes": _status_bytes("VmHWM"), "accounting": acc,
-           "loss": float(loss), "loadavg_1m": os.getloadavg()[0]}
+           "loss": float(loss), "loadavg_1m": os.getloadavg()[0], "objective": a.get("objective", "ce"),
+           "prepass": prepass}
     if cuda:
         res.update(peak_step_bytes=torch.cuda.max_memory_allocated(), cuda_setup_alloc_bytes=base_alloc,
                    cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(), cuda_reserved_setup_freed=True,
@@ -296,6 +325,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile one more step and report its N costliest ops (self time)")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default torch's)")
+    ap.add_argument("--objective", default="ce", choices=["ce", "kl"],
+                    help="training loss of the step: ce, or kl to the float model's top-k targets (the default "
+                         "recipe's); kl also records the teacher pre-pass (peak, seconds, cache bytes per token)")
     # --- guard
     ap.add_argument("--mem-limit-gib", type=float, help="child address-space cap (default MemAvailable − 2 GiB)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default 1800)")
@@ -323,19 +355,23 @@ def main(argv=None) -> int:
             a = {"shape": shape, "config": config, "preset": args.preset, "rank": args.rank, "batch": args.batch,
                  "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads,
                  "bf16": args.bf16, "base_dtype": args.base_dtype, "profile_top": args.profile,
-                 "checkpoint_layers": args.checkpoint_layers}
+                 "checkpoint_layers": args.checkpoint_layers, "objective": args.objective}
             r = {**a, **run_one(a, limit, args.timeout)}
             rows.append(r)
             msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s" if r.get("ok")
                    else r.get("error"))
             print(f"  {shape:<15} {config:<14} {msg}", flush=True)
+            if r.get("prepass"):
+                pp = r["prepass"]
+                print(f"      teacher pre-pass: peak {fmt_gib(pp['peak_bytes'])} GiB, {pp['prepass_s']:.1f} s, cache "
+                      f"{pp['cache_bytes_per_token']:.0f} B/token (top-{pp['topk']})", flush=True)
             for op in r.get("profile", []):  # the child's list (the count went as profile_top)
                 print(f"      {op['self_ms']:9.2f} ms {op['calls']:6d}×  {op['op'][:90]}", flush=True)
             write_json(args.json, {**meta, "rows": rows})  # after every row: a stopped run keeps what it measured
     for shape in shapes:
         print(f"\n### {shape} (batch {args.batch} × seq {seq}, preset {args.preset}, device {args.device}"
               f"{', bf16 autocast' if args.bf16 else ''}{', bf16 frozen base' if args.base_dtype == 'bf16' else ''}"
-              f"{', layers checkpointed' if args.checkpoint_layers else ''})\n")
+              f"{', layers checkpointed' if args.checkpoint_layers else ''}, objective {args.objective})\n")
         print(table(rows, shape))
     if args.plot:
         plot(rows, Path(args.plot))

@@ -273,9 +273,10 @@ def main(argv=None) -> int:
     from lrqat_export.core.fsio import write_json
 
     out = Path(args.out)
-    tag = f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}"
-    if args.recipe != "default" or args.objective or args.kd or args.overrides or args.tag:
-        tag += f"_{args.recipe}_{args.objective or 'rdef'}" + (f"_{args.tag}" if args.tag else "")
+    # the recipe is always in the name: cells measured under another recipe (the unsuffixed directories predate
+    # the distillation default and hold cross-entropy cells) are never picked up as cached
+    tag = (f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
+           f"_{args.objective or 'rdef'}" + (f"_{args.tag}" if args.tag else ""))
     cells_dir, work = out / f"cells_{tag}", Path(args.work)
     cells_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,21 @@ def test_memory_speed_child_runs_and_accounts_int8_below_float(tmp_path):
                for a in acc.values())
 
 
+def test_memory_speed_kl_objective_records_the_teacher_prepass(tmp_path):
+    """--objective kl: the step trains on the float model's top-k targets, computed by a pre-pass before prepare
+    whose peak, time and cache size are reported (top-64 ids int32 + log-probs fp32 + one fp32 rest per token)."""
+    from scripts.bench_memory_speed import main
+
+    out = tmp_path / "kl.json"
+    assert main(["--shapes", "tiny", "--configs", "lrqat-int8", "--warmup", "0", "--steps", "1", "--seq", "64",
+                 "--objective", "kl", "--json", str(out), "--plot", ""]) == 0
+    r = json.loads(out.read_text())["rows"][0]
+    pp = r["prepass"]
+    assert r["ok"] and r["objective"] == "kl" and r["loss"] >= 0
+    assert pp["cache_bytes_per_token"] * 64 == pp["cache_bytes"] and pp["cache_bytes"] == 63 * (64 * 8 + 4)
+    assert pp["peak_bytes"] >= pp["rss_before_bytes"] > 0 and 0 <= pp["rest_mass"] < 1
+
+
 def test_memory_speed_bf16_base_halves_frozen_float_weights(tmp_path):
     """--base-dtype bf16 stores the frozen float weights (embeddings, norms, lm_head, LoRA's base) in bf16 and the
     step runs under bf16 autocast; trainable tensors stay fp32."""
