@@ -345,27 +345,30 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
     heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
     report: dict[str, dict] = {}
 
-    def read(hf: str) -> tuple[str, np.ndarray, QT]:
+    def read(hf: str, shape: tuple[int, ...]) -> tuple[str, np.ndarray, QT]:
         gg = names[hf]
         if gg not in file_tensors:
             raise UserError(f"GGUF {gguf_path}: tensor {gg} (for {hf}) missing")
         t = file_tensors[gg]
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if a.shape != tuple(shape):  # another model's export: refuse before comparing values
+            raise UserError(f"GGUF {gguf_path}: tensor {gg} expected shape {tuple(shape)} as {hf} in IntCheckpoint "
+                            f"{ck.path}, got {a.shape}; is it an export of another model?")
         n_head = heads.get(gg.split(".")[-2]) if permute else None
         return gg, (unpermute_rows(a, n_head) if n_head else a), t.tensor_type
 
     for name, q in ck.layers.items():
-        gg, got, t = read(f"{name}.weight")
+        gg, got, t = read(f"{name}.weight", tuple(q.codes.shape))
         want = ck.dequantized(name).numpy()
         diff = np.abs(got - want)
         step = diff / np.repeat(q.scales.float().numpy(), ck.spec.group_len(want.shape[1]), axis=1)
         report[gg] = {"type": t.name, "shape": list(want.shape), "n_diff": int((diff > 0).sum()),
                       "max_abs": float(diff.max()), "max_step": float(step.max()), "exact": bool((diff == 0).all())}
         if q.bias is not None:
-            gb, gotb, tb = read(f"{name}.bias")
+            gb, gotb, tb = read(f"{name}.bias", tuple(q.bias.shape))
             report[gb] = {"type": tb.name, "exact": bool(np.array_equal(gotb, q.bias.float().numpy()))}
     for hf, x in ck.float_tensors.items():
-        gg, got, t = read(hf)
+        gg, got, t = read(hf, tuple(x.shape))
         x = x.float().numpy()
         report[gg] = {"type": t.name, "exact": bool(np.array_equal(got, represent(x, t))),
                       "max_abs_vs_float": float(np.abs(got - x).max())}

@@ -23,6 +23,7 @@ import gguf
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
 from lrqat_export.core.errors import UserError
+from lrqat_export.core.fsio import missing_file
 from lrqat_export.core.intckpt import IntCheckpoint
 from lrqat_export.core.version import __version__
 
@@ -198,7 +199,7 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
     the file. Nothing in a GGUF is executed; arrays are read through a read-only memory map."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"GGUF {path}: file not found")
+        raise UserError(f"GGUF {path}: {missing_file(path)}")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(24)

@@ -48,7 +48,7 @@ import torch
 
 from lrqat_export.core.errors import CheckFailed, UserError
 from lrqat_export.core.fsio import atomic_dir, check_apart, check_output_path, claim_output, read_json, write_json
-from lrqat_export.core.intckpt import load_intckpt
+from lrqat_export.core.intckpt import expected_shapes, load_intckpt
 from lrqat_export.core.version import __version__
 
 log = logging.getLogger(__name__)
@@ -422,6 +422,35 @@ def read_gptq(path: str | Path) -> tuple[dict, dict[str, GPTQLayer], dict[str, t
         b = tensors.pop(f"{n}.bias", None)
         layers[n] = GPTQLayer(**{k: v.numpy() for k, v in t.items()}, bias=None if b is None else b.float().numpy())
     return qc, layers, tensors
+
+
+def validate_gptq(path: str | Path) -> dict:
+    """Read a GPTQ directory whole and check it against its own config.json before any runtime loads it: tensors
+    consistent with the quantization config's bits, each layer's (out, in) and every float tensor's shape as the
+    config gives them, none missing or extra. Returns the quantization config."""
+    from transformers import AutoConfig
+
+    qc, layers, rest = read_gptq(path)
+    try:
+        want = expected_shapes(AutoConfig.from_pretrained(path))
+    except Exception as e:  # transformers: unknown or inconsistent architecture
+        raise UserError(f"GPTQ checkpoint {path}: config.json expected to describe a model transformers can build, "
+                        f"got {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    for n, lay in layers.items():
+        w, got = want.pop(f"{n}.weight", None), (lay.scales.shape[1], lay.g_idx.shape[0])
+        want.pop(f"{n}.bias", None)
+        if w != got:
+            raise UserError(f"GPTQ checkpoint {path}: layer {n} expected (out, in) {w} from config.json, got {got} "
+                            f"from its {qc['bits']}-bit tensors")
+    for k, t in rest.items():
+        if k in want and tuple(t.shape) != want[k]:
+            raise UserError(f"GPTQ checkpoint {path}: tensor {k} expected shape {want[k]} from config.json, got "
+                            f"{tuple(t.shape)}")
+    missing, unexpected = sorted(set(want) - set(rest)), sorted(set(rest) - set(want))
+    if missing or unexpected:
+        raise UserError(f"GPTQ checkpoint {path}: expected exactly the tensors of the model in config.json, got "
+                        f"{len(missing)} missing {missing[:3]} and {len(unexpected)} unexpected {unexpected[:3]}")
+    return qc
 
 
 def _check_layer_tensors(path, name: str, t: dict[str, torch.Tensor], bits: int) -> None:

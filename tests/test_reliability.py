@@ -50,6 +50,12 @@ def art(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     assert main(["export", "gguf", str(a["q4_0"]), "--out", str(root / "m.gguf")]) == 0
     assert main(["export", "gptq", str(a["q4_0"]), "--out", str(root / "gptq")]) == 0
     a["gguf"], a["gptq"] = root / "m.gguf", root / "gptq"
+    import tiny
+
+    other = tiny.make_model(root / "other", "llama", tie=True, hidden=32, intermediate=64, seed=3)
+    assert main(["ptq", "--model", str(other), "--out", str(root / "other_ck"), "--preset", "q4_0"]) == 0
+    assert main(["export", "gguf", str(root / "other_ck"), "--out", str(root / "other.gguf")]) == 0
+    a["other_gguf"] = root / "other.gguf"
     text = root / "short.txt"
     text.write_text("def f(): return 1\n")
     a["short"] = text
@@ -80,7 +86,33 @@ def _bad_model(a, d: Path, kind: str) -> Path:
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(d)
         tok.save_pretrained(d)
         p = d
+    elif kind in MODEL_TENSOR_DAMAGE:
+        p = _copy(m, d)
+        _tamper_safetensors(p / "model.safetensors", MODEL_TENSOR_DAMAGE[kind])
+    elif kind in CONFIG_DAMAGE:
+        p = _copy(m, d)
+        _edit_config(p, CONFIG_DAMAGE[kind])
     return p
+
+
+def _edit_config(d: Path, changes: dict) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+Q = "model.layers.0.self_attn.q_proj"
+# Tensors of a float model's model.safetensors that disagree with its config.json (issue 15, class 2).
+MODEL_TENSOR_DAMAGE = {
+    "missing_projection": lambda t: t.pop(f"{Q}.weight"),
+    "missing_norm": lambda t: t.pop("model.norm.weight"),
+    "unexpected_tensor": lambda t: t.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(4, 4)),
+    "projection_shape": lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(3, 3)),
+}
+CONFIG_DAMAGE = {  # config.json disagreeing with the tensors
+    "untied_without_lm_head": {"tie_word_embeddings": False},
+    "vocab_vs_config": {"vocab_size": 512},
+    "layers_vs_config": {"num_hidden_layers": 3},
+}
 
 
 def _bad_intckpt(a, d: Path, kind: str) -> Path:
@@ -99,7 +131,33 @@ def _bad_intckpt(a, d: Path, kind: str) -> Path:
     elif kind == "no_tokenizer":
         for f in TOKENIZER_FILES:
             (p / f).unlink(missing_ok=True)
+    elif kind in INTCKPT_TENSOR_DAMAGE:
+        _tamper_safetensors(p / "model.safetensors", INTCKPT_TENSOR_DAMAGE[kind])
+    elif kind in INTCKPT_CONFIG_DAMAGE:
+        _edit_config(p, INTCKPT_CONFIG_DAMAGE[kind])
     return p
+
+
+def _cut_rows(t, name: str, rows: int) -> None:
+    t[name] = t[name][:rows].contiguous()
+
+
+# IntCheckpoint tensors that disagree with its own config.json, or with themselves (issue 15, classes 3 and 7).
+INTCKPT_TENSOR_DAMAGE = {
+    "codes_fewer_rows": lambda t: (_cut_rows(t, f"{Q}.codes", 32), _cut_rows(t, f"{Q}.scales", 32)),
+    "float_wrong_shape": lambda t: _cut_rows(t, "model.norm.weight", 60),
+    "float_missing": lambda t: t.pop("model.layers.0.input_layernorm.weight"),
+    "float_extra": lambda t: t.__setitem__("model.extra.weight", torch.zeros(4)),
+    "embed_fewer_rows": lambda t: _cut_rows(t, "model.embed_tokens.weight", 100),
+    "bias_nan": lambda t: t.__setitem__(f"{Q}.bias", torch.full((64,), float("nan"))),
+    "bias_unexpected": lambda t: t.__setitem__(f"{Q}.bias", torch.zeros(64)),
+    "scale_inf": lambda t: t[f"{Q}.scales"].__setitem__((0, 0), float("inf")),
+    "scale_zero": lambda t: t[f"{Q}.scales"].__setitem__((1, 0), 0.0),
+}
+INTCKPT_CONFIG_DAMAGE = {
+    "config_intermediate": {"intermediate_size": 256},
+    "config_vocab": {"vocab_size": 512},
+}
 
 
 # Each case: (verb path, builder(a, tmp) -> (argv, out), expected message fragment). `out` must not appear.
@@ -175,7 +233,130 @@ def _eval(kind):
     return build
 
 
+def _cmd(*argv, out: str = "never"):
+    """A case from an argv template: "{ck}", "{model}", "{gguf}", "{gptq}", "{tmp}" are filled in."""
+    def build(a, tmp):
+        keys = {k: str(v) for k, v in a.items()} | {"tmp": str(tmp)}
+        return [x.format(**keys) for x in argv], tmp / out
+    return build
+
+
+def _made(maker, kind: str, *argv, out: str = "never"):
+    """A case whose input is a damaged copy made by `maker` (_bad_model, _bad_intckpt, ...) as "{bad}"."""
+    def build(a, tmp):
+        bad = str(maker(a, tmp / "bad", kind))
+        keys = {k: str(v) for k, v in a.items()} | {"tmp": str(tmp), "bad": bad}
+        return [x.format(**keys) for x in argv], tmp / out
+    return build
+
+
+def _gptq_bits_lie(a, d: Path, kind: str) -> Path:
+    p = _copy(a["gptq"], d)
+    for f in ("config.json", "quantize_config.json"):
+        cfg = json.loads((p / f).read_text())
+        (cfg.get("quantization_config") or cfg)["bits"] = 8
+        (p / f).write_text(json.dumps(cfg))
+    return p
+
+
+def _truncated_gguf(a, d: Path, kind: str) -> Path:
+    d.mkdir()
+    (d / "t.gguf").write_bytes(a["gguf"].read_bytes()[: a["gguf"].stat().st_size // 3])
+    return d / "t.gguf"
+
+
+EVAL1 = ("--eval-data", "pydoc", "--eval-seq-len", "32", "--eval-windows", "1")
+PTQ = ("ptq", "--model", "{bad}", "--out", "{tmp}/out")
+MISSING_Q = "1 missing ['model.layers.0.self_attn.q_proj.weight'] and 0 unexpected"
+
 CASES = {
+    # class 2: a model missing a tensor (or holding one too many, or of the wrong shape) is refused, never trained
+    # from freshly initialised weights
+    "ptq/model-missing-projection": (_made(_bad_model, "missing_projection", *PTQ, out="out"), MISSING_Q),
+    "train/model-missing-projection": (_made(_bad_model, "missing_projection", "train", "--model", "{bad}", "--out",
+                                             "{tmp}/out", "--steps", "1", out="out"), MISSING_Q),
+    "eval/model-missing-projection": (_made(_bad_model, "missing_projection", "eval", "{bad}", *EVAL1), MISSING_Q),
+    "ptq/model-missing-norm": (_made(_bad_model, "missing_norm", *PTQ, out="out"),
+                               "1 missing ['model.norm.weight']"),
+    "ptq/model-unexpected-tensor": (_made(_bad_model, "unexpected_tensor", *PTQ, out="out"),
+                                    "0 missing [] and 1 unexpected ['model.layers.0.self_attn.extra.weight']"),
+    "ptq/model-projection-shape": (_made(_bad_model, "projection_shape", *PTQ, out="out"),
+                                   "tensor model.layers.1.mlp.up_proj.weight in"),
+    "ptq/model-untied-without-lm-head": (_made(_bad_model, "untied_without_lm_head", *PTQ, out="out"),
+                                         "1 missing ['lm_head.weight']"),
+    "eval/model-vocab-vs-config": (_made(_bad_model, "vocab_vs_config", "eval", "{bad}", *EVAL1),
+                                   "tensor model.embed_tokens.weight in"),
+    "ptq/model-layers-vs-config": (_made(_bad_model, "layers_vs_config", *PTQ, out="out"),
+                                   "missing ['model.layers.2.input_layernorm.weight'"),
+    # class 3: an IntCheckpoint disagreeing with its own config.json is refused at load, by every reader
+    "gguf/codes-fewer-rows": (_export("gguf", "codes_fewer_rows"),
+                              f"layer {Q} codes expected shape (64, 64) from config.json, got (32, 64)"),
+    "gptq/codes-fewer-rows": (_export("gptq", "codes_fewer_rows"),
+                              f"layer {Q} codes expected shape (64, 64) from config.json, got (32, 64)"),
+    "gguf/float-wrong-shape": (_export("gguf", "float_wrong_shape"),
+                               "tensor model.norm.weight expected shape (64,) from config.json, got (60,)"),
+    "gptq/float-missing": (_export("gptq", "float_missing"),
+                           "1 missing ['model.layers.0.input_layernorm.weight'] and 0 unexpected"),
+    "gguf/float-extra": (_export("gguf", "float_extra"), "0 missing [] and 1 unexpected ['model.extra.weight']"),
+    "gguf/embed-fewer-rows": (_export("gguf", "embed_fewer_rows"),
+                              "tensor model.embed_tokens.weight expected shape (384, 64) from config.json, got (100, 64)"),
+    "gptq/config-intermediate": (_export("gptq", "config_intermediate"),
+                                 "mlp.gate_proj codes expected shape (256, 64) from config.json, got (128, 64)"),
+    "eval/intckpt-config-vocab": (_made(_bad_intckpt, "config_vocab", "eval", "{bad}", *EVAL1),
+                                  "tensor model.embed_tokens.weight expected shape (512, 64) from config.json"),
+    "verify/intckpt-codes-fewer-rows": (_made(_bad_intckpt, "codes_fewer_rows", "verify", "{bad}", "--gguf",
+                                              "{gguf}", *EVAL1), "codes expected shape (64, 64) from config.json"),
+    "gguf/bias-unexpected": (_export("gguf", "bias_unexpected"), f"layer {Q} bias expected absent from config.json"),
+    # class 7: messages say what is wrong (NaN, Inf, a directory) on one line
+    "gguf/bias-nan": (_export("gguf", "bias_nan"), "bias expected finite values, got 64 NaN and 0 Inf of 64"),
+    "gguf/scale-inf": (_export("gguf", "scale_inf"), "scales expected finite values, got 0 NaN and 1 Inf of"),
+    "gptq/scale-zero": (_export("gptq", "scale_zero"), "scales expected > 0, got 1 values <= 0 (min 0.0)"),
+    "gguf/intckpt-is-a-file": (_cmd("export", "gguf", "{short}", "--out", "{tmp}/o.gguf", out="o.gguf"),
+                               "expected a directory, got a file"),
+    "train/data-is-a-directory": (_cmd("train", "--model", "{model}", "--out", "{tmp}/out", "--train-data", "{root}",
+                                       out="out"), "expected a file, got a directory"),
+    "verify/gguf-is-a-directory": (_cmd("verify", "{q4_0}", "--gguf", "{gptq}", *EVAL1),
+                                   "expected a file, got a directory"),
+    "verify/gptq-is-a-file": (_cmd("verify", "{q4_0}", "--gptq", "{gguf}", *EVAL1),
+                              "expected a directory, got a file"),
+    # class 6: bad options are refused where they are parsed, bad outputs before any work, bad artefacts by their
+    # validator, never by a traceback
+    "train/seq-len-0": (_cmd("train", "--model", "{model}", "--out", "{tmp}/out", "--seq-len", "0", out="out"),
+                        "argument --seq-len: expected an integer >= 2, got 0"),
+    "train/rank-0": (_cmd("train", "--out", "{tmp}/out", "--rank", "0", out="out"),
+                     "argument --rank: expected an integer >= 1, got 0"),
+    "train/warmup-1.5": (_cmd("train", "--out", "{tmp}/out", "--warmup", "1.5", out="out"),
+                         "argument --warmup: expected a finite number in [0, 1), got 1.5"),
+    "train/lr-nan": (_cmd("train", "--out", "{tmp}/out", "--lr-ab", "nan", out="out"),
+                     "argument --lr-ab: expected a finite number in [0, ∞), got nan"),
+    "train/bits-not-a-number": (_cmd("train", "--out", "{tmp}/out", "--bits", "four", out="out"),
+                                "argument --bits: expected an integer, got 'four'"),
+    "ptq/group-size-0": (_cmd("ptq", "--out", "{tmp}/out", "--group-size", "0", out="out"),
+                         "argument --group-size: expected an integer >= 2 or -1, got 0"),
+    "eval/eval-seq-len-1": (_cmd("eval", "{q4_0}", "--eval-data", "pydoc", "--eval-seq-len", "1"),
+                            "argument --eval-seq-len: expected an integer >= 2, got 1"),
+    "eval/eval-windows-0": (_cmd("eval", "{q4_0}", "--eval-data", "pydoc", "--eval-windows", "0"),
+                            "argument --eval-windows: expected an integer >= 1, got 0"),
+    "verify/max-gap-negative": (_cmd("verify", "{q4_0}", "--gguf", "{gguf}", "--max-gap-gguf", "-1", *EVAL1),
+                                "argument --max-gap-gguf: expected a finite number in [0, ∞), got -1"),
+    "gguf/out-existing-directory": (_cmd("export", "gguf", "{q4_0}", "--out", "{tmp}", "--overwrite"),
+                                    "expected a file path, got an existing directory"),
+    "gguf/out-under-a-file": (_cmd("export", "gguf", "{q4_0}", "--out", "{short}/m.gguf"),
+                              "to be a directory, got a file"),
+    "gptq/out-under-a-file": (_cmd("export", "gptq", "{q4_0}", "--out", "{short}/sub/g"),
+                              "to be a directory, got a file"),
+    "ptq/out-under-a-file": (_cmd("ptq", "--model", "{model}", "--out", "{short}/ck"), "to be a directory, got a file"),
+    "verify/report-is-a-file": (_cmd("verify", "{q4_0}", "--gguf", "{gguf}", "--report", "{short}", *EVAL1),
+                                "expected a directory (or a new path), got an existing file"),
+    "eval/gptq-config-lies-about-bits": (_made(_gptq_bits_lie, "", "eval", "{bad}", *EVAL1),
+                                         "expected 8-bit GPTQ tensors"),
+    "verify/gptq-config-lies-about-bits": (_made(_gptq_bits_lie, "", "verify", "{q4_0}", "--gptq", "{bad}", *EVAL1),
+                                           "expected 8-bit GPTQ tensors"),
+    "verify/another-models-gguf": (_cmd("verify", "{q4_0}", "--gguf", "{other_gguf}", *EVAL1),
+                                   "expected shape (64, 64) as model.layers.0.self_attn.q_proj.weight"),
+    "eval/truncated-gguf": (_made(_truncated_gguf, "", "eval", "{bad}", *EVAL1), "truncated or corrupted"),
+    "eval/truncated-gguf-runtime-torch": (_made(_truncated_gguf, "", "eval", "{bad}", "--runtime", "torch", *EVAL1),
+                                          "expected a complete GGUF file that transformers can load"),
     # train (prepare → train → fuse)
     "train/unsupported-architecture": (_train(model=lambda a, t: _bad_model(a, t / "m", "gpt2")),
                                        "model architecture GPT2LMHeadModel is not supported; supported: "),
@@ -387,3 +568,111 @@ def test_sigkill_during_an_export_overwrite_leaves_the_old_or_the_new_export_who
     proc.kill()
     proc.wait()
     assert snap(out) in (old, new)
+
+
+# --- issue 15, classes 6 and 7: outputs, modes, the CLI-wide guard ----------------------------------------------------
+def test_published_files_follow_the_umask_not_the_writers_0600(art, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main(["ptq", "--model", str(art["model"]), "--out", str(tmp_path / "rtn")]) == 0
+        assert main(["export", "gptq", str(art["q4_0"]), "--out", str(tmp_path / "gptq")]) == 0
+        assert main(["train", "--model", str(art["model"]), "--out", str(tmp_path / "run"), "--steps", "1",
+                     "--seq-len", "32", "--max-train-windows", "2", "--batch-size", "2"]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and len(files) > 10
+    assert {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in files
+            if p.stat().st_mode & 0o777 != 0o644} == {}
+
+
+def test_a_directory_export_over_an_existing_file_leaves_no_temp_holding_it(art, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("an old file")
+    assert main(["export", "gptq", str(art["q4_0"]), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "config.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("target", ["file", "dangling"])
+def test_a_symlink_at_out_is_an_existing_output_and_its_target_is_never_written(art, tmp_path, capsys, target):
+    real = tmp_path / "real.gguf"
+    if target == "file":
+        real.write_bytes(b"the user's own file")
+    link = tmp_path / "m.gguf"
+    link.symlink_to(real)
+    assert main(["export", "gguf", str(art["q4_0"]), "--out", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it (a symlink to" in err and err.count("\n") == 1, err
+    assert link.is_symlink() and (not real.exists() if target == "dangling" else real.read_bytes() ==
+                                  b"the user's own file")
+    assert main(["export", "gguf", str(art["q4_0"]), "--out", str(link), "--overwrite"]) == 0
+    assert not link.is_symlink() and link.read_bytes()[:4] == b"GGUF"  # the link is replaced, not its target
+    assert not real.exists() if target == "dangling" else real.read_bytes() == b"the user's own file"
+
+
+def test_verify_checks_its_report_path_before_evaluating_anything(art, tmp_path, capsys, monkeypatch):
+    from lrqat_export.app import verify as V
+
+    monkeypatch.setattr(V, "load_intckpt", lambda *a: pytest.fail("the IntCheckpoint was read before --report"))
+    report = tmp_path / "report.txt"
+    report.write_text("keep me")
+    assert main(["verify", str(art["q4_0"]), "--gguf", str(art["gguf"]), "--eval-data", "pydoc",
+                 "--report", str(report)]) == 2
+    assert "expected a directory (or a new path), got an existing file" in capsys.readouterr().err
+    assert report.read_text() == "keep me"
+
+
+def test_a_truncated_gguf_model_leaves_no_cache_directory(art, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LRQAT_CACHE", str(cache))
+    g = tmp_path / "t.gguf"
+    g.write_bytes(art["gguf"].read_bytes()[: art["gguf"].stat().st_size // 3])
+    assert main(["ptq", "--model", str(g), "--out", str(tmp_path / "out")]) == 2
+    assert "expected a complete GGUF file that transformers can load" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]
+
+
+@pytest.mark.parametrize("exc, status, needle", [
+    (KeyboardInterrupt(), 130, "lrqat ptq: interrupted: stopped by Ctrl-C; nothing partial was published"),
+    (TypeError("a bug\nover two lines"), 1, "lrqat ptq: internal error: TypeError: a bug over two lines; this is a "
+                                            "bug in lrqat, not in your input: rerun with -v"),
+    (FileNotFoundError(2, "No such file or directory", "/x/y"), 2, "lrqat ptq: error: /x/y: expected a usable file"),
+])
+def test_the_cli_guard_prints_one_line_per_failure(art, tmp_path, capsys, monkeypatch, exc, status, needle):
+    from lrqat_export.app import verbs
+
+    def boom(*a, **k):
+        raise exc
+    monkeypatch.setattr(verbs, "load_model", boom)
+    assert main(["ptq", "--model", str(art["model"]), "--out", str(tmp_path / "out")]) == status
+    err = capsys.readouterr().err
+    assert err.startswith(needle) and err.count("\n") == 1 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # claim, lock and parents all gone
+
+
+def test_a_real_bug_keeps_its_traceback_under_verbose(art, tmp_path, monkeypatch):
+    from lrqat_export.app import verbs
+
+    monkeypatch.setattr(verbs, "load_model", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["-v", "ptq", "--model", str(art["model"]), "--out", str(tmp_path / "out")])
+
+
+def test_ctrl_c_during_training_exits_130_with_one_line_and_nothing_partial(art, tmp_path):
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lrqat_export.cli", "train", "--model", str(art["model"]), "--out",
+                             str(out), "--steps", "400", "--seq-len", "32", "--max-train-windows", "4",
+                             "--batch-size", "2", "--objective", "ce"], stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    deadline = time.time() + 240
+    while not (out / "train_state" / "latest.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # the first checkpoint (step 50) is written: the run is deep in training
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert err.count("lrqat train: ") == 1 and "lrqat train: interrupted: stopped by Ctrl-C" in err, err  # after \r
+    assert "Traceback" not in err
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", "-lock")) or ".old-" in p.name]
+    assert leftovers == [] and not (out / "lrqat_manifest.json").exists()  # no half-published IntCheckpoint

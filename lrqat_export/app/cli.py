@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import sys
 
 from ..core import quiet
@@ -24,6 +25,49 @@ EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
 # A full disk, a file-size or quota limit, a read-only or forbidden target: the environment refuses the write.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 OPTS, TRAIN, DATA, EVAL = MethodOptions(), TrainConfig(), J.DataOptions(), J.EvalOptions()
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `lrqat VERB: error: argument --x: expected ..., got ...` (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def int_in(lo: int, hi: int | None = None, also: tuple[int, ...] = ()):
+    """argparse type: an integer in lo..hi (or >= lo), or one of `also`; the error names the range and the value."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v not in also and (v < lo or (hi is not None and v > hi)):
+            rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"expected an integer {rng}{''.join(f' or {a}' for a in also)}, "
+                                             f"got {v}")
+        return v
+    return parse
+
+
+def float_in(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite number in the interval [lo, hi] (ends open where asked; no hi: unbounded)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        low_ok = v > lo if lo_open else v >= lo
+        high_ok = hi is None or (v < hi if hi_open else v <= hi)
+        if not (math.isfinite(v) and low_ok and high_ok):
+            rng = f"{'(' if lo_open else '['}{lo:g}, {'∞)' if hi is None else f'{hi:g}' + (')' if hi_open else ']')}"
+            raise argparse.ArgumentTypeError(f"expected a finite number in {rng}, got {text}")
+        return v
+    return parse
+
+
+POSITIVE, WINDOW = int_in(1), int_in(2)  # counts; window lengths (a window predicts its tokens from the previous)
+RATE = float_in(0.0)  # learning rates: 0 freezes
 
 
 def _method_defaults(key: str) -> str:
@@ -41,8 +85,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization grid")
     g.add_argument("--preset", help=f"named grid: q4_0, q8_0, q4_1, w4pc, w4g64, w3g64, w4g128, w3g128, ... "
                                     f"(default {DEFAULT_PRESET}); --bits/--group-size/--asym override it")
-    g.add_argument("--bits", type=int, help="code width, 2..8")
-    g.add_argument("--group-size", type=int, help="input features per scale; -1 = per output channel")
+    g.add_argument("--bits", type=int_in(2, 8), help="code width, 2..8")
+    g.add_argument("--group-size", type=int_in(2, also=(-1,)), help="input features per scale; -1 = per output channel")
     g.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points")
     g.add_argument("--range-method", default=OPTS.range_method, choices=["lp", "mse", "minmax"],
                    help="scale initialisation by range search (default lp: Lp-norm p=4 grid search, as the paper)")
@@ -53,14 +97,14 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool, eval_: bool, ev: J.E
     if train:
         g.add_argument("--train-data", nargs="+", default=list(DATA.train_data),
                        help="UTF-8 text files to train on; 'pydoc' = the embedded corpus (Python's help text)")
-        g.add_argument("--seq-len", type=int, default=DATA.seq_len,
+        g.add_argument("--seq-len", type=WINDOW, default=DATA.seq_len,
                        help=f"training window length in tokens (default {DATA.seq_len})")
-        g.add_argument("--max-train-windows", type=int, help="use at most this many training windows")
+        g.add_argument("--max-train-windows", type=POSITIVE, help="use at most this many training windows")
     if eval_:
         g.add_argument("--eval-data", nargs="+", help="UTF-8 text files to evaluate on ('pydoc' = embedded corpus)")
-        g.add_argument("--eval-seq-len", type=int, default=ev.seq_len,
+        g.add_argument("--eval-seq-len", type=WINDOW, default=ev.seq_len,
                        help=f"evaluation window length (default {ev.seq_len})")
-        g.add_argument("--eval-windows", type=int, default=ev.windows,
+        g.add_argument("--eval-windows", type=POSITIVE, default=ev.windows,
                        help=f"number of evaluation windows (default {ev.windows})")
         g.add_argument("--protocol", default=ev.protocol, choices=["full", "second_half"],
                        help="score all next-token predictions, or only the second half (llama-perplexity's way)")
@@ -68,9 +112,10 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool, eval_: bool, ev: J.E
 
 def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions = OPTS) -> None:
     g = p.add_argument_group("LR-QAT")
-    g.add_argument("--rank", type=int, default=OPTS.rank, help=f"adapter rank r (default {OPTS.rank}, the paper's)")
-    g.add_argument("--alpha", type=float, help=f"adapter scale numerator α; A·B is scaled by α/r (default "
-                                               f"{_method_defaults('alpha')})")
+    g.add_argument("--rank", type=POSITIVE, default=OPTS.rank,
+                   help=f"adapter rank r (default {OPTS.rank}, the paper's)")
+    g.add_argument("--alpha", type=float_in(0.0, lo_open=True),
+                   help=f"adapter scale numerator α; A·B is scaled by α/r (default {_method_defaults('alpha')})")
     g.add_argument("--phi", default=OPTS.phi, choices=list(PHI_CHOICES),
                    help="storage of the frozen Φ0: int8 fixed point (default), int4 double-packed, bf16, fp32")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=opts.checkpointing,
@@ -78,13 +123,13 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                         f"intermediates: less memory, slower, the same numbers (default "
                         f"{'on' if opts.checkpointing else 'off'})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=TRAIN.batch_size,
+    g.add_argument("--steps", type=POSITIVE, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=POSITIVE, default=TRAIN.batch_size,
                    help=f"windows per optimizer step, over all ranks under torchrun (the global batch; default "
                         f"{TRAIN.batch_size})")
-    g.add_argument("--grad-accum", type=int, default=TRAIN.grad_accum, help="micro-batches per step")
-    g.add_argument("--lr-ab", type=float, help=f"learning rate of A and B (default {_method_defaults('lr_ab')})")
-    g.add_argument("--lr-scale", type=float, help=f"learning rate of the scales (default "
+    g.add_argument("--grad-accum", type=POSITIVE, default=TRAIN.grad_accum, help="micro-batches per step")
+    g.add_argument("--lr-ab", type=RATE, help=f"learning rate of A and B (default {_method_defaults('lr_ab')})")
+    g.add_argument("--lr-scale", type=RATE, help=f"learning rate of the scales (default "
                                                   f"{_method_defaults('lr_scale')}; 0 = frozen)")
     g.add_argument("--recipe", default=registry.DEFAULT_RECIPE, choices=list(registry.RECIPES),
                    help="named set of per-method defaults for every option left unset: default (the tool's, tuned "
@@ -93,21 +138,21 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"training loss: ce (next-token cross-entropy), kl (distillation from the float model: "
                         f"τ²·KL(teacher ‖ student) on its top-k tokens + the rest of its mass) or mix "
                         f"(default {_method_defaults('objective')})")
-    g.add_argument("--kd-temperature", type=float, default=TRAIN.kd_temperature,
+    g.add_argument("--kd-temperature", type=float_in(0.0, lo_open=True), default=TRAIN.kd_temperature,
                    help=f"distillation temperature τ (default {TRAIN.kd_temperature})")
-    g.add_argument("--kd-topk", type=int, default=TRAIN.kd_topk,
+    g.add_argument("--kd-topk", type=POSITIVE, default=TRAIN.kd_topk,
                    help=f"teacher tokens kept per position (default {TRAIN.kd_topk})")
-    g.add_argument("--ce-weight", type=float, default=TRAIN.ce_weight,
+    g.add_argument("--ce-weight", type=float_in(0.0, 1.0), default=TRAIN.ce_weight,
                    help=f"mix: weight of cross-entropy, 1 − it on the KL (default {TRAIN.ce_weight})")
-    g.add_argument("--warmup", type=float, default=TRAIN.warmup_fraction,
+    g.add_argument("--warmup", type=float_in(0.0, 1.0, hi_open=True), default=TRAIN.warmup_fraction,
                    help=f"warmup fraction of the steps (default {TRAIN.warmup_fraction})")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
     g.add_argument("--checkpoint-layers", action="store_true",
                    help="recompute each decoder layer's activations in backward: much less activation memory, "
                         "about one more forward of time, the same numbers (may change on --resume)")
-    g.add_argument("--seed", type=int, default=TRAIN.seed)
+    g.add_argument("--seed", type=int_in(0), default=TRAIN.seed)
     g.add_argument("--device", default="cpu", help="torch device for training and evaluation (cpu, cuda, cuda:1)")
-    g.add_argument("--ckpt-every", type=int, default=TRAIN.ckpt_every,
+    g.add_argument("--ckpt-every", type=int_in(0), default=TRAIN.ckpt_every,
                    help="steps between resumable checkpoints (0 = end only)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
     g.add_argument("--dist-backend", default="auto", choices=["auto", "gloo", "nccl"],
@@ -233,7 +278,7 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lrqat", description=__doc__)
+    ap = Parser(prog="lrqat", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true",
                     help="show everything: INFO logs, and other projects' banners, logs, warnings and progress bars")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -246,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{m.name}: {m.summary}" for m in registry.METHODS.values() if m.trains))
     p.add_argument("--init", help="IntCheckpoint (e.g. from `lrqat ptq --method gptq`) whose codes and scales start "
                                   "the training (lrqat: Φ0 = its codes exactly)")
-    p.add_argument("--lr-weight", type=float, help=f"full-qat: learning rate of the weights (default "
+    p.add_argument("--lr-weight", type=RATE, help=f"full-qat: learning rate of the weights (default "
                                                    f"{_method_defaults('lr_weight')}, the paper's)")
     _add_spec_args(p), _add_data_args(p, True, False), _add_train_args(p, steps=TRAIN.steps), _add_trust_arg(p)
     p.set_defaults(func=cmd_train)
@@ -257,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=J.PtqJob.method,
                    help="; ".join(f"{m.name}: {m.summary}" for m in registry.METHODS.values() if not m.trains))
     p.add_argument("--calib-data", nargs="+", help="gptq: calibration text files (default: the embedded corpus)")
-    p.add_argument("--calib-windows", type=int, default=J.PtqJob.calib_windows,
+    p.add_argument("--calib-windows", type=POSITIVE, default=J.PtqJob.calib_windows,
                    help=f"gptq: calibration windows (default {J.PtqJob.calib_windows})")
-    p.add_argument("--calib-seq-len", type=int, default=J.PtqJob.calib_seq_len,
+    p.add_argument("--calib-seq-len", type=WINDOW, default=J.PtqJob.calib_seq_len,
                    help=f"gptq: calibration window length (default {J.PtqJob.calib_seq_len})")
     p.add_argument("--overwrite", action="store_true")
     _add_spec_args(p), _add_trust_arg(p)
@@ -298,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", help="GGUF file exported from INTCKPT (run by llama.cpp)")
     p.add_argument("--gptq", help="GPTQ directory exported from INTCKPT (loaded by transformers + GPTQModel)")
     p.add_argument("--report", help="directory for parity.json and parity.md")
-    p.add_argument("--max-gap-gguf", type=float,
+    p.add_argument("--max-gap-gguf", type=float_in(0.0),
                    help=f"max |relative ppl gap| for llama.cpp (default {J.DEFAULT_MAX_GAP['gguf']})")
-    p.add_argument("--max-gap-gptq", type=float,
+    p.add_argument("--max-gap-gptq", type=float_in(0.0),
                    help=f"max |relative ppl gap| for the GPTQ loader (default {J.DEFAULT_MAX_GAP['gptq']})")
     _add_data_args(p, False, True)
     p.set_defaults(func=cmd_verify)
@@ -323,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad option: Parser.error has printed its one line (2)
+        return e.code if isinstance(e.code, int) else EXIT_INPUT
     quiet.setup(verbose=args.verbose)
     try:
         if args.cmd != "train":
@@ -334,16 +382,31 @@ def main(argv: list[str] | None = None) -> int:
                                 f"WORLD_SIZE set); only `lrqat train` runs distributed")
         return args.func(args)
     except UserError as e:
-        print(f"lrqat {args.cmd}: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+        return _fail(args, "error", e, EXIT_INPUT)
     except CheckFailed as e:
-        print(f"lrqat {args.cmd}: check failed: {e}", file=sys.stderr)
-        return EXIT_CHECK
+        return _fail(args, "check failed", e, EXIT_CHECK)
+    except KeyboardInterrupt:  # the atomic writers have removed their temporaries on the way up
+        return _fail(args, "interrupted", "stopped by Ctrl-C; nothing partial was published and earlier outputs "
+                                          "are unchanged", EXIT_INTERRUPTED)
     except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
+        return _fail(args, "error", _os_message(e), EXIT_INPUT)
+    except Exception as e:  # a bug, not bad input: exit 1 with one line, the traceback under -v
+        if args.verbose:
             raise
-        print(f"lrqat {args.cmd}: error: could not write {e.filename or 'the output'}: {e.strerror} "
-              f"(errno {errno.errorcode.get(e.errno, e.errno)}); nothing was published and earlier outputs are "
-              f"unchanged", file=sys.stderr)
-        return EXIT_INPUT
+        return _fail(args, "internal error", f"{type(e).__name__}: {e}; this is a bug in lrqat, not in your "
+                                             f"input: rerun with -v for the traceback and report it", EXIT_CHECK)
 
+
+def _os_message(e: OSError) -> str:
+    """A refused write (full disk, quota, read-only, forbidden) or another file-system error, named by path."""
+    code = errno.errorcode.get(e.errno, e.errno)
+    if e.errno in WRITE_ERRNOS:
+        return (f"could not write {e.filename or 'the output'}: {e.strerror} (errno {code}); nothing was published "
+                f"and earlier outputs are unchanged")
+    return f"{e.filename or 'a path'}: expected a usable file or directory, got {e.strerror or e} (errno {code})"
+
+
+def _fail(args, kind: str, message, status: int) -> int:
+    """One line on stderr: `lrqat VERB: KIND: MESSAGE` (messages of other projects may span lines)."""
+    print(f"lrqat {args.cmd}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+    return status

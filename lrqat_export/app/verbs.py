@@ -118,14 +118,20 @@ def evaluate(job: EvalJob) -> dict:
         raise UserError("--eval-data: expected at least one text file")
     kind = artifact_kind(job.target, job.runtime)
     if kind == "gguf":  # real llama.cpp
+        from converters.gguf_meta import open_gguf
+
         from ..runtimes.llamacpp import gguf_tokenizer, perplexity_gguf
 
+        open_gguf(job.target)  # header, tensor table and data bounds checked before llama.cpp sees the file
         tok = load_tokenizer(job.tokenizer) if job.tokenizer else gguf_tokenizer(job.target)
         w = eval_windows(tok, job.eval)
         r, runtime = perplexity_gguf(job.target, w, job.eval.protocol), "llama.cpp"
     elif kind == "gptq":  # transformers + GPTQModel
+        from converters.gptq import validate_gptq
+
         from ..runtimes.gptq_loader import perplexity_gptq
 
+        validate_gptq(job.target)  # bits, shapes and tensors against its config, before the loader sees it
         tok = load_tokenizer(job.tokenizer or job.target)
         w = eval_windows(tok, job.eval)
         r, runtime = perplexity_gptq(job.target, w, job.eval.protocol), "transformers+gptqmodel"

@@ -22,7 +22,7 @@ from converters.gptq import compare_with_intckpt
 
 from ..core import data as D
 from ..core.errors import CheckFailed, UserError
-from ..core.fsio import atomic_file, check_apart, claim_output, write_json
+from ..core.fsio import atomic_file, check_apart, claim_output, missing_dir, missing_file, write_json
 from ..core.intckpt import load_intckpt
 from ..core.models import load_tokenizer
 from ..runtimes.torch_eval import perplexity
@@ -50,6 +50,10 @@ def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: s
     for p, what in ((gguf_path, "--gguf"), (gptq_dir, "--gptq")):
         if p is not None and not Path(p).exists():
             raise UserError(f"verify {what} {p}: not found")
+    if gguf_path is not None and Path(gguf_path).is_dir():
+        raise UserError(f"verify --gguf {gguf_path}: {missing_file(gguf_path)}")
+    if gptq_dir is not None and not Path(gptq_dir).is_dir():
+        raise UserError(f"verify --gptq {gptq_dir}: {missing_dir(gptq_dir)}")
     args = (intckpt, gguf_path, gptq_dir, eval_data, seq_len, n_windows, protocol, max_gap, report_dir, windows)
     if report_dir is None:
         return _verify(*args)

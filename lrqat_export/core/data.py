@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .fsio import missing_file
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def read_texts(paths: list[str] | tuple[str, ...]) -> str:
             continue
         path = Path(p)
         if not path.is_file():
-            raise UserError(f"data file {p}: not found")
+            raise UserError(f"data file {p}: {missing_file(path)}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -71,8 +72,18 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return t if max_tokens is None else t[:max_tokens]
 
 
+def check_windows(seq_len: int, max_windows: int | None, what: str = "data") -> None:
+    """A window length of at least 2 (a window predicts each token from the ones before it), and at least one
+    window when the number is capped."""
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise UserError(f"{what}: window length expected an integer >= 2, got {seq_len!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise UserError(f"{what}: number of windows expected an integer >= 1, got {max_windows!r}")
+
+
 def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, what: str = "data") -> torch.Tensor:
     """(N, seq_len) non-overlapping windows; the remainder is dropped."""
+    check_windows(seq_len, max_windows, what)
     n = ids.numel() // seq_len
     if n == 0:
         raise UserError(f"{what}: expected at least one window of {seq_len} tokens, got {ids.numel()} tokens")
@@ -82,6 +93,7 @@ def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None, wha
 
 
 def text_windows(tokenizer, paths, seq_len: int, max_windows: int | None = None, what: str = "data") -> torch.Tensor:
+    check_windows(seq_len, max_windows, what)
     text = read_texts(paths)
     max_tokens = None if max_windows is None else (max_windows + 1) * seq_len
     return windows(tokenize(tokenizer, text, max_tokens), seq_len, max_windows, what)

@@ -316,6 +316,24 @@ def replace_dir(new: Path, path: Path) -> None:
     _remove(old)
 
 
+def missing_file(path: str | os.PathLike) -> str:
+    """Why `path` is not a readable file, for a message: "not found" only when nothing is there."""
+    return _missing(Path(path), "file")
+
+
+def missing_dir(path: str | os.PathLike) -> str:
+    """Why `path` is not a directory, for a message: "not found" only when nothing is there."""
+    return _missing(Path(path), "directory")
+
+
+def _missing(p: Path, want: str) -> str:
+    if not os.path.lexists(p):
+        return "not found"
+    if not p.exists():
+        return f"expected a {want}, got a dangling symlink to {os.readlink(p)}"
+    return f"expected a {want}, got {'a directory' if p.is_dir() else 'a file' if p.is_file() else 'a special file'}"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_file(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
@@ -325,7 +343,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} {path}: file not found")
+        raise UserError(f"{what} {path}: {missing_file(path)}")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

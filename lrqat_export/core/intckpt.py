@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .fsio import atomic_dir, read_json, umask_modes, write_json
+from .fsio import atomic_dir, missing_dir, read_json, umask_modes, write_json
 from .quant import QuantSpec, dequantize
 from .version import __version__
 
@@ -144,7 +144,7 @@ def load_intckpt(path: str | Path) -> IntCheckpoint:
 
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"IntCheckpoint {path}: expected a directory, not found")
+        raise UserError(f"IntCheckpoint {path}: {missing_dir(path)}")
     m = read_json(path / MANIFEST, "IntCheckpoint manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise UserError(f"IntCheckpoint manifest {path / MANIFEST}: expected format {FORMAT_NAME!r}, "
@@ -182,7 +182,51 @@ def load_intckpt(path: str | Path) -> IntCheckpoint:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"IntCheckpoint {path}: tensor {name} expected finite values, got "
                             f"{int((~torch.isfinite(t)).sum())} NaN/Inf")
+    check_against_config(f"IntCheckpoint {path}", config, layers, tensors)
     return IntCheckpoint(spec, config, layers, tensors, m, path)
+
+
+def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face model of `config` holds, with its shape (built on the meta device: no memory,
+    no initialisation). A tied lm_head is left out: it is not stored."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        want.pop("lm_head.weight", None)
+    return want
+
+
+def check_against_config(where: str, config: Any, layers: dict[str, QuantLayer],
+                         floats: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the checkpoint has the shape its config.json gives it, and none is missing or extra: a
+    checkpoint that disagrees with its own config would export to files no runtime can load."""
+    try:
+        want = expected_shapes(config)
+    except Exception as e:  # transformers: an unknown or inconsistent architecture
+        raise UserError(f"{where}: config.json expected to describe a model transformers can build, got "
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    for name, q in layers.items():
+        w, has_bias = want.pop(f"{name}.weight", None), want.pop(f"{name}.bias", None) is not None
+        if w is None:
+            raise UserError(f"{where}: quantized layer {name} expected to be a linear layer of the model in "
+                            f"config.json, got a name it does not have")
+        if tuple(q.codes.shape) != w:
+            raise UserError(f"{where}: layer {name} codes expected shape {w} from config.json, got "
+                            f"{tuple(q.codes.shape)}")
+        if has_bias != (q.bias is not None):
+            raise UserError(f"{where}: layer {name} bias expected {'present' if has_bias else 'absent'} from "
+                            f"config.json, got it {'absent' if has_bias else 'present'}")
+    unexpected = sorted(k for k in floats if k not in want)
+    for k, t in floats.items():
+        if k in want and tuple(t.shape) != want[k]:
+            raise UserError(f"{where}: tensor {k} expected shape {want[k]} from config.json, got {tuple(t.shape)}")
+    missing = sorted(k for k in want if k not in floats)
+    if missing or unexpected:
+        raise UserError(f"{where}: expected exactly the tensors of the model in config.json, got {len(missing)} "
+                        f"missing {missing[:3]} and {len(unexpected)} unexpected {unexpected[:3]}")
 
 
 def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> None:
@@ -196,8 +240,10 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
     g_shape = (out_f, spec.n_groups(in_f))
     if q.scales.dtype != torch.float16 or tuple(q.scales.shape) != g_shape:
         raise UserError(f"{where}: scales expected float16 {g_shape}, got {q.scales.dtype} {tuple(q.scales.shape)}")
-    if not torch.isfinite(q.scales).all() or (q.scales <= 0).any():
-        raise UserError(f"{where}: scales expected finite and > 0, got min {q.scales.float().min().item()}")
+    _check_finite(where, "scales", q.scales)
+    if (q.scales <= 0).any():
+        raise UserError(f"{where}: scales expected > 0, got {int((q.scales <= 0).sum())} values <= 0 "
+                        f"(min {q.scales.float().min().item()})")
     if int(q.codes.min()) < spec.qmin or int(q.codes.max()) > spec.qmax:
         raise UserError(f"{where}: codes expected in [{spec.qmin}, {spec.qmax}], "
                         f"got [{int(q.codes.min())}, {int(q.codes.max())}]")
@@ -205,9 +251,17 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
         raise UserError(f"{where}: zeros expected {'absent' if spec.symmetric else 'present'} for spec {spec.name}")
     if q.zeros is not None and (q.zeros.dtype != torch.int8 or tuple(q.zeros.shape) != g_shape):
         raise UserError(f"{where}: zeros expected int8 {g_shape}, got {q.zeros.dtype} {tuple(q.zeros.shape)}")
-    if q.bias is not None and (not q.bias.is_floating_point() or tuple(q.bias.shape) != (out_f,)
-                               or not torch.isfinite(q.bias).all()):
-        raise UserError(f"{where}: bias expected finite float ({out_f},), got {q.bias.dtype} {tuple(q.bias.shape)}")
+    if q.bias is not None and (not q.bias.is_floating_point() or tuple(q.bias.shape) != (out_f,)):
+        raise UserError(f"{where}: bias expected float ({out_f},), got {q.bias.dtype} {tuple(q.bias.shape)}")
+    if q.bias is not None:
+        _check_finite(where, "bias", q.bias)
+
+
+def _check_finite(where: str, what: str, t: torch.Tensor) -> None:
+    """NaN and ±Inf counted by kind, so the message says which one it is."""
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if nan or inf:
+        raise UserError(f"{where}: {what} expected finite values, got {nan} NaN and {inf} Inf of {t.numel()}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -93,9 +93,12 @@ def cached_hf_copy(src: ModelSource) -> Path:
     d = cache_dir() / f"{Path(src.path).stem}-{st.st_size}-{int(st.st_mtime)}"
     if (d / "config.json").is_file():
         return d
-    d.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to a cached safetensors copy in %s (once)", src.path, d)
-    model, tok = _load_from_gguf(Path(src.path))
+    try:
+        model, tok = _load_from_gguf(Path(src.path))
+    except Exception as e:  # gguf-py / transformers: truncated file, bad magic, unknown architecture, ...
+        raise UserError(f"model {src.name}: expected a complete GGUF file that transformers can load, got "
+                        f"{type(e).__name__}: {_one_line(e)}") from None
     cfg = model.config
     cfg.__dict__.pop("quantization_config", None)  # the GGUF marker makes save_pretrained refuse
     plain = type(model)(cfg)
@@ -118,14 +121,16 @@ def load_model(model: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> t
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers signals a missing/broken tokenizer with many exception types
         raise UserError(f"model {model}: could not load its tokenizer from {path}; expected tokenizer.json or "
-                        f"tokenizer.model with tokenizer_config.json ({type(e).__name__}: {str(e)[:200]})") from None
+                        f"tokenizer.model with tokenizer_config.json ({type(e).__name__}: {_one_line(e)})") from None
     if tok is None or isinstance(tok, bool):
         raise UserError(f"model {model}: expected a tokenizer in {path}, found none")
-    try:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    except Exception as e:  # truncated/corrupted safetensors, shape mismatches, unknown model types
+    try:  # mismatched shapes are reported by check_loading_info, naming the tensor, rather than by a raise
+        m, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as e:  # truncated/corrupted safetensors, unknown model types
         raise UserError(f"model {model}: could not load its weights from {path} "
-                        f"({type(e).__name__}: {str(e)[:300]})") from None
+                        f"({type(e).__name__}: {_one_line(e, 300)})") from None
+    check_loading_info(f"model {model}", path, type(m).__name__, info)
     check_finite(m, f"model {model}")
     m.eval()
     return m, tok, src
@@ -148,6 +153,28 @@ def _check_hf_dir(model: str, path: Path, trust_remote_code: bool) -> None:
                         f"{found or 'none'} (pickle-based weights are refused: loading them can run code)")
 
 
+def _one_line(e: BaseException, n: int = 200) -> str:
+    """An exception's message on one line, at most `n` characters (messages of other projects span lines)."""
+    return " ".join(str(e).split())[:n]
+
+
+def check_loading_info(what: str, path: Path, arch: str, info: dict) -> None:
+    """Every tensor the architecture expects, each of its config's shape, and no other: transformers only logs a
+    missing tensor ("newly initialized") and would leave random weights in its place. A tied lm_head is not
+    expected in the files (transformers leaves it out of missing_keys)."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda t: t[0])
+    if mismatched:
+        name, got, want = mismatched[0][:3]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise UserError(f"{what}: tensor {name} in {path} expected shape {tuple(want)} from config.json, got "
+                        f"{tuple(got)}{more}")
+    if missing or unexpected:
+        raise UserError(f"{what}: weights in {path} expected exactly the tensors of {arch} (config.json), got "
+                        f"{len(missing)} missing {missing[:3]} and {len(unexpected)} unexpected {unexpected[:3]}; "
+                        f"a missing tensor would start as random weights")
+
+
 def check_finite(model: nn.Module, what: str) -> None:
     """Refuse NaN/Inf in any floating-point parameter or buffer, naming the first offending tensor."""
     for name, t in model.state_dict().items():
@@ -162,7 +189,8 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers signals a missing/broken tokenizer with many exception types
-        raise UserError(f"tokenizer in {path}: could not be loaded ({e}); expected tokenizer files") from None
+        raise UserError(f"tokenizer in {path}: expected tokenizer files that load, got {type(e).__name__}: "
+                        f"{_one_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

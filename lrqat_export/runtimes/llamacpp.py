@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..core.errors import UserError
+from ..core.fsio import missing_file
 from .torch_eval import nll_from_logits
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def load_llama(path: str | Path, n_ctx: int = 512):
     except ImportError as e:
         raise UserError(f"llama.cpp runtime: llama-cpp-python is not installed ({e}); run scripts/install.sh") from None
     if not Path(path).is_file():
-        raise UserError(f"GGUF {path}: file not found")
+        raise UserError(f"GGUF {path}: {missing_file(path)}")
     try:
         return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=N_THREADS,
                      n_threads_batch=N_THREADS, flash_attn=False, verbose=False)
@@ -98,7 +99,7 @@ def gguf_tokenizer(path: str | Path):
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"GGUF {path}: file not found")
+        raise UserError(f"GGUF {path}: {missing_file(p)}")
     try:
         return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     except (OSError, ValueError, KeyError) as e:
