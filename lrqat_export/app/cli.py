@@ -34,6 +34,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse (before 3.12) drops a value of "--" given as --opt=-- and keeps the default without a word
+        for a in sys.argv[1:] if args is None else args:
+            if isinstance(a, str) and a.startswith("--") and a.endswith("=--"):
+                self.error(f"argument {a[:-3]}: expected a value, got '--'")
+        return super().parse_known_args(args, namespace)
+
 
 def int_in(lo: int, hi: int | None = None, also: tuple[int, ...] = ()):
     """argparse type: an integer in lo..hi (or >= lo), or one of `also`; the error names the range and the value."""
@@ -61,7 +68,7 @@ def float_in(lo: float, hi: float | None = None, lo_open: bool = False, hi_open:
         high_ok = hi is None or (v < hi if hi_open else v <= hi)
         if not (math.isfinite(v) and low_ok and high_ok):
             rng = f"{'(' if lo_open else '['}{lo:g}, {'∞)' if hi is None else f'{hi:g}' + (')' if hi_open else ']')}"
-            raise argparse.ArgumentTypeError(f"expected a finite number in {rng}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected a finite number in {rng}, got {v:g}")
         return v
     return parse
 

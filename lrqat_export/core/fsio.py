@@ -36,7 +36,13 @@ def _umask() -> int:
 
 def _check_parent(path: Path) -> None:
     """Missing parent directories are created when the output is written (make_parents); an ancestor that exists
-    but is not a directory can never hold it."""
+    but is not a directory can never hold it. A ".." after a missing directory is refused: that directory would be
+    created only to be climbed out of, and removed again, leaving the output unreachable by the path given."""
+    parts = Path(path).absolute().parts
+    for i, part in enumerate(parts):
+        if part == ".." and not Path(*parts[:i]).exists():
+            raise UserError(f"output {path}: expected '..' only after existing directories, got it after "
+                            f"{Path(*parts[:i])}, which does not exist")
     for anc in Path(path).absolute().parents:
         if anc.exists():
             if not anc.is_dir():
