@@ -298,8 +298,8 @@ CASES = {
     "gptq/float-missing": (_export("gptq", "float_missing"),
                            "1 missing ['model.layers.0.input_layernorm.weight'] and 0 unexpected"),
     "gguf/float-extra": (_export("gguf", "float_extra"), "0 missing [] and 1 unexpected ['model.extra.weight']"),
-    "gguf/embed-fewer-rows": (_export("gguf", "embed_fewer_rows"),
-                              "tensor model.embed_tokens.weight expected shape (384, 64) from config.json, got (100, 64)"),
+    "gguf/embed-fewer-rows": (_export("gguf", "embed_fewer_rows"), "tensor model.embed_tokens.weight expected "
+                                                                   "shape (384, 64) from config.json, got (100, 64)"),
     "gptq/config-intermediate": (_export("gptq", "config_intermediate"),
                                  "mlp.gate_proj codes expected shape (256, 64) from config.json, got (128, 64)"),
     "eval/intckpt-config-vocab": (_made(_bad_intckpt, "config_vocab", "eval", "{bad}", *EVAL1),
