@@ -8,6 +8,7 @@ the same model shape, batch and sequence — one configuration per fresh subproc
 
 Configurations (all: same AdamW/clipping as `lrqat train`, weights random-init from the shape's HF config, scales
 from a min-max range search — the range method does not change memory):
+    lrqat-bf16     LR-QAT, Φ0 bf16, r=32, checkpointed quantizer (the tool's default)
     lrqat-int8     LR-QAT, Φ0 int8 fixed point (Q4.4), r=32, checkpointed quantizer (the paper's default)
     lrqat-int4     LR-QAT, Φ0 double-packed (two nibbles a byte)
     full-qat       LSQ full-model QAT: all weights + scales trained, fp32 weights and AdamW state
@@ -57,7 +58,7 @@ SHAPES = {  # name: LlamaConfig kwargs (random init; no download)
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
-CONFIGS = ("lrqat-int8", "lrqat-int4", "full-qat", "full-qat-ckpt", "peqa", "qlora", "lora")
+CONFIGS = ("lrqat-bf16", "lrqat-int8", "lrqat-int4", "full-qat", "full-qat-ckpt", "peqa", "qlora", "lora")
 GiB = 2**30
 
 
@@ -87,11 +88,11 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)  # HF's own random init
-    method = {"lrqat-int8": "lrqat", "lrqat-int4": "lrqat", "full-qat": "full-qat", "full-qat-ckpt": "full-qat",
+    method = {"lrqat-bf16": "lrqat", "lrqat-int8": "lrqat", "lrqat-int4": "lrqat", "full-qat": "full-qat", "full-qat-ckpt": "full-qat",
               "peqa": "peqa", "qlora": "qlora", "lora": "lora-fp"}[config]
     # every method at its registry defaults; minmax scales (setup time only), full QAT without checkpointing
     opts = registry.resolve_options(method, MethodOptions(
-        rank=rank, phi="int4" if config == "lrqat-int4" else "int8", range_method="minmax",
+        rank=rank, phi=config.removeprefix("lrqat-") if config.startswith("lrqat") else None, range_method="minmax",
         checkpointing=config != "full-qat"))
     spec, tc = PRESETS[preset], TrainConfig(steps=1000).resolved(method)
     teacher, prepass = None, None

@@ -92,7 +92,7 @@ def test_training_applies_the_init_once_and_resume_does_not_redo_it(tiny_llama, 
 
     windows = text_windows(load_tokenizer(tiny_llama), ["pydoc"], 32, 16)
     cfg = TrainConfig(steps=4, batch_size=2, ckpt_every=2).resolved("lrqat")
-    opts = MethodOptions(rank=4, alpha=4.0, ab_init="grad")
+    opts = MethodOptions(rank=4, alpha=4.0, ab_init="grad", phi="int8")
     finals = []
     for stop in (None, 2):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)

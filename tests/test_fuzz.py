@@ -306,7 +306,7 @@ def finished_run(tiny_llama, tmp_path_factory):
 
     model, tok, _ = load_model(str(tiny_llama))
     torch.manual_seed(0)
-    prepare(model, PRESETS["q4_0"], MethodOptions(rank=2, alpha=1.0))
+    prepare(model, PRESETS["q4_0"], MethodOptions(rank=2, alpha=1.0, phi="int8"))
     windows, cfg = text_windows(tok, ["pydoc"], 32, 4, "w"), TrainConfig(steps=1, batch_size=2, objective="ce")
     run = tmp_path_factory.mktemp("run") / "run"
     train(model, windows, cfg, run, progress=False)

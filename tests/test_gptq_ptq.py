@@ -59,7 +59,7 @@ def test_gptq_differs_from_rtn_and_gptq_init_lrqat_starts_at_gptq(gptq_run):
     assert any(not torch.equal(ck.layers[n].codes, rtn.layers[n].codes) for n in ck.layers)
     m = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
     load_weights_from(m, ck)
-    prepare(m, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0), init=ck)
+    prepare(m, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0, phi="int8"), init=ck)
     for name, q in ck.layers.items():
         layer = m.get_submodule(name)
         assert torch.equal(layer.fused_codes(), q.codes), name

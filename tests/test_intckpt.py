@@ -20,7 +20,7 @@ from lrqat_export.train.loop import train
 
 def _trained(path, preset, steps=6, lr_ab=1e-1):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prepare(model, PRESETS[preset], MethodOptions(rank=4, alpha=16.0))
+    prepare(model, PRESETS[preset], MethodOptions(rank=4, alpha=16.0, phi="int8"))
     data = torch.randint(0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
     train(model, data, TrainConfig(steps=steps, batch_size=2, lr_ab=lr_ab, lr_scale=1e-3, objective="ce"), progress=False)
     return model

@@ -54,7 +54,7 @@ def test_ce_objective_is_the_models_own_loss_bit_for_bit(tiny_llama):
 
 def test_distillation_needs_the_teacher_and_validates_its_options(tiny_llama):
     m = _model(tiny_llama)
-    registry.get("lrqat").prepare(m, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0))
+    registry.get("lrqat").prepare(m, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0, phi="int8"))
     with pytest.raises(UserError, match="expected the teacher's targets"):
         train(m, _windows(tiny_llama), TrainConfig(steps=1, objective="kl"), progress=False)
     for bad, needle in (({"objective": "mse"}, "--objective: expected one of"), ({"kd_temperature": 0}, "> 0"),
@@ -76,7 +76,7 @@ def test_every_method_trains_toward_the_float_model_under_kl(tiny_llama, method)
     teacher = teacher_targets(base, w, cfg)
     assert teacher.rest_mass < 0.01 and len(teacher.ids) <= 8 * 2
     m = registry.get(method)
-    opts = registry.resolve_options(method, MethodOptions(rank=4, alpha=8.0))
+    opts = registry.resolve_options(method, MethodOptions(rank=4, alpha=8.0, phi="int8"))
     torch.manual_seed(0)
     model = m.prepare(copy.deepcopy(base), PRESETS["q4_0"], opts, None)
     drawn = torch.tensor(sorted(teacher.ids))
@@ -113,7 +113,7 @@ def test_interrupted_kl_run_resumes_to_the_same_bits(tiny_llama, tmp_path):
     with exactly the trainable tensors of an uninterrupted one."""
     base, w = _model(tiny_llama), _windows(tiny_llama)
     cfg = TrainConfig(steps=6, batch_size=2, objective="kl", kd_topk=8, lr_ab=2e-2, lr_scale=2e-3, ckpt_every=3)
-    opts = MethodOptions(rank=4, alpha=8.0)
+    opts = MethodOptions(rank=4, alpha=8.0, phi="int8")
 
     def run(out, **kw):
         teacher = teacher_targets(base, w, cfg.resolved("lrqat"))

@@ -21,7 +21,7 @@ def _load(path):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_prepare_swaps_every_projection_and_freezes_the_rest(tiny_models, arch):
-    model = prepare(_load(tiny_models[arch]), PRESETS["q4_0"], MethodOptions(rank=4, alpha=1.0))
+    model = prepare(_load(tiny_models[arch]), PRESETS["q4_0"], MethodOptions(rank=4, alpha=1.0, phi="int8"))
     layers = {n for n, m in model.named_modules() if isinstance(m, LRQATLinear)}
     assert layers == set(quantized_layer_names(model))
     assert len(layers) == len(QUANTIZED_PROJECTIONS) * model.config.num_hidden_layers
@@ -39,14 +39,14 @@ def test_prepare_swaps_every_projection_and_freezes_the_rest(tiny_models, arch):
 def test_prepared_model_at_ab_zero_equals_the_rtn_model_exactly(tiny_models, arch, preset):
     base = _load(tiny_models[arch])
     rtn = ptq_rtn(base, PRESETS[preset], {"name": "tiny"}).to_torch_model()
-    prepared = prepare(base, PRESETS[preset], MethodOptions(rank=4, alpha=1.0))
+    prepared = prepare(base, PRESETS[preset], MethodOptions(rank=4, alpha=1.0, phi="int8"))
     ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(prepared(input_ids=ids).logits, rtn(input_ids=ids).logits)
 
 
 def test_trainable_fraction_is_reported(tiny_llama):
-    model = prepare(_load(tiny_llama), PRESETS["w4pc"], MethodOptions(rank=4, alpha=1.0))
+    model = prepare(_load(tiny_llama), PRESETS["w4pc"], MethodOptions(rank=4, alpha=1.0, phi="int8"))
     c = parameter_counts(model)
     lr = [m for m in model.modules() if isinstance(m, LRQATLinear)]
     expected = sum(m.rank * (m.in_features + m.out_features) + m.scale.numel() for m in lr)
@@ -57,7 +57,7 @@ def test_trainable_fraction_is_reported(tiny_llama):
 def test_group_size_that_does_not_divide_is_refused_and_the_model_is_untouched(tiny_llama):
     model = _load(tiny_llama)  # hidden 64, intermediate 128
     with pytest.raises(UserError, match=r"in_features 64 is not divisible by group_size 48"):
-        prepare(model, QuantSpec(4, 48, True), MethodOptions(alpha=1.0))
+        prepare(model, QuantSpec(4, 48, True), MethodOptions(alpha=1.0, phi="int8"))
     assert not any(isinstance(m, LRQATLinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -68,4 +68,4 @@ def test_unsupported_architecture_lists_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UserError, match="GPT2LMHeadModel is not supported; supported: LlamaForCausalLM, "
                                         "MistralForCausalLM, Qwen2ForCausalLM"):
-        prepare(model, PRESETS["q4_0"], MethodOptions(alpha=1.0))
+        prepare(model, PRESETS["q4_0"], MethodOptions(alpha=1.0, phi="int8"))

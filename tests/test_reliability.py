@@ -510,7 +510,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(art, 
     model, tok, _ = load_model(str(art["model"]))
     windows = text_windows(tok, ["pydoc"], 32, 8, "train data")
     torch.manual_seed(0)
-    prepare(model, PRESETS["q4_0"], MethodOptions(rank=2, alpha=1.0))
+    prepare(model, PRESETS["q4_0"], MethodOptions(rank=2, alpha=1.0, phi="int8"))
     cfg = TrainConfig(steps=6, batch_size=2, ckpt_every=2, objective="ce")
     train(model, windows, cfg, tmp_path, progress=False, stop_after=4)
     good = latest_checkpoint(tmp_path)

@@ -29,7 +29,7 @@ from lrqat_export.train.loop import batch_indices, lr_lambda, make_optimizer, tr
 
 def _prepared(path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return prepare(model, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0))
+    return prepare(model, PRESETS["q4_0"], MethodOptions(rank=4, alpha=4.0, phi="int8"))
 
 
 def _windows(path, n=24, t=32):

@@ -123,8 +123,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"adapter rank r (default {OPTS.rank}, the paper's)")
     g.add_argument("--alpha", type=float_in(0.0, lo_open=True),
                    help=f"adapter scale numerator α; A·B is scaled by α/r (default {_method_defaults('alpha')})")
-    g.add_argument("--phi", default=OPTS.phi, choices=list(PHI_CHOICES),
-                   help="storage of the frozen Φ0: int8 fixed point (default), int4 double-packed, bf16, fp32")
+    g.add_argument("--phi", choices=list(PHI_CHOICES),
+                   help=f"storage of the frozen Φ0: bf16, int8 fixed point Q(b).(8-b) (half the memory; the paper's), "
+                        f"int4 double-packed, fp32 (default {_method_defaults('phi')})")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=opts.checkpointing,
                    help=f"recompute each layer's fake-quantized weight in backward instead of keeping weight-sized "
                         f"intermediates: less memory, slower, the same numbers (default "

@@ -28,7 +28,7 @@ class MethodOptions:
 
     rank: int = 32  # adapter rank r (the paper's)
     alpha: float | None = None  # adapter scale numerator α; A·B is scaled by α/r
-    phi: str = "int8"  # LR-QAT frozen-weight storage: int8 fixed point Q(b).(8-b) (the paper's default)
+    phi: str | None = None  # LR-QAT frozen-weight storage (PHI_CHOICES): bf16 by default, int8 = the paper's
     range_method: str = "lp"  # scale init: Lp-norm (p = 4) grid search (the paper's)
     checkpointing: bool = True  # recompute each layer's weight construction in backward
     lr_weight: float | None = None  # full-qat: learning rate of the float weights

@@ -224,7 +224,7 @@ def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntChe
     init: an IntCheckpoint of the same model and spec (e.g. the RTN baseline) whose scales and zero points start
     the training instead of a new range search.
     """
-    opts.require("alpha", method="lrqat")
+    opts.require("alpha", "phi", method="lrqat")
     names = quantized_layer_names(model)
     check_init(init, spec, names, "prepare")
     check_linears(model, names, spec)

@@ -10,7 +10,8 @@ Recipe "default" (every method distills from the float model: objective kl; `--r
 its paper's values and cross-entropy):
 
     method     trains                    defaults (alpha, lr_ab, lr_scale, lr_weight)   output         exact export
-    lrqat      A, B, s (inside ⌊·⌉)      16, 3e-3, 1e-4 (paper: 1, 1e-3, 1e-5)          IntCheckpoint  yes
+    lrqat      A, B, s (inside ⌊·⌉)      16, 3e-3, 1e-4, Φ0 bf16                        IntCheckpoint  yes
+                                         (paper: 1, 1e-3, 1e-5, Φ0 int8)
     full-qat   W, s (LSQ)                lr_scale 1e-5, lr_weight 5e-5 (the paper's)    IntCheckpoint  yes
     peqa       s                         lr_scale 3e-4 (paper recipe: 1e-4)             IntCheckpoint  yes
     qlora      A, B on an NF4 base       16, 2e-4 (QLoRA's)                             merged → RTN   no
@@ -33,7 +34,7 @@ from .common import MethodOptions, trainable_parameters
 ParamGroup = tuple[str, tuple[str, ...], float, float]
 
 FULL_QAT_WD_W = 0.1  # the paper: weight decay 0.1 on the full-model weights
-HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective")  # the per-method defaults
+HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective", "phi")  # the per-method defaults
 # A recipe is a named set of per-method defaults. "default" is `Method.defaults`; every other recipe overrides
 # some of them (`Method.recipes[name]`). "paper": each method's own paper's settings, trained on cross-entropy.
 RECIPES = ("default", "paper")
@@ -74,7 +75,7 @@ def _ab(h) -> list[ParamGroup]:
     return [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"])]
 
 
-_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "kl"}  # QLoRA's α, lr
+_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "kl", "phi": None}  # QLoRA's α, lr
 _LORA_PAPER = {"paper": {"alpha": 16.0, "lr_ab": 2e-4, "objective": "ce"}}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -82,8 +83,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            trains=True, output="intckpt", exact=True, distributed=True, uses_init=True,
            # distillation; α 16 and lr 3e-3 let A·B cross the rounding dead zone of Φ0 within a short budget
            # (BENCHMARKS.md, "The default recipe: a sweep"); the paper's values stay as recipe "paper"
-           defaults={"alpha": 16.0, "lr_ab": 3e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "kl"},
-           recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce"}},
+           # Φ0 in bf16 (2 bytes a weight) by default: the paper's int8 Q4.4 keeps every weight at least 1/16 of a
+           # step from a rounding boundary, a dead zone A·B must cross before any code moves (the sweep: 58.9 % →
+           # 61.7 % of the w4pc out-of-domain gap); --phi int8 halves the frozen weights' memory
+           defaults={"alpha": 16.0, "lr_ab": 3e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "kl",
+                     "phi": "bf16"},
+           recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce", "phi": "int8"}},
            prepare=lrqat.prepare,
            groups=lambda h: [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"]),
                              ("scale", (".scale",), h["lr_scale"], h["weight_decay"])],
@@ -93,14 +98,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                                                                                  loss_fn)),
     Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
            exact=True, uses_init=True,
-           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "kl"},
+           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "kl",
+                     "phi": None},
            recipes={"paper": {"lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "ce"}},
            prepare=baselines.prepare_full_qat, fuse=_fuse_baseline("full-qat"),
            groups=lambda h: [("weight", (".weight",), h["lr_weight"], FULL_QAT_WD_W),
                              ("scale", (".scale",), h["lr_scale"], 0.0)]),
     Method("peqa", "PEQA: frozen RTN codes, scales trained", trains=True, output="intckpt", exact=True,
            uses_init=True,
-           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 3e-4, "lr_weight": None, "objective": "kl"},
+           defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 3e-4, "lr_weight": None, "objective": "kl",
+                     "phi": None},
            recipes={"paper": {"lr_scale": 1e-4, "objective": "ce"}},  # 1e-4: our earlier choice (no paper value)
            prepare=baselines.prepare_peqa, fuse=_fuse_baseline("peqa"),
            groups=lambda h: [("scale", (".scale",), h["lr_scale"], 0.0)]),
@@ -149,7 +156,7 @@ def defaults(name: str, recipe: str = DEFAULT_RECIPE) -> dict:
 def resolve_options(name: str, opts: MethodOptions | None = None, recipe: str = DEFAULT_RECIPE) -> MethodOptions:
     """`opts` with every unset (None) per-method field filled with the method's default in `recipe`."""
     d, opts = defaults(name, recipe), opts or MethodOptions()
-    fill = {k: d.get(k) for k in ("alpha", "lr_weight") if getattr(opts, k) is None}
+    fill = {k: d.get(k) for k in ("alpha", "lr_weight", "phi") if getattr(opts, k) is None}
     return dataclasses.replace(opts, **fill)
 
 
