@@ -133,13 +133,19 @@ def child(a: dict) -> dict:
     import torch
 
     torch.set_num_threads(a["threads"]) if a.get("threads") else None
-    kl = a.get("objective", "ce") == "kl"
+    kl = a.get("objective", "ce") in ("kl", "kl-online")
+    online = a.get("objective") == "kl-online"
     vocab = SHAPES[a["shape"]].get("vocab_size", 32000)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (a["batch"], a["seq"]), generator=gen).to(a["device"])
     t0 = time.perf_counter()
     model, opt, teacher, prepass = _build(a["shape"], a["config"], a["preset"], a["rank"], a["device"],
-                                          a.get("base_dtype", "fp32"), ids if kl else None)
+                                          a.get("base_dtype", "fp32"), ids if kl and not online else None)
+    if online:  # LR-QAT as its own teacher (--kd-teacher online): no pre-pass, one more no-grad forward a step
+        from lrqat_export.methods.lrqat import as_teacher
+        from lrqat_export.train.objective import OnlineTeacher
+
+        teacher = OnlineTeacher(model, as_teacher, 64, 1.0)
     setup_s = time.perf_counter() - t0
     params = [p for g in opt.param_groups for p in g["params"]]
     trainable = {id(p) for p in params}
@@ -326,9 +332,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile one more step and report its N costliest ops (self time)")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default torch's)")
-    ap.add_argument("--objective", default="ce", choices=["ce", "kl"],
+    ap.add_argument("--objective", default="ce", choices=["ce", "kl", "kl-online"],
                     help="training loss of the step: ce, or kl to the float model's top-k targets (the default "
-                         "recipe's); kl also records the teacher pre-pass (peak, seconds, cache bytes per token)")
+                         "recipe's); kl also records the teacher pre-pass (peak, seconds, cache bytes per token); "
+                         "kl-online: LR-QAT configs only, the model as its own teacher (--kd-teacher online)")
     # --- guard
     ap.add_argument("--mem-limit-gib", type=float, help="child address-space cap (default MemAvailable − 2 GiB)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default 1800)")

@@ -129,3 +129,85 @@ def test_interrupted_kl_run_resumes_to_the_same_bits(tiny_llama, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = load_file(str(tmp_path / "cut" / "train_state" / "step-00000006" / "trainable.safetensors"))
     assert all(torch.equal(saved[k], a[k].detach()) for k in saved)
+
+
+@pytest.mark.parametrize("phi, tol", [("fp32", 1e-4), ("bf16", 5e-2)])
+def test_lrqat_model_as_its_own_teacher_is_the_float_model(tiny_llama, phi, tol):
+    """as_teacher: every LRQATLinear computes with s0·(Φ0 − z), the float weight to Φ0's resolution (fp32: up to
+    float rounding; bf16: 8 significant bits); outside it the model is the quantized one again, bit for bit."""
+    from lrqat_export.methods.lrqat import as_teacher
+
+    base, w = _model(tiny_llama), _windows(tiny_llama, 2)
+    with torch.no_grad():
+        want = base(input_ids=w).logits
+    for preset in ("q4_0", "w4pc", "q4_1"):  # symmetric and asymmetric grids
+        m = registry.get("lrqat").prepare(copy.deepcopy(base), PRESETS[preset], MethodOptions(rank=4, alpha=8.0,
+                                                                                              phi=phi))
+        with torch.no_grad():
+            quant = m(input_ids=w).logits
+            with as_teacher(m):
+                got = m(input_ids=w).logits
+            again = m(input_ids=w).logits
+        assert (got - want).abs().max() < tol * want.abs().max(), (preset, float((got - want).abs().max()))
+        assert (quant - want).abs().max() > 10 * (got - want).abs().max()  # the quantized model is much further
+        assert torch.equal(again, quant)
+
+
+def test_online_teacher_is_refused_where_it_cannot_be_the_float_model(tiny_llama):
+    from lrqat_export.train.job import online_teacher
+
+    cfg = TrainConfig(objective="kl", kd_teacher="online")
+    m = registry.get("lrqat").prepare(_model(tiny_llama), PRESETS["q4_0"], MethodOptions(rank=4, alpha=8.0,
+                                                                                         phi="int4"))
+    with pytest.raises(UserError, match=r"--kd-teacher online: Φ0 must hold more than the codes.*phi int4 at 4 "
+                                        r"bits.*--phi bf16"):
+        online_teacher(m, "lrqat", cfg)
+    p = registry.get("peqa").prepare(_model(tiny_llama), PRESETS["q4_0"],
+                                     registry.resolve_options("peqa", MethodOptions()), None)
+    with pytest.raises(UserError, match=r"--kd-teacher online: expected a method .*\(lrqat\), got peqa"):
+        online_teacher(p, "peqa", cfg)
+    with pytest.raises(UserError, match=r"--kd-teacher: expected one of \('cache', 'online'\), got 'disk'"):
+        TrainConfig(kd_teacher="disk")
+
+
+def test_online_teacher_trains_like_the_cached_one(tiny_llama, tmp_path):
+    """Same run, targets from the pre-pass cache or computed online from Φ0 (fp32: the same float weights up to
+    rounding): the losses agree to float noise, and the CLI records which teacher was used."""
+    from lrqat_export.train.job import online_teacher
+
+    base, w = _model(tiny_llama), _windows(tiny_llama)
+    with torch.no_grad():
+        base.model.embed_tokens.weight.mul_(20.0)
+    losses = {}
+    for mode in ("cache", "online"):
+        cfg = TrainConfig(steps=4, batch_size=2, objective="kl", kd_teacher=mode).resolved("lrqat")
+        opts = registry.resolve_options("lrqat", MethodOptions(rank=4, alpha=8.0, phi="fp32"))
+        teacher = teacher_targets(base, w, cfg)
+        torch.manual_seed(0)
+        m = registry.get("lrqat").prepare(copy.deepcopy(base), PRESETS["q4_0"], opts, None)
+        if mode == "online":
+            assert teacher is None
+            teacher = online_teacher(m, "lrqat", cfg)
+        losses[mode] = [h["loss"] for h in train(m, w, cfg, progress=False, opts=opts, teacher=teacher)]
+    assert losses["cache"][0] > 1e-3, losses
+    assert all(abs(a - b) < 1e-3 * a for a, b in zip(losses["cache"], losses["online"])), losses
+    argv = ["train", "--model", str(tiny_llama), "--preset", "q4_0", "--rank", "4", "--steps", "2", "--seq-len", "32",
+            "--max-train-windows", "8", "--kd-teacher", "online", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    t = load_intckpt(tmp_path / "o").manifest["training"]
+    assert t["teacher"] == {"mode": "online", "topk": 64, "temperature": 1.0}
+    assert main(argv[:-1] + [str(tmp_path / "p"), "--phi", "int4"]) == 2  # refused before training
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_cache_too_large_for_memory_is_refused_before_the_prepass(tiny_llama):
+    w = _windows(tiny_llama)
+    cache = teacher_targets(_model(tiny_llama), w, TrainConfig(steps=6, batch_size=2, objective="kl", kd_topk=16))
+    held = sum(t.numel() * t.element_size() for d in (cache.ids, cache.logp, cache.log_rest) for t in d.values())
+    assert held == O.cache_bytes(len(cache.ids), w.shape[1], 16)
+    O.check_cache_fits(held, 2 * held, "lrqat")  # exactly half the available memory: accepted
+    with pytest.raises(UserError, match=r"teacher cache: expected at most half the available memory .* use "
+                                        r"--kd-teacher online"):
+        O.check_cache_fits(held + 1, 2 * held, "lrqat")
+    with pytest.raises(UserError, match=r"use a smaller --kd-topk"):
+        O.check_cache_fits(held + 1, 2 * held, "peqa")

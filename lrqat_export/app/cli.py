@@ -18,7 +18,8 @@ from ..core.quant import DEFAULT_PRESET, spec_from_args
 from ..methods import registry
 from ..methods.common import PHI_CHOICES, MethodOptions
 from ..train.config import TrainConfig
-from ..train.objective import OBJECTIVES
+from ..train import objective
+from ..train.objective import KD_TEACHERS, OBJECTIVES
 from . import jobs as J
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
@@ -150,6 +151,12 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"distillation temperature τ (default {TRAIN.kd_temperature})")
     g.add_argument("--kd-topk", type=POSITIVE, default=TRAIN.kd_topk,
                    help=f"teacher tokens kept per position (default {TRAIN.kd_topk})")
+    g.add_argument("--kd-teacher", choices=list(KD_TEACHERS), default=TRAIN.kd_teacher,
+                   help=f"where the distillation targets come from: cache = one no-grad pre-pass of the float model, "
+                        f"kept in host memory ({objective.cache_bytes(1, 2, TRAIN.kd_topk)} bytes a token at top-"
+                        f"{TRAIN.kd_topk}); online = LR-QAT's model computes them at every step from its frozen Φ0 and "
+                        f"initial scales (no cache; one more forward a step; needs a Φ0 finer than the codes) "
+                        f"(default {TRAIN.kd_teacher})")
     g.add_argument("--ce-weight", type=float_in(0.0, 1.0), default=TRAIN.ce_weight,
                    help=f"mix: weight of cross-entropy, 1 − it on the KL (default {TRAIN.ce_weight})")
     g.add_argument("--warmup", type=float_in(0.0, 1.0, hi_open=True), default=TRAIN.warmup_fraction,
@@ -185,7 +192,8 @@ def _train_cfg(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_ab=args.lr_ab,
                        lr_scale=args.lr_scale, warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed,
                        ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers, objective=args.objective,
-                       kd_temperature=args.kd_temperature, kd_topk=args.kd_topk, ce_weight=args.ce_weight)
+                       kd_temperature=args.kd_temperature, kd_topk=args.kd_topk, kd_teacher=args.kd_teacher,
+                       ce_weight=args.ce_weight)
 
 
 def _data(args) -> J.DataOptions:

@@ -24,6 +24,7 @@ back out into an IntCheckpoint (core.intckpt.build_intckpt). The method's defaul
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -150,6 +151,10 @@ class LRQATLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(rank, in_features))
         nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         self.scale = nn.Parameter(torch.ones(out_features, n_groups))
+        # the initial scales s0 (Φ0 = W0/s0 + z): with them Φ0 gives the float weights back (as_teacher); rebuilt by
+        # prepare, so not part of the state dict
+        self.register_buffer("scale0", torch.ones(out_features, n_groups), persistent=False)
+        self.teacher = False  # as_teacher: forward with the float weights s0·(Φ0 − z), no rounding, no A·B
 
     @property
     def lora_scale(self) -> float:
@@ -184,6 +189,7 @@ class LRQATLinear(nn.Module):
             layer.zero.copy_(z0.to(torch.int8))
         layer.phi0.copy_(phi_down(x.reshape(w.shape), spec, phi))
         layer.scale.copy_(s0)
+        layer.scale0.copy_(s0)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach().float())
         return layer.to(linear.weight.device)
@@ -193,7 +199,23 @@ class LRQATLinear(nn.Module):
         return _lrqat_weight(self.phi0, self.lora_A, self.lora_B, self.scale, self.zero, self.spec, self.phi,
                              self.lora_scale)
 
+    def holds_float_weights(self) -> bool:
+        """Φ0 keeps more than the codes (bf16, fp32, or fixed point with fraction bits): s0·(Φ0 − z) is the float
+        weight to Φ0's resolution."""
+        return self.phi in ("bf16", "fp32") or frac_bits(self.phi, self.spec.bits) > 0
+
+    @torch.no_grad()
+    def teacher_weight(self) -> torch.Tensor:
+        """s0·(Φ0 − z), (out, in) float32: the float weight the layer was prepared from, to Φ0's resolution."""
+        w = grouped(phi_up(self.phi0, self.spec, self.phi), self.spec)
+        if self.zero is not None:
+            w = w - self.zero.float().unsqueeze(-1)
+        return (w * self.scale0.unsqueeze(-1)).reshape(self.out_features, -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.teacher:
+            with torch.no_grad():
+                return linear(x, self.teacher_weight(), self.bias)
         return maybe_checkpoint(self.checkpointing, _lrqat_forward, x, self.phi0, self.lora_A, self.lora_B, self.scale,
                                 self.zero, self.bias, self.spec, self.phi, self.lora_scale)
 
@@ -305,6 +327,25 @@ def data_aware_init(model: nn.Module, batches, mode: str, loss_fn=None, seed: in
             m.lora_B.copy_(b)
     log.info("ab_init %s: B of %d layers from %d windows", mode, len(layers), n)
     return {"layers": len(layers), "windows": n}
+
+
+@contextlib.contextmanager
+def as_teacher(model: nn.Module):
+    """Within: every LRQATLinear computes with its float weight s0·(Φ0 − z) (no rounding, no A·B, no gradient), so
+    the prepared model is its own float teacher and distillation needs no second model and no cache
+    (`--kd-teacher online`). Refused where Φ0 holds only the codes (int4 at 4 bits, int8 at 8 bits)."""
+    layers = list(lrqat_layers(model).values())
+    coarse = sorted({f"phi {m.phi} at {m.spec.bits} bits" for m in layers if not m.holds_float_weights()})
+    if coarse:
+        raise UserError(f"--kd-teacher online: Φ0 must hold more than the codes to be the float teacher; got "
+                        f"{', '.join(coarse)}; use --phi bf16 or --kd-teacher cache")
+    for m in layers:
+        m.teacher = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.teacher = False
 
 
 def lrqat_layers(model: nn.Module) -> dict[str, LRQATLinear]:

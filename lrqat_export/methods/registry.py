@@ -60,6 +60,8 @@ class Method:
     calibrated: bool = False  # quantize needs calibration windows (--calib-data)
     # before the first step: (model, opts, batches, loss_fn) -> dict, a data-aware start (LR-QAT's ab_init)
     data_init: Callable[..., Any] | None = None
+    # (model) -> context manager in which the prepared model computes as its float source (--kd-teacher online)
+    teacher_mode: Callable[..., Any] | None = None
     counts: Callable[[Any], dict] = lambda model: {  # noqa: E731 - what `lrqat train` reports as trainable
         "trainable": sum(p.numel() for p in trainable_parameters(model).values())}
 
@@ -95,7 +97,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            fuse=lambda model, spec, source, opts, extra: lrqat.fuse(model, source, extra),
            counts=lrqat.parameter_counts,
            data_init=lambda model, opts, batches, loss_fn: lrqat.data_aware_init(model, batches, opts.ab_init,
-                                                                                 loss_fn)),
+                                                                                 loss_fn),
+           teacher_mode=lrqat.as_teacher),
     Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
            exact=True, uses_init=True,
            defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "kl",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..core.errors import UserError
 from ..methods import registry
 from ..methods.common import MethodOptions
-from .objective import OBJECTIVES
+from .objective import KD_TEACHERS, OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class TrainConfig:
     objective: str | None = None  # ce | kl | mix (train/objective.py); None = the method's default
     kd_temperature: float = 1.0  # τ of the distillation targets (kl, mix)
     kd_topk: int = 64  # teacher tokens kept per position (the rest of its mass is one more outcome)
+    kd_teacher: str = "cache"  # cache: one pre-pass of the float model; online: the model is its own teacher (lrqat)
     ce_weight: float = 0.5  # mix: weight of cross-entropy (1 − it on the KL)
 
     def __post_init__(self) -> None:
@@ -45,6 +46,8 @@ class TrainConfig:
             raise UserError(f"--objective: expected one of {OBJECTIVES}, got {self.objective!r}")
         if not self.kd_temperature > 0:
             raise UserError(f"--kd-temperature: expected > 0, got {self.kd_temperature}")
+        if self.kd_teacher not in KD_TEACHERS:
+            raise UserError(f"--kd-teacher: expected one of {KD_TEACHERS}, got {self.kd_teacher!r}")
         if self.kd_topk < 1:
             raise UserError(f"--kd-topk: expected >= 1, got {self.kd_topk}")
         if not 0 <= self.ce_weight <= 1:

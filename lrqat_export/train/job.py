@@ -27,6 +27,7 @@ from . import fsdp
 from . import objective
 from .config import TrainConfig
 from .loop import batch_indices, train
+from .memory import available_bytes
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,13 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     opts, cfg = registry.resolve_options(method, opts, recipe), cfg.resolved(method, recipe)
     out = Path(out)
     t0 = time.perf_counter()
-    teacher = teacher_targets(model, windows, cfg, progress and (dist is None or dist.is_main))
+    teacher = teacher_targets(model, windows, cfg, progress and (dist is None or dist.is_main), method)
     t_teacher = time.perf_counter()
     torch.manual_seed(cfg.seed)  # adapters' Kaiming init: the same run gives the same model in every process
     m.prepare(model, spec, opts, init if m.uses_init else None)
     counts = m.counts(model)
+    if cfg.objective != "ce" and cfg.kd_teacher == "online":
+        teacher = online_teacher(model, method, cfg)
     log.info("%s: trainable parameters %s", method, counts)
     if dist is not None:
         fsdp.shard(model, dist)
@@ -75,8 +78,9 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
         "training": {"config": dataclasses.asdict(cfg), "method": method, "recipe": recipe,
                      "lrqat": dataclasses.asdict(opts),
                      "teacher": None if teacher is None else {
-                         "topk": teacher.topk, "temperature": teacher.temperature, "windows": len(teacher.ids),
-                         "mean_rest_mass": teacher.rest_mass},
+                         "mode": cfg.kd_teacher, "topk": teacher.topk, "temperature": teacher.temperature,
+                         **({"windows": len(teacher.ids), "mean_rest_mass": teacher.rest_mass}
+                            if isinstance(teacher, objective.TeacherCache) else {})},
                      "groups": registry.param_groups(method, cfg.hyper(opts)), "seq_len": int(windows.shape[1]),
                      "train_data": train_data, "train_windows": int(windows.shape[0]),
                      **D.training_metadata(dist), "final_loss": history[-1]["loss"] if history else None},
@@ -95,16 +99,34 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
                         "fuse_s": time.perf_counter() - t_train}}
 
 
-def teacher_targets(model, windows: torch.Tensor, cfg: TrainConfig, progress: bool = False
+def teacher_targets(model, windows: torch.Tensor, cfg: TrainConfig, progress: bool = False, method: str = "lrqat",
                     ) -> objective.TeacherCache | None:
-    """The float `model`'s top-k targets on every window the run will draw (none for the ce objective). Call it
-    before the model is prepared: the float model is the teacher."""
-    if cfg.objective == "ce":
+    """The float `model`'s top-k targets on every window the run will draw (none for the ce objective, or when
+    the teacher is online: online_teacher after prepare). Call it before the model is prepared: the float model is
+    the teacher. A cache that would not fit in half the available host memory is refused before the pre-pass."""
+    if cfg.objective == "ce" or cfg.kd_teacher == "online":
         return None
     n = int(windows.shape[0])
     drawn = sorted({int(i) for s in range(cfg.steps) for i in batch_indices(s, cfg.batch_size, n, cfg.seed)})
+    available = available_bytes()
+    if available is not None:
+        objective.check_cache_fits(objective.cache_bytes(len(drawn), int(windows.shape[1]), cfg.kd_topk), available,
+                                   method)
     return objective.build_teacher_cache(model, windows, drawn, cfg.kd_topk, cfg.kd_temperature, cfg.bf16,
                                          progress)
+
+
+def online_teacher(model, method: str, cfg: TrainConfig) -> objective.OnlineTeacher:
+    """The prepared `model` as its own float teacher (--kd-teacher online): only methods whose frozen state keeps
+    the float weights (registry teacher_mode: LR-QAT's Φ0 with its initial scales)."""
+    mode = registry.get(method).teacher_mode
+    if mode is None:
+        able = [n for n, m in registry.METHODS.items() if m.teacher_mode is not None]
+        raise UserError(f"--kd-teacher online: expected a method whose frozen weights hold the float model "
+                        f"({', '.join(able)}), got {method}; use --kd-teacher cache")
+    with mode(model):  # refuses here, before training, when Φ0 holds only the codes
+        pass
+    return objective.OnlineTeacher(model, mode, cfg.kd_topk, cfg.kd_temperature)
 
 
 def _write_float_model(model, tok, out: Path, info: dict) -> None:

@@ -71,3 +71,14 @@ def gather_memory(model: nn.Module, opt, d: Dist, peak_before: int | None = None
     out: list = [None] * d.world_size
     dist.all_gather_object(out, rank_memory(model, opt, peak_before))
     return out
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -32,6 +32,7 @@ from ..core.errors import UserError
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("ce", "kl", "mix")
+KD_TEACHERS = ("cache", "online")  # where the distillation targets come from (TrainConfig.kd_teacher)
 
 
 @dataclass
@@ -51,11 +52,47 @@ class TeacherCache:
         r = torch.cat([v.exp() for v in self.log_rest.values()])
         return float(r.mean()) if r.numel() else 0.0
 
+    def targets(self, batch: torch.Tensor, idx: torch.Tensor, device):
+        """(ids, log p, log p_rest) of the windows `idx` (the tokens `batch` are already known to the cache)."""
+        return self.batch(idx, device)
+
     def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ks = [int(i) for i in idx]
         return (torch.stack([self.ids[k] for k in ks]).to(device).long(),
                 torch.stack([self.logp[k] for k in ks]).to(device),
                 torch.stack([self.log_rest[k] for k in ks]).to(device))
+
+
+@dataclass
+class OnlineTeacher:
+    """The teacher computed at every step by the model being trained, switched to its float weights by `mode`
+    (methods.registry `teacher_mode`; LR-QAT's Φ0 and initial scales give the float weights back): no second model,
+    no cache, one more no-grad forward per step (`--kd-teacher online`)."""
+
+    model: torch.nn.Module
+    mode: object  # (model) -> context manager
+    topk: int
+    temperature: float
+
+    def targets(self, batch: torch.Tensor, idx: torch.Tensor, device):
+        with torch.no_grad(), self.mode(self.model):
+            logits = self.model(input_ids=batch).logits[:, :-1]
+        ids, logp, rest = topk_targets(logits, self.topk, self.temperature)
+        return ids.to(device).long(), logp.to(device), rest.to(device)
+
+
+def cache_bytes(n_windows: int, seq_len: int, topk: int) -> int:
+    """Host memory of a TeacherCache: per next-token position k int32 ids, k fp32 log-probs and one fp32 rest."""
+    return n_windows * (seq_len - 1) * (topk * 8 + 4)
+
+
+def check_cache_fits(need: int, available: int, method: str) -> None:
+    """Refuse a teacher cache larger than half the available host memory, before the pre-pass spends its time."""
+    if need > available // 2:
+        alt = "--kd-teacher online (the model is its own teacher), " if method == "lrqat" else ""
+        raise UserError(f"teacher cache: expected at most half the available memory ({available / 2**30:.1f} GiB), "
+                        f"got {need / 2**30:.1f} GiB for this run's windows; use {alt}a smaller --kd-topk, fewer "
+                        f"steps, or --objective ce")
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -117,16 +154,15 @@ def kl_topk(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tenso
     return kl.mean() * temperature**2
 
 
-def loss(model, batch: torch.Tensor, objective: str, teacher: TeacherCache | None = None,
+def loss(model, batch: torch.Tensor, objective: str, teacher: TeacherCache | OnlineTeacher | None = None,
          idx: torch.Tensor | None = None, ce_weight: float = 0.5) -> torch.Tensor:
     """The training loss of `model` on token windows `batch` (rows `idx` of the training windows)."""
     if objective == "ce":
         return model(input_ids=batch, labels=batch).loss
     if teacher is None or idx is None:
         raise UserError(f"objective {objective}: expected a teacher cache (build_teacher_cache), got none")
-    out = model(input_ids=batch)
-    logits = out.logits[:, :-1]
-    ids, t_logp, t_rest = teacher.batch(idx, logits.device)
+    ids, t_logp, t_rest = teacher.targets(batch, idx, batch.device)  # an online teacher runs before the student
+    logits = model(input_ids=batch).logits[:, :-1]
     kl = kl_topk(logits, ids, t_logp, t_rest, teacher.temperature)
     if objective == "kl":
         return kl
