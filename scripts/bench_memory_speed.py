@@ -88,7 +88,8 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)  # HF's own random init
-    method = {"lrqat-bf16": "lrqat", "lrqat-int8": "lrqat", "lrqat-int4": "lrqat", "full-qat": "full-qat", "full-qat-ckpt": "full-qat",
+    method = {"lrqat-bf16": "lrqat", "lrqat-int8": "lrqat", "lrqat-int4": "lrqat", "full-qat": "full-qat",
+              "full-qat-ckpt": "full-qat",
               "peqa": "peqa", "qlora": "qlora", "lora": "lora-fp"}[config]
     # every method at its registry defaults; minmax scales (setup time only), full QAT without checkpointing
     opts = registry.resolve_options(method, MethodOptions(

@@ -106,3 +106,15 @@ def test_training_applies_the_init_once_and_resume_does_not_redo_it(tiny_llama, 
             train(model, windows, cfg, out=out, resume=True, progress=False, opts=opts, teacher=teacher)
         finals.append({n: m.fused_codes() for n, m in lrqat_layers(model).items()})
     assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
+
+
+def test_cli_ab_init_reaches_the_checkpoint(tiny_llama, tmp_path):
+    from lrqat_export.app.cli import main
+    from lrqat_export.core.intckpt import load_intckpt
+
+    argv = ["train", "--model", str(tiny_llama), "--preset", "q4_0", "--rank", "4", "--steps", "2", "--seq-len", "32",
+            "--max-train-windows", "8", "--ab-init", "act", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    assert load_intckpt(tmp_path / "a").manifest["training"]["lrqat"]["ab_init"] == "act"
+    assert main(argv[:-3] + ["--ab-init", "svd", "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()

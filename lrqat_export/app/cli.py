@@ -16,8 +16,8 @@ from ..core.errors import CheckFailed, UserError
 from ..core.models import DEFAULT_MODEL
 from ..core.quant import DEFAULT_PRESET, spec_from_args
 from ..methods import registry
-from ..methods.common import PHI_CHOICES, MethodOptions
-from ..train.config import TrainConfig
+from ..methods.common import AB_INITS, PHI_CHOICES, MethodOptions
+from ..train.config import INIT_STEPS, TrainConfig
 from ..train import objective
 from ..train.objective import KD_TEACHERS, OBJECTIVES
 from . import jobs as J
@@ -127,6 +127,10 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
     g.add_argument("--phi", choices=list(PHI_CHOICES),
                    help=f"storage of the frozen Φ0: bf16, int8 fixed point Q(b).(8-b) (half the memory; the paper's), "
                         f"int4 double-packed, fp32 (default {_method_defaults('phi')})")
+    g.add_argument("--ab-init", choices=list(AB_INITS), default=OPTS.ab_init,
+                   help=f"start of B (A starts at 0 either way, so training starts at RTN): lora = Kaiming; act = the "
+                        f"top-r principal directions of each layer's inputs; grad = the row space of the loss "
+                        f"gradient, both from the first {INIT_STEPS} steps' windows (default {OPTS.ab_init})")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=opts.checkpointing,
                    help=f"recompute each layer's fake-quantized weight in backward instead of keeping weight-sized "
                         f"intermediates: less memory, slower, the same numbers (default "
@@ -185,7 +189,8 @@ def _spec(args):
 
 def _options(args) -> MethodOptions:
     return MethodOptions(rank=args.rank, alpha=args.alpha, phi=args.phi, range_method=args.range_method,
-                         checkpointing=args.checkpointing, lr_weight=getattr(args, "lr_weight", None))
+                         checkpointing=args.checkpointing, lr_weight=getattr(args, "lr_weight", None),
+                         ab_init=getattr(args, "ab_init", OPTS.ab_init))
 
 
 def _train_cfg(args) -> TrainConfig:

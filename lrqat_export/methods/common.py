@@ -20,6 +20,7 @@ from ..core.models import quantized_layer_names
 from ..core.quant import FP16_MAX, FP16_TINY
 
 PHI_CHOICES = ("int8", "int4", "bf16", "fp32")
+AB_INITS = ("lora", "act", "grad")  # LR-QAT's start of B: Kaiming | inputs' principal subspace | gradient rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class MethodOptions:
     range_method: str = "lp"  # scale init: Lp-norm (p = 4) grid search (the paper's)
     checkpointing: bool = True  # recompute each layer's weight construction in backward
     lr_weight: float | None = None  # full-qat: learning rate of the float weights
-    ab_init: str = "lora"  # LR-QAT: B's start — Kaiming ("lora") or data-aware ("act", "grad"; lrqat.AB_INITS)
+    ab_init: str = "lora"  # LR-QAT: B's start — Kaiming ("lora") or data-aware ("act", "grad"; AB_INITS)
 
     def require(self, *names: str, method: str = "method") -> None:
         """Refuse unresolved (None) fields: low-level builders take every hyperparameter explicitly."""

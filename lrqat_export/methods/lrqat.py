@@ -35,8 +35,8 @@ from ..core.errors import UserError
 from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
 from ..core.models import quantized_layer_names, set_module
 from ..core.quant import QuantSpec, grouped, init_scales
-from .common import (PHI_CHOICES, MethodOptions, RoundSTE, check_init, check_linears, fp16_scales, fp16_ste, linear,
-                     maybe_checkpoint, trainable_parameters)
+from .common import (AB_INITS, PHI_CHOICES, MethodOptions, RoundSTE, check_init, check_linears, fp16_scales,
+                     fp16_ste, linear, maybe_checkpoint, trainable_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,6 @@ def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntChe
     log.info("prepared %d layers with %s, r=%d, alpha=%g, phi=%s", len(names), spec.name, opts.rank, opts.alpha,
              opts.phi)
     return model
-
-
-AB_INITS = ("lora", "act", "grad")  # B: Kaiming (LoRA's) | input principal subspace | gradient row space
 
 
 def data_aware_init(model: nn.Module, batches, mode: str, loss_fn=None, seed: int = 0) -> dict:

@@ -77,7 +77,8 @@ def _ab(h) -> list[ParamGroup]:
     return [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"])]
 
 
-_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "kl", "phi": None}  # QLoRA's α, lr
+# QLoRA's α and lr
+_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "kl", "phi": None}
 _LORA_PAPER = {"paper": {"alpha": 16.0, "lr_ab": 2e-4, "objective": "ce"}}
 
 METHODS: dict[str, Method] = {m.name: m for m in (

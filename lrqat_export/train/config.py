@@ -13,6 +13,8 @@ from ..methods import registry
 from ..methods.common import MethodOptions
 from .objective import KD_TEACHERS, OBJECTIVES
 
+INIT_STEPS = 4  # a data-aware start (registry data_init, e.g. LR-QAT's ab_init) looks at the first 4 steps' windows
+
 
 @dataclass(frozen=True)
 class TrainConfig:

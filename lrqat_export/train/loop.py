@@ -35,7 +35,7 @@ from ..methods.common import MethodOptions, trainable_parameters
 from ..methods.registry import ParamGroup
 from . import dist as D
 from . import objective
-from .config import TrainConfig
+from .config import INIT_STEPS, TrainConfig
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .memory import gather_memory, reset_peak_rss
 from .state import CKPT_DIR, load_train_state, save_train_state
@@ -51,9 +51,6 @@ def batch_indices(step: int, batch_size: int, n_windows: int, seed: int) -> torc
         perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
         idx.append(int(perm[pos]))
     return torch.tensor(idx, dtype=torch.long)
-
-
-INIT_STEPS = 4  # a data-aware start (registry data_init) looks at the windows of the first 4 steps
 
 
 def lr_lambda(cfg: TrainConfig):
