@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from lrqat_export.app.cli import main
+from lrqat_export.methods import registry
 from lrqat_export.train.state import CKPT_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,8 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_llama, sing
 
     log = json.loads((out / "train_log.json").read_text())
     mem = log["memory_per_rank"]
-    phi0_total = sum(t.numel() for k, t in _tensors(out).items() if k.endswith(".codes"))  # int8: 1 byte each
+    per_weight = {"int8": 1, "bf16": 2, "fp32": 4}[registry.default("lrqat", "phi")]  # the default Φ0 storage
+    phi0_total = per_weight * sum(t.numel() for k, t in _tensors(out).items() if k.endswith(".codes"))
     assert [m["phi0_bytes"] for m in mem] == [phi0_total // 2] * 2  # Φ0 is sharded, not replicated
 
     # Against one micro-batch of 4: another GEMM summation order, the last bits of A, B, s may differ.
