@@ -15,14 +15,6 @@ def _digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-@pytest.fixture(scope="module")
-def ck(tiny_llama, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("apart") / "ck"
-    assert main(["ptq", "--model", str(tiny_llama), "--preset", "q4_0", "--range-method", "minmax",
-                 "--out", str(out)]) == 0
-    return out
-
-
 @pytest.mark.parametrize("case", ["gptq-is-input", "gguf-inside-input", "gptq-contains-input", "gptq-symlink",
                                   "verify-report-inside-input"])
 def test_exports_never_overwrite_their_intckpt(ck, tmp_path, capsys, case):

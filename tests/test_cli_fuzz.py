@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -85,14 +84,6 @@ def test_an_option_value_is_accepted_in_its_range_or_refused_in_one_line(capsys,
 SHAPES = ["new", "nested-new", "dot-segments", "existing-file", "existing-dir", "empty-dir", "under-a-file",
           "symlink-to-file", "symlink-to-dir", "dangling-symlink", "the-input", "inside-the-input",
           "around-the-input", "symlink-to-the-input", "in-a-symlinked-dir"]
-
-
-@pytest.fixture(scope="module")
-def ck(tiny_llama, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fuzz") / "ck"
-    assert main(["ptq", "--model", str(tiny_llama), "--preset", "q4_0", "--range-method", "minmax",
-                 "--out", str(out)]) == 0
-    return out
 
 
 def _out_path(box: Path, shape: str) -> Path:

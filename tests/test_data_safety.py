@@ -101,14 +101,6 @@ def test_a_resume_of_a_run_killed_before_its_first_checkpoint_still_starts_from_
 
 
 # --- class 5: racing writers: the second one loses, atomically -------------------------------------------------------
-@pytest.fixture(scope="module")
-def ck(tiny_llama, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("race") / "ck"
-    assert main(["ptq", "--model", str(tiny_llama), "--preset", "q4_0", "--range-method", "minmax",
-                 "--out", str(out)]) == 0
-    return out
-
-
 @contextlib.contextmanager
 def held(out: Path):
     """Another process holding the claim on `out` (core.fsio.claim_output) until the block ends; yields its pid."""
