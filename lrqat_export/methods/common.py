@@ -32,6 +32,7 @@ class MethodOptions:
     phi: str | None = None  # LR-QAT frozen-weight storage (PHI_CHOICES): bf16 by default, int8 = the paper's
     range_method: str = "lp"  # scale init: Lp-norm (p = 4) grid search (the paper's)
     checkpointing: bool = True  # recompute each layer's weight construction in backward
+    fused: bool = True  # LR-QAT: the fused quantizer (methods/fused.py; same Ŵ, faster); False = the eager chain
     lr_weight: float | None = None  # full-qat: learning rate of the float weights
     ab_init: str = "lora"  # LR-QAT: B's start — Kaiming ("lora") or data-aware ("act", "grad"; AB_INITS)
 

@@ -16,7 +16,9 @@ The layer:
 * A (out × r) starts at zero, B (r × in) Kaiming-uniform, so training starts at the RTN point; s (out × G) is
   trainable and used fp16-rounded (straight-through), the exactness rule; z is a frozen integer (asymmetric grids).
 * The whole upcast + A·B + round + clip + scale + matmul runs under activation checkpointing when gradients are
-  on, so no weight-sized intermediate is kept for backward.
+  on, so no weight-sized intermediate is kept for backward. With `fused` (prepare's default) it runs instead as one
+  autograd function with compiled element-wise passes and a low-rank backward (methods/fused.py): the same Ŵ bit
+  for bit, the same gradients to float tolerance, no weight-sized tensor saved.
 * `fused_codes()` gives W_int = clip(round(Φ0 + (α/r)AB)) — exactly the integers the forward used.
 
 `prepare` swaps a model's projections (core.models.quantized_layer_names) for LRQATLinear layers; `fuse` walks them
@@ -35,6 +37,7 @@ from ..core.errors import UserError
 from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
 from ..core.models import quantized_layer_names, set_module
 from ..core.quant import QuantSpec, grouped, init_scales
+from . import fused as fused_quantizer
 from .common import (AB_INITS, PHI_CHOICES, MethodOptions, RoundSTE, check_init, check_linears, fp16_scales,
                      fp16_ste, linear, maybe_checkpoint, trainable_parameters)
 
@@ -127,7 +130,7 @@ class LRQATLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, spec: QuantSpec, *, rank: int, alpha: float,
-        phi: str = "int8", bias: bool = False, checkpointing: bool = True,
+        phi: str = "int8", bias: bool = False, checkpointing: bool = True, fused: bool = False,
     ) -> None:
         super().__init__()
         if phi not in PHI_CHOICES:
@@ -141,6 +144,7 @@ class LRQATLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.rank, self.alpha, self.phi = spec, rank, float(alpha), phi
         self.checkpointing = checkpointing
+        self.fused = fused  # the fused quantizer (methods/fused.py) where the grid and the device allow it
         n_groups = spec.n_groups(in_features)
         store = {"int8": (torch.int8, in_features), "int4": (torch.uint8, in_features // 2),
                  "bf16": (torch.bfloat16, in_features), "fp32": (torch.float32, in_features)}[phi]
@@ -165,7 +169,7 @@ class LRQATLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, spec: QuantSpec, *, rank: int, alpha: float, phi: str = "int8",
         range_method: str = "lp", checkpointing: bool = True, name: str = "linear",
-        init: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        init: tuple[torch.Tensor, torch.Tensor | None] | None = None, fused: bool = False,
     ) -> LRQATLinear:
         """init: precomputed (scales (out, G), zeros (out, G) | None), e.g. from a PTQ IntCheckpoint; else range
         search with `range_method`."""
@@ -174,7 +178,7 @@ class LRQATLinear(nn.Module):
         if not torch.isfinite(w).all():
             raise UserError(f"layer {name}: weight has NaN/Inf values; expected finite weights")
         layer = cls(linear.in_features, linear.out_features, spec, rank=rank, alpha=alpha, phi=phi,
-                    bias=linear.bias is not None, checkpointing=checkpointing)
+                    bias=linear.bias is not None, checkpointing=checkpointing, fused=fused)
         if init is None:
             s0, z0 = init_scales(w, spec, range_method)
         else:
@@ -216,6 +220,9 @@ class LRQATLinear(nn.Module):
         if self.teacher:
             with torch.no_grad():
                 return linear(x, self.teacher_weight(), self.bias)
+        if self.fused and fused_quantizer.supported(self.spec) and fused_quantizer.available(self.phi0.device):
+            return fused_quantizer.quantized_linear(x, self.phi0, self.lora_A, self.lora_B, self.scale, self.zero,
+                                                    self.bias, self.spec, self.phi, self.lora_scale, phi_up)
         return maybe_checkpoint(self.checkpointing, _lrqat_forward, x, self.phi0, self.lora_A, self.lora_B, self.scale,
                                 self.zero, self.bias, self.spec, self.phi, self.lora_scale)
 
@@ -257,9 +264,10 @@ def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntChe
         q = None if init is None else init.layers[name]
         set_module(model, name, LRQATLinear.from_linear(
             lin, spec, rank=opts.rank, alpha=opts.alpha, phi=opts.phi, range_method=opts.range_method,
-            checkpointing=opts.checkpointing, name=name, init=None if q is None else (q.scales, q.zeros)))
-    log.info("prepared %d layers with %s, r=%d, alpha=%g, phi=%s", len(names), spec.name, opts.rank, opts.alpha,
-             opts.phi)
+            checkpointing=opts.checkpointing, name=name, init=None if q is None else (q.scales, q.zeros),
+            fused=opts.fused))
+    log.info("prepared %d layers with %s, r=%d, alpha=%g, phi=%s, %s quantizer", len(names), spec.name, opts.rank,
+             opts.alpha, opts.phi, "fused" if opts.fused else "eager")
     return model
 
 

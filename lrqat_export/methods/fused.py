@@ -1,0 +1,251 @@
+"""LR-QAT's quantized linear as one autograd function: y = x·Ŵᵀ + b with
+
+    Ŵ = s · ( clip(⌊Φ0 + (α/r)·A·B⌉, qmin, qmax) − z )           (methods/lrqat.py; ⌊·⌉ straight-through)
+
+The eager layer builds Ŵ from a chain of fp32 element-wise ops and runs it under activation checkpointing, so every
+step walks each weight about ten times (forward, recomputation, autograd's backward of each op) and forms the
+weight gradient G = dyᵀx. Here:
+
+* forward: A·B (the same fp32 matmul as `fused_codes`), then ONE compiled element-wise pass over the weight —
+  upcast Φ0, add (α/r)·AB, round, clip, subtract z, scale — and the matmul in x's dtype (`common.linear`, so bf16
+  autocast behaves as in the eager layer). Saved for backward: x, Φ0, A, B, s, z and, per channel, the output y;
+  no weight-sized tensor.
+* backward: Ŵ again (one pass, plus a flag where a code was clipped), dx = dy·Ŵ, and
+    - per channel (one scale a row): no weight-sized gradient at all. With S = diag(s) and the clip mask M,
+          dA = (α/r)·(G∘SM)·Bᵀ = (α/r)·[ S·dyᵀ·(x·Bᵀ) − (G∘S∘(1−M))·Bᵀ ]
+          dB = (α/r)·Aᵀ·(G∘SM) = (α/r)·[ (dy·S·A)ᵀ·x − Aᵀ·(G∘S∘(1−M)) ]
+          ds_i = Σ_t dy_ti · (y_ti − b_i) / s_i        (= Σ_j G_ij (c − z)_ij: y/s is x·(c − z)ᵀ)
+      where the clipped entries (usually few) are gathered one by one; past 1/64 of the weights the dense route
+      below is cheaper.
+    - grouped scales: G = dyᵀx, then one compiled pass gives G∘S∘M and the per-group sums Σ G·(c − z).
+  The gradients are today's eager autograd's (straight-through round, clamp's mask, fp16_ste's identity inside
+  its clamp), summed in another order: equal to a float tolerance, not bit for bit.
+
+Exactness: the forward's Ŵ is bit for bit the eager layer's, so the codes it uses are `fused_codes`'s. Each
+element is the same sequence of IEEE operations (fp32 multiply by α/r, add, round half to even, clamp, subtract,
+multiply; no reduction), A·B is the same matmul call, and inductor compiles with -ffp-contract=off and without
+unsafe math, so nothing is contracted into an FMA or reordered. tests/test_fused.py checks it on exact .5 ties of
+the fixed-point Φ0 and on the clip boundaries for every φ and grid.
+
+One path per device: `torch.compile` (inductor: C++ on the CPU, Triton on CUDA) of the element-wise passes; where
+it cannot compile (no C++ compiler, no Triton) the layer keeps the eager chain, with one warning. The K-quant grids
+(a `super_block` in the spec) are not fused (`supported`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from ..core.quant import FP16_MAX, FP16_TINY, QuantSpec
+from .common import fp16_scales, linear
+
+log = logging.getLogger(__name__)
+
+SPARSE_CLIP_FRACTION = 1 / 64  # per channel: clipped entries corrected one by one up to this fraction of a weight
+_GATHER_ELEMENTS = 1 << 22  # tokens × clipped entries gathered at once by the sparse correction
+
+RECOMPILE_LIMIT = 20  # variants of one pass: φ (4) × per channel or grouped × symmetric or not, a few spare
+_KERNELS: dict[tuple, Callable] = {}
+_BROKEN: dict[str, str] = {}  # device type -> why torch.compile is not used there
+COMPILE_SECONDS: dict[str, float] = {}  # kernel name -> seconds of its first (compiling) call, for the benchmark
+
+
+def supported(spec: QuantSpec) -> bool:
+    """Grids the fused kernel covers: every one-level grid; not the two-level K-quant grids."""
+    return not getattr(spec, "super_block", 0)
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the fused path runs on `device` (False after torch.compile failed there; warned once)."""
+    dev = torch.device(device).type
+    if dev in _BROKEN:
+        return False
+    if dev == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            _disable(dev, "Triton is not installed")
+            return False
+    elif dev != "cpu":
+        _disable(dev, f"no fused kernel for device type {dev!r}")
+        return False
+    return True
+
+
+def off_reasons() -> dict[str, str]:
+    """{device type: why the fused path is off there} (empty while it runs everywhere it was asked to)."""
+    return dict(_BROKEN)
+
+
+def _disable(dev: str, why: str) -> None:
+    if dev not in _BROKEN:
+        _BROKEN[dev] = why
+        log.warning("fused LR-QAT quantizer off on %s (%s): the eager quantizer runs instead, same numbers, slower",
+                    dev, why)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The element-wise passes. One Python function per pass; torch.compile turns each into one kernel. The eager
+# function is the fallback and the reference: both compute the same operations element by element.
+
+
+def _codes(phi0, ab, ls, upcast, qmin, qmax):
+    """(rounded, clipped codes) of Φ0 + (α/r)·AB, float32 (out, in) each. ls: (α/r) as a 0-dim float32 tensor, so
+    the product is the eager layer's fp32 multiply by the Python float."""
+    r = torch.round(upcast(phi0) + ls * ab)
+    return r, r.clamp(qmin, qmax)
+
+
+def _dequant(c, s16, zf):
+    """s·(c − z), (out, in) float32; s16, zf: (out, G)."""
+    out_f, in_f = c.shape
+    g = c.reshape(out_f, s16.shape[1], -1)  # (out, G, g)
+    if zf is not None:
+        g = g - zf.unsqueeze(-1)
+    return (g * s16.unsqueeze(-1)).reshape(out_f, in_f), g
+
+
+def _make(kind: str, upcast, qmin: int, qmax: int):
+    def weight(phi0, ab, ls, s16, zf):
+        return _dequant(_codes(phi0, ab, ls, upcast, qmin, qmax)[1], s16, zf)[0]
+
+    def weight_clipped(phi0, ab, ls, s16, zf):
+        r, c = _codes(phi0, ab, ls, upcast, qmin, qmax)
+        # sign of the clipping as int8: a bool output makes inductor's C++ store scalar (7× slower on AVX2)
+        return _dequant(c, s16, zf)[0], (r - c).clamp(-1, 1).to(torch.int8)
+
+    def grads(phi0, ab, ls, s16, zf, gw):
+        """gw = G = dyᵀx (out, in) -> (G∘S∘M (out, in), Σ_group G·(c − z) (out, G))."""
+        r, c = _codes(phi0, ab, ls, upcast, qmin, qmax)
+        _, cz = _dequant(c, s16, zf)
+        gg = gw.reshape(cz.shape)
+        ds = (gg * cz).sum(-1)
+        dt = torch.where((r == c).reshape(cz.shape), gg * s16.unsqueeze(-1), 0.0)
+        return dt.reshape(gw.shape), ds
+
+    return {"weight": weight, "weight_clipped": weight_clipped, "grads": grads}[kind]
+
+
+def _kernel(kind: str, spec: QuantSpec, phi: str, upcast: Callable, device: torch.device) -> tuple[Callable, Callable]:
+    """(compiled, eager) versions of pass `kind` for this grid and φ; one compilation serves every shape."""
+    key = (kind, spec.bits, spec.group_size == -1, spec.symmetric, phi, device.type)
+    if key not in _KERNELS:
+        eager = _make(kind, lambda t: upcast(t, spec, phi), spec.qmin, spec.qmax)
+        _KERNELS[key] = (torch.compile(eager, dynamic=True, fullgraph=True), eager)
+    return _KERNELS[key]
+
+
+def _run(kind: str, spec, phi, upcast, *args):
+    dev = args[0].device
+    compiled, eager = _kernel(kind, spec, phi, upcast, dev)
+    if dev.type in _BROKEN:
+        return eager(*args)
+    name = f"{kind}/{phi}/w{spec.bits}{'pc' if spec.group_size == -1 else 'g'}/{dev.type}"
+    first = name not in COMPILE_SECONDS
+    t0 = time.perf_counter() if first else 0.0
+    try:  # element-wise fp32, no autograd; every grid and φ of a process shares the pass's code object (dynamo
+        # counts their variants against one recompile limit: 8 by default, 20 here)
+        with torch.autocast(device_type=dev.type, enabled=False), torch.no_grad(), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            res = compiled(*args)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the same numbers from the eager function
+        _disable(dev.type, f"torch.compile failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        return eager(*args)
+    if first:
+        COMPILE_SECONDS[name] = time.perf_counter() - t0
+        log.info("fused LR-QAT kernel %s compiled in %.1f s", name, COMPILE_SECONDS[name])
+    return res
+
+
+def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
+    """fp32 A·B (the matmul `fused_codes` uses), α/r as a 0-dim tensor, the fp16 scales and float zeros."""
+    with torch.autocast(device_type=phi0.device.type, enabled=False):
+        ab = lora_a.detach().float() @ lora_b.detach().float()  # (out, in)
+    ls = torch.tensor(lora_scale, dtype=torch.float32, device=phi0.device)
+    # the value of common.fp16_ste: s_c + (fp16(s_c) − s_c) is fp16(s_c) exactly (the difference is exact)
+    s16 = fp16_scales(scale).float()  # (out, G)
+    zf = None if zero is None else zero.float()
+    return ab, ls, s16, zf
+
+
+def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, lora_scale: float,
+                 upcast: Callable) -> torch.Tensor:
+    """Ŵ (out, in) float32 from the fused pass, without gradient: the eager layer's `weight()` bit for bit."""
+    ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
+    return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
+
+
+class FusedLRQATLinear(torch.autograd.Function):
+    """y = x·Ŵᵀ + b; gradients for x, A, B, s (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_scale, upcast):  # type: ignore[override]
+        w = fused_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast)
+        y = linear(x, w, bias)
+        ctx.per_channel = scale.shape[1] == 1
+        ctx.meta = (spec, phi, lora_scale, upcast, y.dtype)
+        ctx.save_for_backward(x, phi0, lora_a, lora_b, scale, zero, bias, y if ctx.per_channel else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, phi0, lora_a, lora_b, scale, zero, bias, y = ctx.saved_tensors
+        spec, phi, ls_f, upcast, cdt = ctx.meta
+        out_f, in_f = phi0.shape[0], lora_b.shape[1]
+        ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, ls_f)
+        dy2 = dy.reshape(-1, out_f)
+        if ctx.per_channel:
+            w, clipped = _run("weight_clipped", spec, phi, upcast, phi0, ab, ls, s16, zf)
+        else:
+            w, clipped = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf), None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2.to(cdt) @ w.to(cdt)).to(x.dtype).reshape(x.shape)  # as F.linear's backward in x's dtype
+        del w
+        a, b = lora_a.detach().float(), lora_b.detach().float()
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            x2, g2 = x.reshape(-1, in_f).float(), dy2.float()
+            idx = None if clipped is None else clipped.nonzero()  # (K, 2): the clipped entries
+            if idx is not None and idx.shape[0] <= SPARSE_CLIP_FRACTION * out_f * in_f:
+                del ab
+                da, db, ds = _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls_f)
+            else:
+                gw = g2.T @ x2  # (out, in): G = dyᵀx
+                dt, ds = _run("grads", spec, phi, upcast, phi0, ab, ls, s16, zf, gw)
+                del gw, ab
+                da, db = ls_f * (dt @ b.T), ls_f * (a.T @ dt)
+        s_c = scale.detach().float()
+        ds = ds * ((s_c >= FP16_TINY) & (s_c <= FP16_MAX))  # fp16_ste: identity inside its clamp
+        return (dx, None, da.to(lora_a.dtype), db.to(lora_b.dtype), ds.to(scale.dtype), None, None, None, None,
+                None, None)
+
+
+def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
+    """Per-channel gradients of A, B, s without G = dyᵀx (module docstring). x2 (T, in), g2 = dy (T, out) fp32;
+    idx (K, 2): the clipped (row, column) entries."""
+    gs = g2 * s16.T  # (T, out): dy·S
+    da = ls * (gs.T @ (x2 @ b.T))  # (out, r)
+    db = ls * ((gs @ a).T @ x2)  # (r, in)
+    chunk = max(1, _GATHER_ELEMENTS // max(1, x2.shape[0]))
+    for k in range(0, idx.shape[0], chunk):
+        i, j = idx[k:k + chunk].unbind(1)
+        c = (gs[:, i] * x2[:, j]).sum(0)  # (K,): s_i·G_ij at the clipped entries, whose gradient the clamp stops
+        da.index_add_(0, i, -ls * c.unsqueeze(1) * b[:, j].T)
+        db.index_add_(1, j, -ls * a[i].T * c.unsqueeze(0))
+    y0 = y.reshape(-1, g2.shape[1]).float()
+    if bias is not None:
+        y0 = y0 - bias.float()
+    ds = (g2 * y0).sum(0, keepdim=True).T / s16  # (out, 1): Σ_t dy·x·(c − z)ᵀ
+    return da, db, ds
+
+
+def quantized_linear(x, phi0, lora_a, lora_b, scale, zero, bias, spec: QuantSpec, phi: str, lora_scale: float,
+                     upcast: Callable) -> torch.Tensor:
+    """The fused y = x·Ŵᵀ + b (LRQATLinear.forward with `fused`). upcast: lrqat.phi_up."""
+    if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad or scale.requires_grad
+                                           or x.requires_grad):
+        return linear(x, fused_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast), bias)
+    return FusedLRQATLinear.apply(x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_scale, upcast)

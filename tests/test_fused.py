@@ -1,0 +1,151 @@
+"""The fused quantizer (methods/fused.py) against the eager LRQATLinear: the same Ŵ and outputs bit for bit (on
+exact .5 ties and clip boundaries, every φ and grid), the same gradients to float tolerance, an exact fuse after
+fused training, the flag, and the eager fallback when torch.compile fails."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lrqat_export.core.intckpt import load_intckpt, write_intckpt
+from lrqat_export.core.quant import PRESETS, QuantSpec
+from lrqat_export.methods import fused
+from lrqat_export.methods.common import MethodOptions
+from lrqat_export.methods.lrqat import LRQATLinear, fuse, phi_down, phi_up, prepare
+from lrqat_export.train.config import TrainConfig
+from lrqat_export.train.loop import train
+
+GRIDS = ("w4pc", "q4_0", "q4_1", "w3g64", "q8_0", "w8pc", "w2g64a")
+CASES = [(g, phi) for g in GRIDS for phi in ("int8", "int4", "bf16", "fp32") if not (phi == "int4" and PRESETS[g].bits > 4)]
+
+
+def _pair(spec: QuantSpec, phi: str, seed: int = 0, out_f: int = 48, in_f: int = 128, rank: int = 4):
+    """(eager, fused) layers with the same state, built so that Φ0 + (α/r)·AB hits exact .5 ties and lands on and
+    beyond both clip boundaries: Φ0 on a 1/16 grid over [qmin − 2, qmax + 2] (φ rounds it to its own grid), A and B
+    on a 1/4 grid, α/r = 1/2, so every sum is exact."""
+    g = torch.Generator().manual_seed(seed)
+    eager = LRQATLinear(in_f, out_f, spec, rank=rank, alpha=rank / 2, phi=phi, bias=seed % 2 == 0)
+    lo, hi = spec.qmin - 2, spec.qmax + 2
+    x = torch.randint(lo * 16, hi * 16 + 1, (out_f, in_f), generator=g).float() / 16
+    with torch.no_grad():
+        eager.phi0.copy_(phi_down(x, spec, phi))
+        eager.lora_A.copy_(torch.randint(-4, 5, (out_f, rank), generator=g).float() / 4)
+        eager.lora_B.copy_(torch.randint(-4, 5, (rank, in_f), generator=g).float() / 4)
+        eager.scale.copy_(torch.rand(eager.scale.shape, generator=g) * 0.1 + 0.01)  # not fp16: the STE rounds it
+        if eager.zero is not None:
+            eager.zero.copy_(torch.randint(spec.qmin, spec.qmax + 1, eager.zero.shape, generator=g).to(torch.int8))
+        if eager.bias is not None:
+            eager.bias.normal_(generator=g)
+    fast = LRQATLinear(in_f, out_f, spec, rank=rank, alpha=rank / 2, phi=phi, bias=seed % 2 == 0, fused=True)
+    fast.load_state_dict(eager.state_dict())
+    t = phi_up(eager.phi0, spec, phi) + eager.lora_scale * (eager.lora_A @ eager.lora_B).detach()
+    return eager, fast, t
+
+
+@pytest.mark.parametrize("grid, phi", CASES)
+def test_fused_weight_and_output_equal_the_eager_layer_bit_for_bit(grid, phi):
+    spec = PRESETS[grid]
+    eager, fast, t = _pair(spec, phi)
+    assert ((t - torch.floor(t)) == 0.5).sum() > 20, "the inputs must hold exact .5 ties"
+    r = torch.round(t)
+    for v in (spec.qmin, spec.qmax, spec.qmin - 1, spec.qmax + 1):
+        assert (r == v).any(), f"the inputs must reach the clip boundary {v}"
+    w = fused.fused_weight(fast.phi0, fast.lora_A, fast.lora_B, fast.scale, fast.zero, spec, phi, fast.lora_scale,
+                           phi_up)
+    assert torch.equal(w, eager.weight())
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        assert torch.equal(fast(x), eager(x))
+    assert torch.equal(fast(x), eager(x))  # with gradients: through the autograd function
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(x), eager(x))
+    assert torch.equal(fast.fused_codes(), eager.fused_codes())
+    assert not fused.off_reasons(), "the fused path must have run compiled"
+
+
+def _grads(layer, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    out = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.scale.grad)
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("grid, phi, sparse", [("w4pc", "bf16", True), ("w4pc", "int8", False), ("w4pc", "int4", True),
+                                                ("q4_0", "int8", True), ("q4_1", "fp32", True), ("w3g64", "bf16", True),
+                                                ("w8pc", "fp32", True), ("w2g64a", "int8", True)])
+def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, monkeypatch):
+    """Per channel with few clipped entries: the low-rank backward and its sparse correction; otherwise the dense
+    one. Same gradients as the eager chain's autograd, summed in another order (relative 1e-5 of the largest)."""
+    spec = PRESETS[grid]
+    eager, fast, t = _pair(spec, phi, seed=1, in_f=256)
+    if not sparse:
+        monkeypatch.setattr(fused, "SPARSE_CLIP_FRACTION", 0.0)
+    with torch.no_grad():  # a few clipped entries, as after a range search: one row of A keeps its size
+        u = phi_up(eager.phi0, spec, phi).clamp(spec.qmin, spec.qmax)
+        u[0] = torch.tensor([spec.qmin, spec.qmax]).repeat(u.shape[1] // 2)  # row 0 on the clip boundaries
+        eager.phi0.copy_(phi_down(u, spec, phi))
+        eager.lora_A[1:] /= 8
+        fast.load_state_dict(eager.state_dict())
+        r = torch.round(phi_up(eager.phi0, spec, phi) + eager.lora_scale * (eager.lora_A @ eager.lora_B))
+    clipped = int(((r < spec.qmin) | (r > spec.qmax)).sum())
+    assert 0 < clipped <= r.numel() / 64, "some entries must clip (the clamp stops their gradient), few of them"
+    x, dy = torch.randn(2, 9, 256), torch.randn(2, 9, 48)
+    for a, b, name in zip(_grads(eager, x, dy), _grads(fast, x, dy), ("y", "dx", "dA", "dB", "ds")):
+        assert a.shape == b.shape, name
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls: both round G or y to bf16, differently
+        for a, b, name in zip(_grads(eager, x, dy), _grads(fast, x, dy), ("y", "dx", "dA", "dB", "ds")):
+            assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max(), name
+
+
+@pytest.mark.parametrize("preset", ["w4pc", "q4_1"])
+def test_fused_training_fuses_to_the_trained_logits_exactly(tiny_llama, tmp_path, preset):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    prepare(model, PRESETS[preset], MethodOptions(rank=4, alpha=16.0, phi="bf16", range_method="lp"))
+    assert all(m.fused for m in model.modules() if isinstance(m, LRQATLinear))
+    data = torch.randint(0, model.config.vocab_size, (16, 32), generator=torch.Generator().manual_seed(0))
+    hist = train(model, data, TrainConfig(steps=6, batch_size=2, lr_ab=1e-1, lr_scale=1e-3, objective="ce"),
+                 progress=False)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    ck = load_intckpt(write_intckpt(tmp_path / "ck", fuse(model, {"name": "t"}), AutoTokenizer.from_pretrained(tiny_llama)))
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = model(input_ids=ids).logits, ck.to_torch_model()(input_ids=ids).logits
+    assert (a - b).abs().max().item() == 0.0
+    assert not fused.off_reasons()
+
+
+def test_no_fused_option_keeps_the_eager_chain(tiny_llama, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    prepare(model, PRESETS["w4pc"], MethodOptions(rank=4, alpha=4.0, phi="int8", fused=False))
+    assert not any(m.fused for m in model.modules() if isinstance(m, LRQATLinear))
+
+    def refuse(*a, **k):
+        raise AssertionError("the fused path ran with fused=False")
+
+    monkeypatch.setattr(fused, "quantized_linear", refuse)
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+
+
+def test_a_failing_compiler_falls_back_to_the_same_numbers_with_one_warning(monkeypatch, caplog):
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler (simulated)")
+        return run
+
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_BROKEN", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager, fast, _ = _pair(PRESETS["q4_0"], "int8")
+    x = torch.randn(2, 128)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        assert torch.equal(fast(x), eager(x))  # this call: the eager element-wise function
+        assert torch.equal(fast(x), eager(x))  # later calls: the layer's eager chain
+    assert [r.message.splitlines()[0] for r in caplog.records if r.levelno == logging.WARNING] == [
+        "fused LR-QAT quantizer off on cpu (torch.compile failed: RuntimeError: no C++ compiler (simulated)): the "
+        "eager quantizer runs instead, same numbers, slower"]
+    assert fused.off_reasons() == {"cpu": "torch.compile failed: RuntimeError: no C++ compiler (simulated)"}
