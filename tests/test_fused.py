@@ -149,3 +149,13 @@ def test_a_failing_compiler_falls_back_to_the_same_numbers_with_one_warning(monk
         "fused LR-QAT quantizer off on cpu (torch.compile failed: RuntimeError: no C++ compiler (simulated)): the "
         "eager quantizer runs instead, same numbers, slower"]
     assert fused.off_reasons() == {"cpu": "torch.compile failed: RuntimeError: no C++ compiler (simulated)"}
+
+
+def test_lrqat_train_is_fused_by_default_and_no_fused_turns_it_off():
+    from lrqat_export.app import cli
+
+    def options(*extra):
+        return cli.train_job(cli.build_parser().parse_args(["train", "--out", "x", *extra])).options
+
+    assert options().fused and options("--fused").fused and not options("--no-fused").fused
+    assert cli.run_job(cli.build_parser().parse_args(["run", "--out", "x", "--no-fused"])).options.fused is False

@@ -135,6 +135,10 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"recompute each layer's fake-quantized weight in backward instead of keeping weight-sized "
                         f"intermediates: less memory, slower, the same numbers (default "
                         f"{'on' if opts.checkpointing else 'off'})")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=opts.fused,
+                   help=f"LR-QAT: build each fake-quantized weight in one compiled pass with a low-rank backward "
+                        f"(torch.compile; the same weights bit for bit, no weight-sized tensor kept for backward); "
+                        f"--no-fused runs the eager chain (default {'on' if opts.fused else 'off'})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=POSITIVE, default=steps, help=f"optimizer steps (default {steps})")
     g.add_argument("--batch-size", type=POSITIVE, default=TRAIN.batch_size,
@@ -189,7 +193,8 @@ def _spec(args):
 
 def _options(args) -> MethodOptions:
     return MethodOptions(rank=args.rank, alpha=args.alpha, phi=args.phi, range_method=args.range_method,
-                         checkpointing=args.checkpointing, lr_weight=getattr(args, "lr_weight", None),
+                         checkpointing=args.checkpointing, fused=args.fused,
+                         lr_weight=getattr(args, "lr_weight", None),
                          ab_init=getattr(args, "ab_init", OPTS.ab_init))
 
 
