@@ -8,9 +8,11 @@ the same model shape, batch and sequence — one configuration per fresh subproc
 
 Configurations (all: same AdamW/clipping as `lrqat train`, weights random-init from the shape's HF config, scales
 from a min-max range search — the range method does not change memory):
-    lrqat-bf16     LR-QAT, Φ0 bf16, r=32, checkpointed quantizer (the tool's default)
-    lrqat-int8     LR-QAT, Φ0 int8 fixed point (Q4.4), r=32, checkpointed quantizer (the paper's default)
-    lrqat-int4     LR-QAT, Φ0 double-packed (two nibbles a byte)
+    lrqat-bf16     LR-QAT, Φ0 bf16, r=32, fused quantizer (the tool's default: methods/fused.py)
+    lrqat-bf16-eager  the same with the eager, checkpointed quantizer chain (`lrqat train --no-fused`)
+    lrqat-int8     LR-QAT, Φ0 int8 fixed point (Q4.4), r=32, fused quantizer (the paper's Φ0)
+    lrqat-int8-eager  the same, eager and checkpointed
+    lrqat-int4     LR-QAT, Φ0 double-packed (two nibbles a byte), fused quantizer
     full-qat       LSQ full-model QAT: all weights + scales trained, fp32 weights and AdamW state
     full-qat-ckpt  the same with the per-layer quantizer+matmul checkpointed
     peqa           scales only (frozen int8 codes), checkpointed
@@ -23,6 +25,8 @@ Per configuration the child process reports:
     accounting       bytes of trainable parameters, frozen weights/buffers, gradients and AdamW state (torch-side).
                      (and torch.cuda.max_memory_reserved: what the caching allocator held from the card).
     step_s           median wall time of the timed steps (forward, backward, clip, AdamW).
+    compile_s        fused LR-QAT: seconds torch.compile spent on the first call of each kernel (in the warm-up
+                     step, so not in step_s; also see warmup_s).
 --bf16 runs the step under bf16 autocast, as `lrqat train --bf16` does (the paper trains in bf16); the quantizer
 and A, B, s stay fp32 either way. On CUDA the model is built and prepared on the GPU (fast; HF's random init of a
 7B model on a CPU takes minutes), so the setup holds the float model there; `lrqat train` prepares on the CPU and
@@ -58,7 +62,8 @@ SHAPES = {  # name: LlamaConfig kwargs (random init; no download)
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
-CONFIGS = ("lrqat-bf16", "lrqat-int8", "lrqat-int4", "full-qat", "full-qat-ckpt", "peqa", "qlora", "lora")
+CONFIGS = ("lrqat-bf16", "lrqat-bf16-eager", "lrqat-int8", "lrqat-int8-eager", "lrqat-int4", "full-qat",
+           "full-qat-ckpt", "peqa", "qlora", "lora")
 GiB = 2**30
 
 
@@ -88,13 +93,12 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)  # HF's own random init
-    method = {"lrqat-bf16": "lrqat", "lrqat-int8": "lrqat", "lrqat-int4": "lrqat", "full-qat": "full-qat",
-              "full-qat-ckpt": "full-qat",
-              "peqa": "peqa", "qlora": "qlora", "lora": "lora-fp"}[config]
+    method = "lrqat" if config.startswith("lrqat") else {"full-qat": "full-qat", "full-qat-ckpt": "full-qat",
+                                                         "peqa": "peqa", "qlora": "qlora", "lora": "lora-fp"}[config]
     # every method at its registry defaults; minmax scales (setup time only), full QAT without checkpointing
     opts = registry.resolve_options(method, MethodOptions(
-        rank=rank, phi=config.removeprefix("lrqat-") if config.startswith("lrqat") else None, range_method="minmax",
-        checkpointing=config != "full-qat"))
+        rank=rank, phi=config.split("-")[1] if method == "lrqat" else None, range_method="minmax",
+        checkpointing=config != "full-qat", fused=not config.endswith("-eager")))
     spec, tc = PRESETS[preset], TrainConfig(steps=1000).resolved(method)
     teacher, prepass = None, None
     if teacher_windows is not None:
@@ -191,15 +195,18 @@ def child(a: dict) -> dict:
             torch.cuda.synchronize()
         return loss
 
-    times = []
+    times, warm = [], []
     for i in range(a["warmup"] + a["steps"]):
         t = time.perf_counter()
         loss = step()
-        if i >= a["warmup"]:
-            times.append(time.perf_counter() - t)
+        (times if i >= a["warmup"] else warm).append(time.perf_counter() - t)
     acc["optimizer_bytes"] = _tensor_bytes([v for s in opt.state.values() for v in s.values()
                                             if torch.is_tensor(v) and v.dim() > 0])
+    from lrqat_export.methods import fused
+
     res = {"ok": True, "setup_s": setup_s, "step_s": statistics.median(times), "step_times": times,
+           "warmup_s": warm, "compile_s": sum(fused.COMPILE_SECONDS.values()), "compiled": dict(fused.COMPILE_SECONDS),
+           "fused_off": fused.off_reasons(),
            "rss_setup_bytes": rss_setup, "peak_step_bytes": _status_bytes("VmHWM"), "accounting": acc,
            "loss": float(loss), "loadavg_1m": os.getloadavg()[0], "objective": a.get("objective", "ce"),
            "prepass": prepass}
@@ -367,7 +374,9 @@ def main(argv=None) -> int:
                  "checkpoint_layers": args.checkpoint_layers, "objective": args.objective}
             r = {**a, **run_one(a, limit, args.timeout)}
             rows.append(r)
-            msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s" if r.get("ok")
+            msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s"
+                   + (f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else "")
+                   + (f", FUSED OFF: {r['fused_off']}" if r.get("fused_off") else "") if r.get("ok")
                    else r.get("error"))
             print(f"  {shape:<15} {config:<14} {msg}", flush=True)
             if r.get("prepass"):

@@ -18,7 +18,8 @@ from lrqat_export.train.config import TrainConfig
 from lrqat_export.train.loop import train
 
 GRIDS = ("w4pc", "q4_0", "q4_1", "w3g64", "q8_0", "w8pc", "w2g64a")
-CASES = [(g, phi) for g in GRIDS for phi in ("int8", "int4", "bf16", "fp32") if not (phi == "int4" and PRESETS[g].bits > 4)]
+CASES = [(g, phi) for g in GRIDS for phi in ("int8", "int4", "bf16", "fp32")
+         if not (phi == "int4" and PRESETS[g].bits > 4)]
 
 
 def _pair(spec: QuantSpec, phi: str, seed: int = 0, out_f: int = 48, in_f: int = 128, rank: int = 4):
@@ -111,7 +112,8 @@ def test_fused_training_fuses_to_the_trained_logits_exactly(tiny_llama, tmp_path
     hist = train(model, data, TrainConfig(steps=6, batch_size=2, lr_ab=1e-1, lr_scale=1e-3, objective="ce"),
                  progress=False)
     assert hist[-1]["loss"] < hist[0]["loss"]
-    ck = load_intckpt(write_intckpt(tmp_path / "ck", fuse(model, {"name": "t"}), AutoTokenizer.from_pretrained(tiny_llama)))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ck = load_intckpt(write_intckpt(tmp_path / "ck", fuse(model, {"name": "t"}), tok))
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         a, b = model(input_ids=ids).logits, ck.to_torch_model()(input_ids=ids).logits

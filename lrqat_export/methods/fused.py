@@ -49,7 +49,9 @@ _GATHER_ELEMENTS = 1 << 22  # tokens × clipped entries gathered at once by the 
 
 RECOMPILE_LIMIT = 20  # variants of one pass: φ (4) × per channel or grouped × symmetric or not, a few spare
 _KERNELS: dict[tuple, Callable] = {}
+_LORA_SCALES: dict[tuple, torch.Tensor] = {}  # (α/r, device) -> the 0-dim float32 tensor the passes take
 _BROKEN: dict[str, str] = {}  # device type -> why torch.compile is not used there
+_CHECKED: set[str] = set()
 COMPILE_SECONDS: dict[str, float] = {}  # kernel name -> seconds of its first (compiling) call, for the benchmark
 
 
@@ -63,13 +65,14 @@ def available(device: torch.device | str) -> bool:
     dev = torch.device(device).type
     if dev in _BROKEN:
         return False
-    if dev == "cuda":
+    if dev == "cuda" and dev not in _CHECKED:
         from torch.utils._triton import has_triton
 
         if not has_triton():
             _disable(dev, "Triton is not installed")
             return False
-    elif dev != "cpu":
+        _CHECKED.add(dev)
+    elif dev not in ("cpu", "cuda"):
         _disable(dev, f"no fused kernel for device type {dev!r}")
         return False
     return True
@@ -164,7 +167,10 @@ def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
     """fp32 A·B (the matmul `fused_codes` uses), α/r as a 0-dim tensor, the fp16 scales and float zeros."""
     with torch.autocast(device_type=phi0.device.type, enabled=False):
         ab = lora_a.detach().float() @ lora_b.detach().float()  # (out, in)
-    ls = torch.tensor(lora_scale, dtype=torch.float32, device=phi0.device)
+    ls = _LORA_SCALES.get((lora_scale, phi0.device))
+    if ls is None:
+        ls = _LORA_SCALES[(lora_scale, phi0.device)] = torch.tensor(lora_scale, dtype=torch.float32,
+                                                                    device=phi0.device)
     # the value of common.fp16_ste: s_c + (fp16(s_c) − s_c) is fp16(s_c) exactly (the difference is exact)
     s16 = fp16_scales(scale).float()  # (out, G)
     zf = None if zero is None else zero.float()
@@ -182,7 +188,8 @@ class FusedLRQATLinear(torch.autograd.Function):
     """y = x·Ŵᵀ + b; gradients for x, A, B, s (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_scale, upcast):  # type: ignore[override]
+    def forward(ctx, x, phi0, lora_a, lora_b, scale, zero, bias,  # type: ignore[override]
+                spec, phi, lora_scale, upcast):
         w = fused_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast)
         y = linear(x, w, bias)
         ctx.per_channel = scale.shape[1] == 1
