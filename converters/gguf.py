@@ -17,13 +17,18 @@ at most 2^−11·|m| < 2^(b−1)·2^−10·s — never more than a 1/64 step at 
 Weights are never dequantized and re-quantized: re-running a GGUF quantizer on s·W_int moves codes (the naive
 path, scripts/gguf_direct_vs_naive.py).
 
-Llama/Mistral store Q and K rows in llama.cpp's interleaved RoPE order (convert_hf_to_gguf `permute`): rows of
-codes, scales, zeros and biases are permuted together. Qwen2 uses NEOX RoPE and is not permuted.
+Per architecture (ARCHS), as convert_hf_to_gguf: Llama/Mistral store Q and K rows in llama.cpp's interleaved
+RoPE order (`permute`): rows of codes, scales, zeros and biases are permuted together; Qwen2/Qwen3/Gemma 3/Phi-3
+use NEOX RoPE and are not permuted. Gemma 3's RMSNorm weights are written as 1 + w (its norm computes x·(1 + w)).
+Phi-3's fused qkv_proj / gate_up_proj stay fused (attn_qkv, ffn_up holding gate then up, as llama.cpp splits
+them). Tensor names come from gguf-py's TensorNameMap; the rope tables (Llama 3 rope_freqs, LongRoPE factors) and
+the metadata from gguf_meta.
 """
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -65,29 +70,24 @@ FILE_TYPES: dict[QT, gguf.LlamaFileType] = {
 }
 EMBED_TYPES: dict[str, QT] = {"f16": QT.F16, "q8_0": QT.Q8_0, "f32": QT.F32}  # token_embd / output
 
-# HF architecture → (GGUF architecture, Q/K rows permuted to llama.cpp's RoPE order)
-ARCHS: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-}
-# HF tensor name → GGUF tensor name ({bid} = layer index)
-TENSOR_NAMES: dict[str, str] = {  # in file order: embeddings, blocks, output
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
-    "model.layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
-    "model.layers.{bid}.self_attn.q_proj.bias": "blk.{bid}.attn_q.bias",
-    "model.layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
-    "model.layers.{bid}.self_attn.k_proj.bias": "blk.{bid}.attn_k.bias",
-    "model.layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
-    "model.layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
-    "model.layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
-    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
-    "model.layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
-    "model.layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
-    "model.layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one HF architecture is written (convert_hf_to_gguf's transformations)."""
+
+    arch: gguf.MODEL_ARCH  # llama.cpp architecture: tensor names (TensorNameMap) and metadata keys
+    permute_qk: bool = False  # Q/K rows to llama.cpp's interleaved RoPE order (Llama's NORM rope; NEOX needs none)
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma stores w, computes x·(1 + w))
+
+
+ARCHS: dict[str, GGUFArch] = {
+    "LlamaForCausalLM": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "MistralForCausalLM": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "Qwen2ForCausalLM": GGUFArch(gguf.MODEL_ARCH.QWEN2),
+    "Qwen3ForCausalLM": GGUFArch(gguf.MODEL_ARCH.QWEN3),
+    "Gemma3ForCausalLM": GGUFArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0),
+    "Phi3ForCausalLM": GGUFArch(gguf.MODEL_ARCH.PHI3),
 }
 EMBED_NAMES = ("token_embd.weight", "output.weight")
 # GGUF tensor-name stem → config field giving the head count its rows are permuted with
@@ -208,20 +208,39 @@ def _encode_float(x: np.ndarray, qtype: QT) -> np.ndarray:
 # Names.
 
 
-def tensor_name_map(n_layers: int) -> dict[str, str]:
-    """Every HF tensor name of an n_layers model → its GGUF name (the table expanded once)."""
-    block = {hf: gg for hf, gg in TENSOR_NAMES.items() if "{bid}" in hf}
-    out = {hf: gg for hf, gg in TENSOR_NAMES.items() if gg == "token_embd.weight"}
-    for bid in range(n_layers):
-        out.update({hf.format(bid=bid): gg.format(bid=bid) for hf, gg in block.items()})
-    out.update({hf: gg for hf, gg in TENSOR_NAMES.items() if "{bid}" not in hf and hf not in out})
-    return out
+def tensor_name_map(ck: IntCheckpoint) -> dict[str, str]:
+    """Every HF tensor name of the checkpoint → its GGUF name (gguf-py's TensorNameMap for the architecture), in
+    file order: token embedding, blocks, the rest. A tensor gguf-py does not map is a UserError naming it."""
+    tmap = gguf.get_tensor_name_map(_arch(ck).arch, ck.config.num_hidden_layers)
+    hf = [f"{n}.weight" for n in ck.layers] + [f"{n}.bias" for n, q in ck.layers.items() if q.bias is not None]
+    out, unmapped = {}, []
+    for name in hf + list(ck.float_tensors):
+        gg = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gg is None:
+            unmapped.append(name)
+        out[name] = gg
+    if unmapped:
+        raise UserError(f"GGUF export: tensors with no GGUF name in {ck.architecture} "
+                        f"({gguf.MODEL_ARCH_NAMES[_arch(ck).arch]}): {sorted(unmapped)[:5]}")
+
+    def order(item: tuple[str, str]) -> tuple:
+        part = item[1].split(".")
+        return (1, int(part[1])) if part[0] == "blk" else (0 if part[0] == "token_embd" else 2, 0)
+
+    return dict(sorted(out.items(), key=order))
 
 
-def _arch(ck: IntCheckpoint) -> tuple[str, bool]:
+def _arch(ck: IntCheckpoint) -> GGUFArch:
     if ck.architecture not in ARCHS:
         raise UserError(f"GGUF export: architecture {ck.architecture} is not supported; expected one of {sorted(ARCHS)}")
     return ARCHS[ck.architecture]
+
+
+def gguf_float(ck: IntCheckpoint, hf: str) -> np.ndarray:
+    """A float tensor as the GGUF holds it before encoding: Gemma's norms shifted by 1 (in float32, as its forward)."""
+    t = ck.float_tensors[hf].float().numpy()
+    shift = _arch(ck).norm_shift
+    return t + np.float32(shift) if shift and hf.endswith("norm.weight") else t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,18 +250,15 @@ def _arch(ck: IntCheckpoint) -> tuple[str, bool]:
 def gguf_tensors(ck: IntCheckpoint, qtype: QT, embed_type: str) -> Iterator[tuple[str, np.ndarray, QT]]:
     """(GGUF name, array to write, type) for every tensor, in the model's order; unmapped tensors are an error."""
     cfg = ck.config
-    _, permute = _arch(ck)
-    names = tensor_name_map(cfg.num_hidden_layers)
+    permute = _arch(ck).permute_qk
+    names = tensor_name_map(ck)
     heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
     sources = {f"{n}.weight": ("q", n) for n in ck.layers}
     sources.update({f"{n}.bias": ("b", n) for n, q in ck.layers.items() if q.bias is not None})
     sources.update({n: ("f", n) for n in ck.float_tensors})
-    unmapped = sorted(set(sources) - set(names))
-    if unmapped:
-        raise UserError(f"GGUF export: tensors with no GGUF name in {ck.architecture}: {unmapped[:5]}")
+    for gg, table in M.rope_tensors(cfg).items():  # Llama 3 rope_freqs, LongRoPE factors: F32, first
+        yield gg, table, QT.F32
     for hf, gg in names.items():
-        if hf not in sources:
-            continue
         kind, src = sources[hf]
         stem = gg.split(".")[-2]
         n_head = heads.get(stem) if permute else None
@@ -262,7 +278,7 @@ def gguf_tensors(ck: IntCheckpoint, qtype: QT, embed_type: str) -> Iterator[tupl
             b = ck.layers[src].bias.float().numpy()
             yield gg, (permute_rows(b, n_head) if n_head else b).astype(np.float32), QT.F32
         else:
-            t = ck.float_tensors[src].float().numpy()
+            t = gguf_float(ck, src)
             ftype = EMBED_TYPES[embed_type] if gg in EMBED_NAMES else QT.F32  # norms: always F32
             if ftype not in (QT.F32, QT.F16):
                 byte_shape(t.shape, ftype)
@@ -302,9 +318,8 @@ def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.n
     back end; scripts/gguf_direct_vs_naive.py passes re-quantized tensors through it to build the naive file."""
     out = Path(out)
     check_output_path(out, overwrite, is_file=True)
-    arch, _ = _arch(ck)
     src = M.source_gguf(ck)
-    w = gguf.GGUFWriter(None, arch)
+    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_arch(ck).arch])
     n_vocab = M.add_tokenizer(w, ck, src)
     emb = ck.float_tensors["model.embed_tokens.weight"]
     if emb.shape[0] != n_vocab:
@@ -338,10 +353,10 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
     in units of the group's scale (0 when exact)."""
     ck = intckpt if isinstance(intckpt, IntCheckpoint) else load_intckpt(intckpt)
     cfg = ck.config
-    _, permute = _arch(ck)
+    permute = _arch(ck).permute_qk
     r = M.open_gguf(gguf_path)
     file_tensors = {t.name: t for t in r.tensors}
-    names = tensor_name_map(cfg.num_hidden_layers)
+    names = tensor_name_map(ck)
     heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
     report: dict[str, dict] = {}
 
@@ -369,9 +384,13 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
             report[gb] = {"type": tb.name, "exact": bool(np.array_equal(gotb, q.bias.float().numpy()))}
     for hf, x in ck.float_tensors.items():
         gg, got, t = read(hf, tuple(x.shape))
-        x = x.float().numpy()
+        x = gguf_float(ck, hf)
         report[gg] = {"type": t.name, "exact": bool(np.array_equal(got, represent(x, t))),
                       "max_abs_vs_float": float(np.abs(got - x).max())}
+    for gg, table in M.rope_tensors(cfg).items():
+        t = file_tensors.get(gg)
+        ok = t is not None and np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1), table)
+        report[gg] = {"type": t.tensor_type.name if t is not None else "missing", "exact": bool(ok)}
     qrep = [v for k, v in report.items() if "max_step" in v]
     summary = {"n": len(qrep), "exact": all(v["exact"] for v in qrep),
                "n_diff": sum(v["n_diff"] for v in qrep), "n_weights": sum(math.prod(v["shape"]) for v in qrep),

@@ -24,7 +24,7 @@ def test_prepare_swaps_every_projection_and_freezes_the_rest(tiny_models, arch):
     model = prepare(_load(tiny_models[arch]), PRESETS["q4_0"], MethodOptions(rank=4, alpha=1.0, phi="int8"))
     layers = {n for n, m in model.named_modules() if isinstance(m, LRQATLinear)}
     assert layers == set(quantized_layer_names(model))
-    assert len(layers) == len(QUANTIZED_PROJECTIONS) * model.config.num_hidden_layers
+    assert len(layers) == len(QUANTIZED_PROJECTIONS[type(model).__name__]) * model.config.num_hidden_layers
     assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers"))
     names = set(trainable_parameters(model))
     assert names and all(n.rsplit(".", 1)[-1] in {"lora_A", "lora_B", "scale"} for n in names)
