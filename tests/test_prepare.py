@@ -67,5 +67,6 @@ def test_unsupported_architecture_lists_the_supported_ones():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UserError, match="GPT2LMHeadModel is not supported; supported: LlamaForCausalLM, "
-                                        "MistralForCausalLM, Qwen2ForCausalLM"):
+                                        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                                        "Gemma3ForCausalLM, Phi3ForCausalLM$"):
         prepare(model, PRESETS["q4_0"], MethodOptions(alpha=1.0, phi="int8"))

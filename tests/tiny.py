@@ -55,23 +55,24 @@ def make_tokenizer(out: Path, pre: str = "gpt2", special: dict = CHATML):
 # family → (transformers config and model classes, config fields beyond the common ones, tokenizer options). Shapes follow
 # the real models' ratios: GQA everywhere, Qwen3's head_dim · heads ≠ hidden, Gemma 3's single KV head, six layers
 # (five sliding-window, one global) and query_pre_attn_scalar = head_dim, Phi-4-mini's partial rotary factor and
-# LongRoPE factors, Llama 3.2's llama3 rope scaling (factor 32, original context 8192).
+# LongRoPE factors, Llama 3.x's llama3 rope scaling — with its original context shrunk from 8192 to 32 (and
+# Phi-3's short factors made large) so that the scaling changes the logits within a test's 128 tokens.
 FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}, {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, {}),
     "llama3": ("LlamaConfig", "LlamaForCausalLM", {
-        "max_position_embeddings": 131072,
-        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_theta": 500000.0}}, {"pre": "llama-bpe"}),
+        "max_position_embeddings": 1024,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32, "rope_theta": 500000.0}}, {"pre": "llama-bpe"}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "rope_theta": 1000000.0}, {"pre": "qwen2"}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
         "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16, "rms_norm_eps": 1e-6}, {}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {
         "max_position_embeddings": 2048, "original_max_position_embeddings": 512, "sliding_window": None,
         "rope_scaling": {"rope_type": "longrope", "partial_rotary_factor": 0.75, "rope_theta": 10000.0,
-                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
-                         "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]}}, {"special": PHI3_SPECIALS}),
+                         "short_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+                         "long_factor": [1.0, 3.0, 9.0, 27.0, 81.0, 243.0]}}, {"special": PHI3_SPECIALS}),
 }
 
 
@@ -94,11 +95,14 @@ def make_model(out: Path, arch: str = "llama", tie: bool = True, seed: int = 0, 
     cfg = getattr(transformers, cfg_name)(**{**kw, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg)
+    newer = arch in ("llama3", "qwen3", "gemma3", "phi3")
     with torch.no_grad():  # larger-than-default weights so quantization error is visible in tests
         for n, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in n:
+            if newer and (n == "lm_head.weight" or "embed" in n):
+                p.normal_(0, 0.1)  # logits spread like a trained model's, so greedy argmaxes are not near-ties
+            elif p.dim() == 2 and "embed" not in n:
                 p.normal_(0, 0.08)
-            elif p.dim() == 1 and "norm" in n and arch in ("llama3", "qwen3", "gemma3", "phi3"):
+            elif p.dim() == 1 and "norm" in n and newer:
                 p.add_(torch.randn_like(p), alpha=0.1)  # norms away from their init: a wrong offset shows
     model.save_pretrained(out)
     return out

@@ -81,8 +81,13 @@ def generate_greedy(path: str | Path, prompt: str, max_new_tokens: int = 16, llm
 
 def _generate(llm, prompt: str, max_new_tokens: int) -> str:
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)  # BOS only if the vocab wants it
+    return llm.detokenize(greedy_ids(llm, ids, max_new_tokens)).decode("utf-8", errors="replace")
+
+
+def greedy_ids(llm, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of the token ids `ids` (argmax of llama.cpp's logits, stopping at EOS): the new ids."""
     llm.reset()
-    llm.eval(ids)
+    llm.eval([int(i) for i in ids])
     new: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
@@ -90,7 +95,7 @@ def _generate(llm, prompt: str, max_new_tokens: int) -> str:
             break
         new.append(nxt)
         llm.eval([nxt])
-    return llm.detokenize(new).decode("utf-8", errors="replace")
+    return new
 
 
 def gguf_tokenizer(path: str | Path):
