@@ -106,6 +106,23 @@ def test_lrqat_trains_fuses_and_both_exports_pass_verify(fam, capsys):
               f"({100 * rep['parity']['gptq']['rel_gap']:+.3f} %)")
 
 
+def test_every_baseline_quantizes_the_family_and_exports_exactly(fam, tmp_path):
+    """The baselines (one training step each; RTN; GPTQ by GPTQModel, whose import is checked element-wise against
+    its own dequantization and which quantizes Phi-3's gate_up_proj as gate_proj + up_proj) give IntCheckpoints
+    of every projection, and their GGUF files hold s·W_int exactly."""
+    common = ["--model", str(fam["model"]), "--preset", "q4_0", "--out"]
+    runs = {m: ["train", "--method", m, "--rank", "4", "--steps", "1", "--seq-len", str(SEQ), "--max-train-windows",
+                "4"] for m in ("full-qat", "peqa", "qlora", "qalora")}
+    runs |= {m: ["ptq", "--method", m, "--calib-windows", "4", "--calib-seq-len", str(SEQ)] for m in ("rtn", "gptq")}
+    for method, args in runs.items():
+        assert main([*args, *common, str(tmp_path / method)]) == 0, method
+        ck = load_intckpt(tmp_path / method)
+        assert ck.manifest["method"] == method and list(ck.layers) == ck.manifest["quantized_layers"]
+        assert len(ck.layers) == len(QUANTIZED_PROJECTIONS[ck.architecture]) * ck.config.num_hidden_layers
+        rep = G.verify_gguf(G.export_gguf(tmp_path / method, tmp_path / f"{method}.gguf"), ck)
+        assert rep["exact"], (method, {k: v for k, v in rep["tensors"].items() if not v["exact"]})
+
+
 def test_gguf_holds_the_familys_tensors_under_gguf_py_names(fam):
     r = gguf.GGUFReader(fam["gguf"])
     shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in r.tensors}
