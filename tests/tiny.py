@@ -52,11 +52,11 @@ def make_tokenizer(out: Path, pre: str = "gpt2", special: dict = CHATML):
     return fast
 
 
-# family → (transformers config and model classes, config fields beyond the common ones, tokenizer options). Shapes follow
-# the real models' ratios: GQA everywhere, Qwen3's head_dim · heads ≠ hidden, Gemma 3's single KV head, six layers
-# (five sliding-window, one global) and query_pre_attn_scalar = head_dim, Phi-4-mini's partial rotary factor and
-# LongRoPE factors, Llama 3.x's llama3 rope scaling — with its original context shrunk from 8192 to 32 (and
-# Phi-3's short factors made large) so that the scaling changes the logits within a test's 128 tokens.
+# family → (transformers config and model classes, config fields beyond the common ones, tokenizer options).
+# Shapes follow the real models' ratios: GQA everywhere, Qwen3's head_dim · heads ≠ hidden, Gemma 3's single KV
+# head, six layers (five sliding-window, one global) and query_pre_attn_scalar = head_dim, Phi-4-mini's partial
+# rotary factor and LongRoPE factors, Llama 3.x's llama3 rope scaling — with its original context shrunk from 8192
+# to 32 (and Phi-3's short factors made large) so that the scaling changes the logits within a test's 128 tokens.
 FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}, {}),
