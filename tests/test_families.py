@@ -16,6 +16,7 @@ without the family's own transformation loads in llama.cpp and is far off (test_
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -169,6 +170,36 @@ def test_llamacpp_and_the_fused_torch_model_agree_on_greedy_tokens(fam, capsys):
               f"  (agree on {first_diff}/{n}; top-2 margins/std {[round(m, 3) for m in margin]})")
     assert first_diff == n or (margin[first_diff] < tie and first_diff >= n // 2), (first_diff, margin)
     assert all(f == w for f, w, m in zip(forced, want, margin) if m >= tie), (forced, want, margin)
+
+
+REFUSED = {  # family → (config.json change, the refusal's words): what llama.cpp would compute differently
+    "llama3": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                 "rope_theta": 500000.0}},
+               "rope scaling 'yarn' is not supported for the llama architecture by this converter; expected one of "
+               "['default', 'llama3']"),
+    "qwen3": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+              "rope scaling 'linear' is not supported for the qwen3 architecture"),
+    "gemma3": ({"query_pre_attn_scalar": 256},
+               "Gemma 3 query_pre_attn_scalar expected 32 (what llama.cpp's gemma3 architecture computes), got 256"),
+}
+
+
+def test_a_config_llamacpp_would_run_differently_is_refused(fam, tmp_path):
+    import json
+    import shutil
+
+    from lrqat_export.core.errors import UserError
+
+    if fam["name"] not in REFUSED:  # Phi3Config refuses other rope types and wrong factor lengths itself
+        pytest.skip("transformers validates Phi-3's rope configuration before the converter sees it")
+    change, words = REFUSED[fam["name"]]
+    ck = shutil.copytree(fam["ck"], tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    (ck / "config.json").write_text(json.dumps(cfg | change))
+    with pytest.raises(UserError, match="GGUF export: " + re.escape(words)):
+        G.export_gguf(ck, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 # --- negative controls: each family's own transformation is what makes llama.cpp agree -----------------------
