@@ -260,12 +260,14 @@ def add_provenance(w: gguf.GGUFWriter, ck: IntCheckpoint, file_type: int, qtype_
     if src is not None and "general.name" in src.fields:
         base = src.fields["general.name"].contents()
     w.add_type("model")
-    w.add_name(f"{base} {spec.name} ({m.get('method', 'lrqat')})")
+    float_model = m.get("method") == "float"  # export_float_gguf: the float source, for llama.cpp's quantizer
+    w.add_name(f"{base} {'F32' if float_model else spec.name} ({m.get('method', 'lrqat')})")
     w.add_quantized_by(f"lrqat-export {__version__}")
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_string("lrqat.spec", spec.name)
-    w.add_string("lrqat.spec_json", json.dumps(spec.to_dict(), sort_keys=True))
+    if not float_model:
+        w.add_string("lrqat.spec", spec.name)
+        w.add_string("lrqat.spec_json", json.dumps(spec.to_dict(), sort_keys=True))
     w.add_string("lrqat.method", str(m.get("method")))
     w.add_string("lrqat.gguf_type", qtype_name)
     if src is not None:
