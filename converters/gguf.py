@@ -14,16 +14,28 @@ the block inherits its group's (s, z) and
 
 so Q4_1/Q5_1 are exact where s·(z + 2^(b−1)) is fp16-representable and otherwise off by the fp16 rounding of m,
 at most 2^−11·|m| < 2^(b−1)·2^−10·s — never more than a 1/64 step at 4 bits (measured by `verify_gguf`).
+
+K grids (q4_k, q5_k, q6_k; core/quant.py "K grids") are stored as they were trained: the IntCheckpoint holds
+ggml's own fields (fp16 d and dmin per 256 weights, integer sub-block scales and mins, codes), so Q4_K, Q5_K and
+Q6_K blocks are a repacking of those integers (`pack_k`, formats.md A2) and exact. A per-layer plan (q4_k_m,
+q4_k_s) writes each layer in its own type; token embeddings and the output take llama.cpp's choice for the plan
+(`embed_plan`), rounded here at export (they are not trained).
 Weights are never dequantized and re-quantized: re-running a GGUF quantizer on s·W_int moves codes (the naive
 path, scripts/gguf_direct_vs_naive.py).
 
-Llama/Mistral store Q and K rows in llama.cpp's interleaved RoPE order (convert_hf_to_gguf `permute`): rows of
-codes, scales, zeros and biases are permuted together. Qwen2 uses NEOX RoPE and is not permuted.
+Per architecture (ARCHS), as convert_hf_to_gguf: Llama/Mistral store Q and K rows in llama.cpp's interleaved
+RoPE order (`permute`): rows of codes, scales, zeros and biases are permuted together; Qwen2/Qwen3/Gemma 3/Phi-3
+use NEOX RoPE and are not permuted. Gemma 3's RMSNorm weights are written as 1 + w (its norm computes x·(1 + w)).
+Phi-3's fused qkv_proj / gate_up_proj stay fused (attn_qkv, ffn_up holding gate then up, as llama.cpp splits
+them). Tensor names come from gguf-py's TensorNameMap; the rope tables (Llama 3 rope_freqs, LongRoPE factors) and
+the metadata from gguf_meta.
 """
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -34,7 +46,7 @@ from gguf import GGMLQuantizationType as QT
 from lrqat_export.core.errors import UserError
 from lrqat_export.core.fsio import atomic_path, check_apart, check_output_path, claim_output
 from lrqat_export.core.intckpt import IntCheckpoint, load_intckpt
-from lrqat_export.core.quant import QuantSpec
+from lrqat_export.core.quant import K_SUPER, PRESETS, QuantSpec, init_k, quantize_codes_k, sub_value
 
 from . import gguf_meta as M
 
@@ -58,36 +70,37 @@ OFFSET: dict[QT, int] = {QT.Q4_0: 8, QT.Q4_1: 8, QT.Q5_0: 16, QT.Q5_1: 16, QT.Q8
 NATIVE_TYPES: dict[tuple[int, bool], QT] = {
     (4, True): QT.Q4_0, (4, False): QT.Q4_1, (5, True): QT.Q5_0, (5, False): QT.Q5_1, (8, True): QT.Q8_0,
 }
-FILE_TYPES: dict[QT, gguf.LlamaFileType] = {
+K_TYPES: dict[str, QT] = {"q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K}  # K grid name → ggml type
+FILE_TYPES: dict[QT | str, gguf.LlamaFileType] = {  # the linear layers' type (or the plan) → general.file_type
     QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
     QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0, QT.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
-    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S, QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+    "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q4_k_s": gguf.LlamaFileType.MOSTLY_Q4_K_S,
 }
-EMBED_TYPES: dict[str, QT] = {"f16": QT.F16, "q8_0": QT.Q8_0, "f32": QT.F32}  # token_embd / output
+# token_embd / output: a type, or "auto" (a K plan or grid: llama.cpp's choice, `embed_plan`; otherwise f16)
+EMBED_TYPES: dict[str, QT] = {"f16": QT.F16, "q8_0": QT.Q8_0, "f32": QT.F32, "q6_k": QT.Q6_K, "q4_k": QT.Q4_K,
+                              "q5_0": QT.Q5_0}
+EMBED_CHOICES = ("auto", *EMBED_TYPES)
 
-# HF architecture → (GGUF architecture, Q/K rows permuted to llama.cpp's RoPE order)
-ARCHS: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-}
-# HF tensor name → GGUF tensor name ({bid} = layer index)
-TENSOR_NAMES: dict[str, str] = {  # in file order: embeddings, blocks, output
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
-    "model.layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
-    "model.layers.{bid}.self_attn.q_proj.bias": "blk.{bid}.attn_q.bias",
-    "model.layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
-    "model.layers.{bid}.self_attn.k_proj.bias": "blk.{bid}.attn_k.bias",
-    "model.layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
-    "model.layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
-    "model.layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
-    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
-    "model.layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
-    "model.layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
-    "model.layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one HF architecture is written (convert_hf_to_gguf's transformations)."""
+
+    arch: gguf.MODEL_ARCH  # llama.cpp architecture: tensor names (TensorNameMap) and metadata keys
+    permute_qk: bool = False  # Q/K rows to llama.cpp's interleaved RoPE order (Llama's NORM rope; NEOX needs none)
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma stores w, computes x·(1 + w))
+
+
+ARCHS: dict[str, GGUFArch] = {
+    "LlamaForCausalLM": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "MistralForCausalLM": GGUFArch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "Qwen2ForCausalLM": GGUFArch(gguf.MODEL_ARCH.QWEN2),
+    "Qwen3ForCausalLM": GGUFArch(gguf.MODEL_ARCH.QWEN3),
+    "Gemma3ForCausalLM": GGUFArch(gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0),
+    "Phi3ForCausalLM": GGUFArch(gguf.MODEL_ARCH.PHI3),
 }
 EMBED_NAMES = ("token_embd.weight", "output.weight")
 # GGUF tensor-name stem → config field giving the head count its rows are permuted with
@@ -99,6 +112,8 @@ def ggml_type_for(spec: QuantSpec, widen: bool = False) -> QT:
 
     widen=True also accepts narrower grids in the next wider type of the same symmetry (e.g. 3-bit symmetric codes
     in Q4_0, exact at 4.5 bits/weight instead of ~3.5)."""
+    if spec.is_k:  # a plan: its main type (each layer's own: layer_types)
+        return K_TYPES[QuantSpec(spec.bits, spec.group_size, spec.symmetric, spec.super_block).name]
     if spec.group_size != -1 and spec.group_size % BLOCK:
         raise UserError(f"GGUF export: spec {spec.name} (group_size {spec.group_size}) cannot be written exactly: GGUF "
                         f"blocks hold {BLOCK} weights under one scale, so the group size must be {BLOCK}, a multiple "
@@ -111,10 +126,40 @@ def ggml_type_for(spec: QuantSpec, widen: bool = False) -> QT:
         exact = ", ".join(f"{t.name} ({b}-bit {'symmetric' if s else 'asymmetric'})" for (b, s), t in NATIVE_TYPES.items())
         raise UserError(f"GGUF export: spec {spec.name} ({spec.bits}-bit {'symmetric' if spec.symmetric else 'asymmetric'})"
                         f" has no GGUF type that stores its codes exactly; exact types: {exact}, each with group size "
-                        f"{BLOCK}, a multiple of {BLOCK} or per channel. K-quants (Q2_K..Q6_K) use their own 6-bit "
-                        f"sub-scale grid. Narrower symmetric/asymmetric grids fit exactly into a wider type with "
+                        f"{BLOCK}, a multiple of {BLOCK} or per channel; and the K grids q4_k, q5_k, q6_k (plans "
+                        f"q4_k_m, q4_k_s). Narrower symmetric/asymmetric grids fit exactly into a wider type with "
                         f"widen=True (no size saving).")
     return t
+
+
+def layer_types(ck: IntCheckpoint, widen: bool = False) -> dict[str, QT]:
+    """Each quantized layer's GGUF type: the type of the grid it was trained on (a plan: one per layer)."""
+    return {name: ggml_type_for(ck.spec_of(name), widen) for name in ck.layers}
+
+
+def file_type(ck: IntCheckpoint, types: dict[str, QT]) -> tuple[gguf.LlamaFileType, str]:
+    """general.file_type and the type name the provenance records: the plan, else the one linear type."""
+    if ck.spec.plan:
+        return FILE_TYPES[ck.spec.plan], ck.spec.plan.upper()
+    (t,) = set(types.values())
+    return FILE_TYPES[t], t.name
+
+
+def embed_plan(ck: IntCheckpoint, embed_type: str) -> dict[str, QT]:
+    """token_embd / output types. "auto" on a K grid or plan follows llama.cpp (llama_tensor_get_type_impl): the
+    output — and token_embd when tied — Q6_K, or Q8_0 where rows are not a multiple of 256; an untied token_embd
+    the plan's main type, Q4_K (Q5_0 where rows are not a multiple of 256). "auto" otherwise: F16. A named type:
+    both tensors."""
+    if embed_type not in EMBED_CHOICES:
+        raise UserError(f"--embed-type: expected one of {list(EMBED_CHOICES)}, got {embed_type!r}")
+    if embed_type != "auto":
+        return {n: EMBED_TYPES[embed_type] for n in EMBED_NAMES}
+    if not ck.spec.is_k:
+        return {n: QT.F16 for n in EMBED_NAMES}
+    width = ck.float_tensors["model.embed_tokens.weight"].shape[1]
+    out = QT.Q6_K if width % K_SUPER == 0 else QT.Q8_0
+    tied = getattr(ck.config, "tie_word_embeddings", False) or "lm_head.weight" not in ck.float_tensors
+    return {"output.weight": out, "token_embd.weight": out if tied else (QT.Q4_K if width % K_SUPER == 0 else QT.Q5_0)}
 
 
 def byte_shape(shape: tuple[int, int], qtype: QT) -> tuple[int, int]:
@@ -150,12 +195,12 @@ def block_fields(scales: np.ndarray, zeros: np.ndarray | None, spec: QuantSpec, 
     return d, np.repeat(m.astype(np.float16), reps, axis=1)  # (out, nb): the one rounding of the asymmetric path
 
 
-def offset_rounding(ck: IntCheckpoint, qtype: QT) -> tuple[float, float]:
+def offset_rounding(ck: IntCheckpoint, qtype: QT, names: list[str] | None = None) -> tuple[float, float]:
     """Asymmetric grids: (fraction of groups whose m = −s·(z + o) is not fp16-representable, largest resulting
-    deviation in units of s)."""
+    deviation in units of s), over `names` (default: every layer)."""
     bad = total = 0
     worst = 0.0
-    for q in ck.layers.values():
+    for q in (ck.layers[n] for n in (names or ck.layers)):
         exact = q.scales.double().numpy() * (q.zeros.double().numpy() + OFFSET[qtype])  # (out, G)
         err = np.abs(exact.astype(np.float16).astype(np.float64) - exact) / q.scales.double().numpy()
         bad, total, worst = bad + int((err > 0).sum()), total + err.size, max(worst, float(err.max()))
@@ -189,18 +234,79 @@ def pack_blocks(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None, qtype: Q
     return out
 
 
+def _k_scales12(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K `scales[12]` from 8 six-bit scales and mins per super-block ((..., 8) each → (..., 12) uint8):
+    the inverse of ggml's get_scale_min_k4 (formats.md A2)."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    out = np.empty((*sc.shape[:-1], 12), np.uint8)
+    out[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    out[..., 4:8] = (m[..., 0:4] & 63) | ((m[..., 4:8] >> 4) << 6)
+    out[..., 8:12] = (sc[..., 4:8] & 0xF) | ((m[..., 4:8] & 0xF) << 4)
+    return out
+
+
+def pack_k(codes: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray | None, m: np.ndarray | None,
+           qtype: QT) -> np.ndarray:
+    """Signed codes (out, in) + the K fields (d, dmin (out, S) fp16; sc, m (out, G) integers) → uint8
+    (out, bytes per row) in qtype's block layout (Q4_K, Q5_K: d, dmin, scales[12], [qh[32]], qs[128];
+    Q6_K: ql[128], qh[64], int8 scales[16], d)."""
+    out_f, in_f = codes.shape
+    nb = in_f // K_SUPER
+    bits = {QT.Q4_K: 4, QT.Q5_K: 5, QT.Q6_K: 6}[qtype]
+    off = 0 if qtype == QT.Q6_K else 2 ** (bits - 1)
+    c = codes.reshape(out_f, nb, K_SUPER).astype(np.int16)
+    lo_c, hi_c = (-32, 31) if qtype == QT.Q6_K else (-off, off - 1)
+    if c.size and (c.min() < lo_c or c.max() > hi_c):
+        raise ValueError(f"{qtype.name}: codes must lie in [{lo_c}, {hi_c}], got [{c.min()}, {c.max()}]")
+    q = (c + (32 if qtype == QT.Q6_K else off)).astype(np.uint8)  # unsigned 0 .. 2^b − 1
+    f16 = lambda a: a.astype("<f2").view(np.uint8).reshape(out_f, nb, 2)  # noqa: E731
+    if qtype == QT.Q6_K:
+        q5 = q.reshape(out_f, nb, 2, 4, 32)  # [half n, quarter j, l]: element 128n + 32j + l
+        ql = (q5[:, :, :, 0:2] & 0xF) | ((q5[:, :, :, 2:4] & 0xF) << 4)  # ql[64n + 32(j&1) + l]
+        qh = sum(((q5[:, :, :, j] >> 4) & 3) << (2 * j) for j in range(4)).astype(np.uint8)  # qh[32n + l]
+        scales = sc.astype(np.int8).reshape(out_f, nb, 16).view(np.uint8)
+        body = [ql.reshape(out_f, nb, 128), qh.reshape(out_f, nb, 64), scales, f16(d)]
+    else:
+        q4 = q.reshape(out_f, nb, 4, 2, 32)  # [k, low/high nibble, l]: element 64k + 32h + l
+        qs = ((q4[:, :, :, 0] & 0xF) | ((q4[:, :, :, 1] & 0xF) << 4)).reshape(out_f, nb, 128)
+        head = [f16(d), f16(dmin), _k_scales12(sc.reshape(out_f, nb, 8), m.reshape(out_f, nb, 8))]
+        if qtype == QT.Q5_K:
+            hb = ((q.reshape(out_f, nb, 8, 32) >> 4) & 1).astype(np.uint8)  # [sub-block s, l]
+            qh = sum(hb[:, :, s] << s for s in range(8)).astype(np.uint8)  # qh[l] bit s
+            head.append(qh)
+        body = head + [qs]
+    out = np.concatenate(body, axis=-1).reshape(out_f, -1)
+    assert out.shape == byte_shape(codes.shape, qtype), (out.shape, qtype)
+    return out
+
+
+def round_float_k(x: np.ndarray, qtype: QT) -> np.ndarray:
+    """A float tensor (embeddings) rounded to a K type at export by our K range search (gguf-py has no K
+    quantizer), packed."""
+    import torch
+
+    spec = PRESETS[{v: k for k, v in K_TYPES.items()}[qtype]]
+    w = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    d, sc, dmin, m = init_k(w, spec, "lp")
+    codes = quantize_codes_k(w, d, sc, dmin, m, spec)
+    as_np = lambda t: None if t is None else t.numpy()  # noqa: E731
+    return pack_k(codes.numpy(), d.numpy().astype(np.float16), sc.numpy(), as_np(dmin), as_np(m), qtype)
+
+
 def represent(x: np.ndarray, qtype: QT) -> np.ndarray:
     """The float32 values a float tensor takes after being written as qtype (F32 = itself)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if qtype == QT.F32:
         return x
-    return gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype).reshape(x.shape)
+    return gguf.quants.dequantize(_encode_float(x, qtype), qtype).reshape(x.shape)
 
 
 def _encode_float(x: np.ndarray, qtype: QT) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if qtype == QT.F16:
         return x.astype(np.float16)
+    if qtype in K_TYPES.values():
+        return round_float_k(x, qtype)
     return x if qtype == QT.F32 else gguf.quants.quantize(x, qtype)
 
 
@@ -208,73 +314,98 @@ def _encode_float(x: np.ndarray, qtype: QT) -> np.ndarray:
 # Names.
 
 
-def tensor_name_map(n_layers: int) -> dict[str, str]:
-    """Every HF tensor name of an n_layers model → its GGUF name (the table expanded once)."""
-    block = {hf: gg for hf, gg in TENSOR_NAMES.items() if "{bid}" in hf}
-    out = {hf: gg for hf, gg in TENSOR_NAMES.items() if gg == "token_embd.weight"}
-    for bid in range(n_layers):
-        out.update({hf.format(bid=bid): gg.format(bid=bid) for hf, gg in block.items()})
-    out.update({hf: gg for hf, gg in TENSOR_NAMES.items() if "{bid}" not in hf and hf not in out})
-    return out
+def tensor_name_map(ck: IntCheckpoint) -> dict[str, str]:
+    """Every HF tensor name of the checkpoint → its GGUF name (gguf-py's TensorNameMap for the architecture), in
+    file order: token embedding, blocks, the rest. A tensor gguf-py does not map is a UserError naming it."""
+    tmap = gguf.get_tensor_name_map(_arch(ck).arch, ck.config.num_hidden_layers)
+    hf = [f"{n}.weight" for n in ck.layers] + [f"{n}.bias" for n, q in ck.layers.items() if q.bias is not None]
+    out, unmapped = {}, []
+    for name in hf + list(ck.float_tensors):
+        gg = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gg is None:
+            unmapped.append(name)
+        out[name] = gg
+    if unmapped:
+        raise UserError(f"GGUF export: tensors with no GGUF name in {ck.architecture} "
+                        f"({gguf.MODEL_ARCH_NAMES[_arch(ck).arch]}): {sorted(unmapped)[:5]}")
+
+    def order(item: tuple[str, str]) -> tuple:
+        part = item[1].split(".")
+        return (1, int(part[1])) if part[0] == "blk" else (0 if part[0] == "token_embd" else 2, 0)
+
+    return dict(sorted(out.items(), key=order))
 
 
-def _arch(ck: IntCheckpoint) -> tuple[str, bool]:
+def _arch(ck: IntCheckpoint) -> GGUFArch:
     if ck.architecture not in ARCHS:
         raise UserError(f"GGUF export: architecture {ck.architecture} is not supported; expected one of {sorted(ARCHS)}")
     return ARCHS[ck.architecture]
+
+
+def gguf_float(ck: IntCheckpoint, hf: str) -> np.ndarray:
+    """A float tensor as the GGUF holds it before encoding: Gemma's norms shifted by 1 (in float32, as its forward)."""
+    t = ck.float_tensors[hf].float().numpy()
+    shift = _arch(ck).norm_shift
+    return t + np.float32(shift) if shift and hf.endswith("norm.weight") else t
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writer.
 
 
-def gguf_tensors(ck: IntCheckpoint, qtype: QT, embed_type: str) -> Iterator[tuple[str, np.ndarray, QT]]:
-    """(GGUF name, array to write, type) for every tensor, in the model's order; unmapped tensors are an error."""
+def gguf_tensors(ck: IntCheckpoint, qtype: QT | dict[str, QT], embed_type: str
+                 ) -> Iterator[tuple[str, np.ndarray, QT]]:
+    """(GGUF name, array to write, type) for every tensor, in the model's order; unmapped tensors are an error.
+    qtype: the linear layers' type, or each layer's (layer_types)."""
+    types = qtype if isinstance(qtype, dict) else {n: qtype for n in ck.layers}
+    embed = embed_plan(ck, embed_type)
     cfg = ck.config
-    _, permute = _arch(ck)
-    names = tensor_name_map(cfg.num_hidden_layers)
+    permute = _arch(ck).permute_qk
+    names = tensor_name_map(ck)
     heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
     sources = {f"{n}.weight": ("q", n) for n in ck.layers}
     sources.update({f"{n}.bias": ("b", n) for n, q in ck.layers.items() if q.bias is not None})
     sources.update({n: ("f", n) for n in ck.float_tensors})
-    unmapped = sorted(set(sources) - set(names))
-    if unmapped:
-        raise UserError(f"GGUF export: tensors with no GGUF name in {ck.architecture}: {unmapped[:5]}")
+    for gg, table in M.rope_tensors(cfg).items():  # Llama 3 rope_freqs, LongRoPE factors: F32, first
+        yield gg, table, QT.F32
     for hf, gg in names.items():
-        if hf not in sources:
-            continue
         kind, src = sources[hf]
         stem = gg.split(".")[-2]
         n_head = heads.get(stem) if permute else None
         if kind == "q":
-            q = ck.layers[src]
-            codes, scales = q.codes.numpy(), q.scales.numpy()
-            zeros = None if q.zeros is None else q.zeros.numpy()
-            if n_head:
-                codes, scales = permute_rows(codes, n_head), permute_rows(scales, n_head)
-                zeros = None if zeros is None else permute_rows(zeros, n_head)
+            q, t = ck.layers[src], types[src]
+            fields = {k: None if v is None else v.numpy() for k, v in vars(q).items() if k != "bias"}
+            if n_head:  # rows of codes and of every per-row field move together
+                fields = {k: None if v is None else permute_rows(v, n_head) for k, v in fields.items()}
+            codes = fields["codes"]
             if codes.shape[1] % BLOCK:
                 raise UserError(f"GGUF export: layer {src}: in_features {codes.shape[1]} is not a multiple of "
                                 f"{BLOCK} (the GGUF block size)")
-            d, m = block_fields(scales, zeros, ck.spec, codes.shape[1], qtype)
-            yield gg, pack_blocks(codes, d, m, qtype), qtype
+            if t in K_TYPES.values():
+                yield gg, pack_k(codes, fields["scales"], fields["sub_scales"], fields["mins"], fields["sub_mins"],
+                                 t), t
+                continue
+            d, m = block_fields(fields["scales"], fields["zeros"], ck.spec_of(src), codes.shape[1], t)
+            yield gg, pack_blocks(codes, d, m, t), t
         elif kind == "b":
             b = ck.layers[src].bias.float().numpy()
             yield gg, (permute_rows(b, n_head) if n_head else b).astype(np.float32), QT.F32
         else:
-            t = ck.float_tensors[src].float().numpy()
-            ftype = EMBED_TYPES[embed_type] if gg in EMBED_NAMES else QT.F32  # norms: always F32
+            t = gguf_float(ck, src)
+            if n_head and t.ndim == 2:  # a float model's own Q/K projections (export_float_gguf)
+                t = permute_rows(t, n_head)
+            ftype = embed[gg] if gg in EMBED_NAMES else QT.F32  # norms: always F32
             if ftype not in (QT.F32, QT.F16):
                 byte_shape(t.shape, ftype)
             yield gg, _encode_float(t, ftype), ftype
 
 
-def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f16", overwrite: bool = False,
+def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "auto", overwrite: bool = False,
                 widen: bool = False) -> Path:
     """Write the IntCheckpoint as a GGUF file (atomically). Returns the path. The output is checked and claimed
     (core.fsio.claim_output) before the checkpoint is read: a second writer of `out` is refused at once."""
-    if embed_type not in EMBED_TYPES:
-        raise UserError(f"--embed-type: expected one of {sorted(EMBED_TYPES)}, got {embed_type!r}")
+    if embed_type not in EMBED_CHOICES:
+        raise UserError(f"--embed-type: expected one of {list(EMBED_CHOICES)}, got {embed_type!r}")
     out = Path(out)
     check_apart(out, {"IntCheckpoint": intckpt_path})
     with claim_output(out):
@@ -285,32 +416,50 @@ def export_gguf(intckpt_path: str | Path, out: str | Path, embed_type: str = "f1
 def _export_gguf(intckpt_path: str | Path, out: Path, embed_type: str, overwrite: bool, widen: bool) -> Path:
     ck = load_intckpt(intckpt_path)
     _arch(ck)  # unsupported architecture: refuse before any work
-    qtype = ggml_type_for(ck.spec, widen)
-    tensors = list(gguf_tensors(ck, qtype, embed_type))  # all checks before anything is written
-    if not ck.spec.symmetric:
-        frac, step = offset_rounding(ck, qtype)
+    types = layer_types(ck, widen)
+    tensors = list(gguf_tensors(ck, types, embed_type))  # all checks before anything is written
+    for qtype in sorted({t for t in types.values() if t in (QT.Q4_1, QT.Q5_1)}):
+        frac, step = offset_rounding(ck, qtype, [n for n, t in types.items() if t == qtype])
         if frac:
             log.warning("GGUF %s: m = fp16(-s*(z+%d)) is rounded in %.1f %% of groups (max %.2g of a step); "
                         "those weights differ from s*W_int (verify_gguf reports it)", qtype.name,
                         OFFSET[qtype], 100 * frac, step)
-    return write_gguf(ck, out, tensors, qtype, overwrite)
+    return write_gguf(ck, out, tensors, file_type(ck, types), overwrite)
 
 
-def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.ndarray, QT]], qtype: QT,
-               overwrite: bool = False) -> Path:
+def export_float_gguf(model, tok, source: dict, out: str | Path, overwrite: bool = False) -> Path:
+    """The float model itself as an all-F32 GGUF (same names, Q/K order, metadata and tokenizer as our quantized
+    exports): the input llama.cpp's own quantizer takes (runtimes.llamacpp.llama_quantize) — the baseline a user
+    has today. Written atomically; nothing is quantized."""
+    from lrqat_export.core.intckpt import float_tensors, manifest
+
+    out = Path(out)
+    with claim_output(out):
+        check_output_path(out, overwrite, is_file=True)
+        floats = float_tensors(model.state_dict(), model.config, [])
+        ck = IntCheckpoint(PRESETS["q8_0"], model.config, {}, floats,
+                           manifest(PRESETS["q8_0"], model.config, [], source, "float", {}))
+        with tempfile.TemporaryDirectory(prefix=".lrqat-float-gguf.") as tmp:
+            tok.save_pretrained(tmp)  # the tokenizer files add_tokenizer reads
+            ck.path = Path(tmp)
+            tensors = list(gguf_tensors(ck, {}, "f32"))
+            return write_gguf(ck, out, tensors, (gguf.LlamaFileType.ALL_F32, "F32"), overwrite)
+
+
+def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.ndarray, QT]],
+               ftype: tuple[gguf.LlamaFileType, str], overwrite: bool = False) -> Path:
     """Metadata (architecture, tokenizer, provenance) + the given tensors → `out`, atomically. export_gguf's
     back end; scripts/gguf_direct_vs_naive.py passes re-quantized tensors through it to build the naive file."""
     out = Path(out)
     check_output_path(out, overwrite, is_file=True)
-    arch, _ = _arch(ck)
     src = M.source_gguf(ck)
-    w = gguf.GGUFWriter(None, arch)
+    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_arch(ck).arch])
     n_vocab = M.add_tokenizer(w, ck, src)
     emb = ck.float_tensors["model.embed_tokens.weight"]
     if emb.shape[0] != n_vocab:
         raise UserError(f"GGUF export: token embedding has {emb.shape[0]} rows but the tokenizer has {n_vocab} tokens")
     M.add_arch_metadata(w, ck.config, n_vocab)
-    M.add_provenance(w, ck, int(FILE_TYPES[qtype]), qtype.name, src)
+    M.add_provenance(w, ck, int(ftype[0]), ftype[1], src)
     for name, arr, t in tensors:
         if t in (QT.F32, QT.F16):
             w.add_tensor(name, arr)
@@ -321,7 +470,7 @@ def write_gguf(ck: IntCheckpoint, out: str | Path, tensors: list[tuple[str, np.n
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    log.info("wrote %s: %d tensors, linear %s", out, len(tensors), qtype.name)
+    log.info("wrote %s: %d tensors, linear %s", out, len(tensors), ftype[1])
     return out
 
 
@@ -338,10 +487,10 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
     in units of the group's scale (0 when exact)."""
     ck = intckpt if isinstance(intckpt, IntCheckpoint) else load_intckpt(intckpt)
     cfg = ck.config
-    _, permute = _arch(ck)
+    permute = _arch(ck).permute_qk
     r = M.open_gguf(gguf_path)
     file_tensors = {t.name: t for t in r.tensors}
-    names = tensor_name_map(cfg.num_hidden_layers)
+    names = tensor_name_map(ck)
     heads = {stem: getattr(cfg, attr) or cfg.num_attention_heads for stem, attr in QK_PERMUTE.items()}
     report: dict[str, dict] = {}
 
@@ -361,7 +510,7 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
         gg, got, t = read(f"{name}.weight", tuple(q.codes.shape))
         want = ck.dequantized(name).numpy()
         diff = np.abs(got - want)
-        step = diff / np.repeat(q.scales.float().numpy(), ck.spec.group_len(want.shape[1]), axis=1)
+        step = diff / np.repeat(step_size(q, ck.spec_of(name)), ck.spec_of(name).group_len(want.shape[1]), axis=1)
         report[gg] = {"type": t.name, "shape": list(want.shape), "n_diff": int((diff > 0).sum()),
                       "max_abs": float(diff.max()), "max_step": float(step.max()), "exact": bool((diff == 0).all())}
         if q.bias is not None:
@@ -369,9 +518,13 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
             report[gb] = {"type": tb.name, "exact": bool(np.array_equal(gotb, q.bias.float().numpy()))}
     for hf, x in ck.float_tensors.items():
         gg, got, t = read(hf, tuple(x.shape))
-        x = x.float().numpy()
+        x = gguf_float(ck, hf)
         report[gg] = {"type": t.name, "exact": bool(np.array_equal(got, represent(x, t))),
                       "max_abs_vs_float": float(np.abs(got - x).max())}
+    for gg, table in M.rope_tensors(cfg).items():
+        t = file_tensors.get(gg)
+        ok = t is not None and np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1), table)
+        report[gg] = {"type": t.tensor_type.name if t is not None else "missing", "exact": bool(ok)}
     qrep = [v for k, v in report.items() if "max_step" in v]
     summary = {"n": len(qrep), "exact": all(v["exact"] for v in qrep),
                "n_diff": sum(v["n_diff"] for v in qrep), "n_weights": sum(math.prod(v["shape"]) for v in qrep),
@@ -381,17 +534,33 @@ def verify_gguf(gguf_path: str | Path, intckpt: str | Path | IntCheckpoint) -> d
             "quantized": summary, "unexpected_tensors": extra, "tensors": report}
 
 
-def reference_model(intckpt: str | Path | IntCheckpoint, embed_type: str = "f16"):
+def step_size(q, spec: QuantSpec) -> np.ndarray:
+    """(out, G) float64: the quantization step of each group (K grids: each sub-block's d·sc)."""
+    if spec.is_k:
+        return sub_value(q.scales, q.sub_scales, spec).double().numpy()
+    return q.scales.double().numpy()
+
+
+def file_embed_types(path: str | Path) -> dict[str, QT]:
+    """The types a GGUF file stores token_embd (and output) in."""
+    return {t.name: QT(t.tensor_type) for t in M.open_gguf(path).tensors if t.name in EMBED_NAMES}
+
+
+def reference_model(intckpt: str | Path | IntCheckpoint, embed_type: str | dict[str, QT] = "auto"):
     """The IntCheckpoint's float32 torch model (s·W_int) with token embeddings / untied output replaced by their
-    GGUF-represented values, so torch-vs-llama.cpp parity compares like with like."""
+    GGUF-represented values, so torch-vs-llama.cpp parity compares like with like. embed_type: as export_gguf
+    takes it, or the types a file holds (file_embed_types)."""
     import torch
 
     ck = intckpt if isinstance(intckpt, IntCheckpoint) else load_intckpt(intckpt)
     model = ck.to_torch_model()
-    qtype = EMBED_TYPES[embed_type]
+    types = embed_type if isinstance(embed_type, dict) else embed_plan(ck, embed_type)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with torch.no_grad():
-        for mod in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
-            mod.weight.copy_(torch.from_numpy(represent(mod.weight.numpy(), qtype)))
+        for gg, mod in (("token_embd.weight", model.get_input_embeddings()),
+                        ("output.weight", None if tied else model.get_output_embeddings())):
+            if mod is not None:
+                mod.weight.copy_(torch.from_numpy(represent(mod.weight.numpy(), types[gg])))
     return model
 
 

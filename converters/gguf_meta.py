@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
 from lrqat_export.core.errors import UserError
@@ -29,16 +31,18 @@ from lrqat_export.core.version import __version__
 
 log = logging.getLogger(__name__)
 
-_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp pre-tokenizer name → the Split regex of the HF tokenizers it stands for (Llama 3, Qwen2/Qwen3)
+SPLIT_REGEX: dict[str, str] = {
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
 # pre-tokenizer signature (see _signature) → llama.cpp `tokenizer.ggml.pre` name
 PRE_TOKENIZERS: dict[str, str] = {
     "ByteLevel(regex)": "gpt-2",
     "Digits(individual)+ByteLevel(regex)": "smollm",
-    f"Split({_LLAMA3_RE})+ByteLevel": "llama-bpe",
-    f"Split({_QWEN2_RE})+ByteLevel": "qwen2",
+    **{f"Split({rx})+ByteLevel": name for name, rx in SPLIT_REGEX.items()},
 }
 # source-GGUF general.* keys that still describe the model after our export
 GENERAL_COPY = ("general.organization", "general.basename", "general.finetune", "general.size_label",
@@ -122,21 +126,105 @@ def head_dim(cfg: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def _rope(cfg: Any) -> tuple[float, dict]:
-    """(rope theta, rope parameters) from a transformers 4 or 5 config."""
+def _rope(cfg: Any, layer_type: str = "full_attention") -> tuple[float, dict]:
+    """(rope theta, rope parameters) from a transformers 4 or 5 config; Gemma 3 keeps one set per layer type."""
     rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rp = dict(rp.get(layer_type, rp))
     theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     return float(theta), rp
 
 
-def add_arch_metadata(w: gguf.GGUFWriter, cfg: Any, n_vocab: int) -> None:
+def _rope_type(rp: dict) -> str:
+    return rp.get("rope_type", rp.get("type", "default"))
+
+
+def rotary_dim(cfg: Any) -> int:
+    """Rotated dimensions per head (Phi-4-mini rotates 3/4 of each head: partial_rotary_factor)."""
+    return int(head_dim(cfg) * _rope(cfg)[1].get("partial_rotary_factor", 1.0))
+
+
+# llama.cpp architecture → the rope scalings it reproduces from this converter's tables (others are refused)
+ROPE_TYPES: dict[str, tuple[str, ...]] = {"llama": ("default", "llama3"), "phi3": ("default", "longrope")}
+
+
+def rope_tensors(cfg: Any) -> dict[str, np.ndarray]:
+    """The float32 rope tables convert_hf_to_gguf writes: Llama 3's `rope_freqs` (per frequency the divisor of
+    θ^(−2i/d): 1 for short wavelengths, `factor` for long ones, interpolated between) and LongRoPE's
+    `rope_factors_long` / `rope_factors_short` (Phi-3), each of rotary_dim/2 entries."""
     theta, rp = _rope(cfg)
-    rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type != "default":
-        raise UserError(f"GGUF export: rope scaling {rope_type!r} is not supported by this converter; "
-                        f"expected a model without rope scaling (rope_type 'default')")
+    n = rotary_dim(cfg) // 2
+    if _rope_type(rp) == "llama3":
+        factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+        old_ctx = rp["original_max_position_embeddings"]
+        freqs = 1.0 / (theta ** (np.arange(0, 2 * n, 2, dtype=np.float64) / (2 * n)))
+        wavelen = 2 * math.pi / freqs
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        div = np.where(wavelen < old_ctx / hi, 1.0,
+                       np.where(wavelen > old_ctx / lo, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        return {_tensor_name(gguf.MODEL_TENSOR.ROPE_FREQS): div.astype(np.float32)}
+    if _rope_type(rp) == "longrope":
+        out = {}
+        for key, t in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                       ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            f = np.asarray(rp[key], dtype=np.float32)
+            if f.shape != (n,):
+                raise UserError(f"GGUF export: rope_parameters {key} expected {n} values (rotary dim / 2), got "
+                                f"{f.size}")
+            out[_tensor_name(t)] = f
+        return out
+    return {}
+
+
+def _tensor_name(t: gguf.MODEL_TENSOR) -> str:
+    return f"{gguf.TENSOR_NAMES[t]}.weight"
+
+
+def _longrope_attn_factor(cfg: Any, rp: dict) -> float:
+    """LongRoPE's attention (cos/sin) factor as transformers computes it: given, or √(1 + ln s / ln L0) with
+    s = max_position_embeddings / L0 (1 when s ≤ 1)."""
+    if rp.get("attention_factor") is not None:
+        return float(rp["attention_factor"])
+    orig = _orig_ctx(cfg, rp)
+    s = rp.get("factor") or cfg.max_position_embeddings / orig
+    return math.sqrt(1 + math.log(s) / math.log(orig)) if s > 1.0 else 1.0
+
+
+def _orig_ctx(cfg: Any, rp: dict) -> int:
+    return int(rp.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+               or cfg.max_position_embeddings)
+
+
+def _check_gemma3(cfg: Any) -> None:
+    """What llama.cpp's gemma3 graph fixes (src/llama-model.cpp): every 6th layer global (set_swa_pattern(6)),
+    local layers at rope base 10000 unscaled, queries scaled by 1/√head_dim (1/√(hidden/heads) at 62 layers),
+    GELU-tanh, no attention softcap. A config that differs would export to a file llama.cpp runs differently."""
+    n = cfg.num_hidden_layers
+    types = list(getattr(cfg, "layer_types", None) or [])
+    want = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n)]
+    qpas = cfg.hidden_size // cfg.num_attention_heads if n == 62 else head_dim(cfg)
+    local_theta, local = _rope(cfg, "sliding_attention")
+    checks = [("layer_types", types, want), ("query_pre_attn_scalar", cfg.query_pre_attn_scalar, qpas),
+              ("sliding-window rope", (local_theta, _rope_type(local)), (10000.0, "default")),
+              ("hidden_activation", cfg.hidden_activation, "gelu_pytorch_tanh"),
+              ("attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None), None)]
+    for what, got, expected in checks:
+        if got != expected:
+            raise UserError(f"GGUF export: Gemma 3 {what} expected {str(expected)[:160]} (what llama.cpp's gemma3 "
+                            f"architecture computes), got {str(got)[:160]}")
+
+
+def add_arch_metadata(w: gguf.GGUFWriter, cfg: Any, n_vocab: int) -> None:
+    """The {arch}.* keys convert_hf_to_gguf writes for this architecture (w.arch), through gguf-py's helpers."""
+    theta, rp = _rope(cfg)
+    rope_type = _rope_type(rp)
+    if rope_type not in ROPE_TYPES.get(w.arch, ("default",)):
+        raise UserError(f"GGUF export: rope scaling {rope_type!r} is not supported for the {w.arch} architecture "
+                        f"by this converter; expected one of {list(ROPE_TYPES.get(w.arch, ('default',)))}")
+    if w.arch == "gemma3":
+        _check_gemma3(cfg)
     sw = getattr(cfg, "sliding_window", None)
-    if sw and getattr(cfg, "use_sliding_window", True) and sw < cfg.max_position_embeddings:
+    if (w.arch != "gemma3" and sw and getattr(cfg, "use_sliding_window", True)
+            and sw < cfg.max_position_embeddings):
         log.warning("sliding_window %d is not written (llama.cpp's %s graph attends to the whole context, as "
                     "convert_hf_to_gguf); outputs match the HF model only for contexts up to %d tokens", sw,
                     w.arch, sw)
@@ -148,11 +236,21 @@ def add_arch_metadata(w: gguf.GGUFWriter, cfg: Any, n_vocab: int) -> None:
     w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(head_dim(cfg))
-    if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
+    w.add_rope_dimension_count(rotary_dim(cfg))
+    if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads or w.arch == "gemma3":
         w.add_key_length(head_dim(cfg))
         w.add_value_length(head_dim(cfg))
     w.add_vocab_size(n_vocab)
+    if w.arch == "gemma3":
+        if "sliding_attention" in cfg.layer_types:
+            w.add_sliding_window(sw)
+        if getattr(cfg, "final_logit_softcapping", None):
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if w.arch == "phi3":
+        w.add_sliding_window(0)  # llama.cpp runs Phi-3 without SWA (see the warning above); 0 says "none"
+        w.add_rope_scaling_orig_ctx_len(_orig_ctx(cfg, rp))
+        if rope_type == "longrope":
+            w.add_rope_scaling_attn_factors(_longrope_attn_factor(cfg, rp))
 
 
 def add_provenance(w: gguf.GGUFWriter, ck: IntCheckpoint, file_type: int, qtype_name: str,
@@ -162,12 +260,14 @@ def add_provenance(w: gguf.GGUFWriter, ck: IntCheckpoint, file_type: int, qtype_
     if src is not None and "general.name" in src.fields:
         base = src.fields["general.name"].contents()
     w.add_type("model")
-    w.add_name(f"{base} {spec.name} ({m.get('method', 'lrqat')})")
+    float_model = m.get("method") == "float"  # export_float_gguf: the float source, for llama.cpp's quantizer
+    w.add_name(f"{base} {'F32' if float_model else spec.name} ({m.get('method', 'lrqat')})")
     w.add_quantized_by(f"lrqat-export {__version__}")
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_string("lrqat.spec", spec.name)
-    w.add_string("lrqat.spec_json", json.dumps(spec.to_dict(), sort_keys=True))
+    if not float_model:
+        w.add_string("lrqat.spec", spec.name)
+        w.add_string("lrqat.spec_json", json.dumps(spec.to_dict(), sort_keys=True))
     w.add_string("lrqat.method", str(m.get("method")))
     w.add_string("lrqat.gguf_type", qtype_name)
     if src is not None:

@@ -331,10 +331,26 @@ def export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str = "gptq", st
         return _export_gptq(intckpt_path, out, fmt, strict_vllm, overwrite, max_bytes, verify)
 
 
+def check_representable(ck, where) -> None:
+    """GPTQ holds one grid for the whole model with one fp16 scale (and zero) per group: refuse a K grid (two-level
+    scales: d·sc is not an fp16 scale) or a per-layer plan, naming the first layer it cannot hold."""
+    for name in ck.layers:
+        s = ck.spec_of(name)
+        if s.is_k:
+            raise UserError(f"IntCheckpoint {where}: GPTQ export cannot hold layer {name} on grid {s.name} (spec "
+                            f"{ck.spec.name}): a K grid has two-level scales (fp16 d × a 6/8-bit integer per "
+                            f"sub-block), GPTQ one fp16 scale per group; export it to GGUF, or train on a "
+                            f"single-level preset (q4_0, w4pc, ...) for GPTQ")
+        if ck.spec.plan:
+            raise UserError(f"IntCheckpoint {where}: GPTQ export cannot hold plan {ck.spec.name}: layer {name} is on "
+                            f"{s.name}, and GPTQ stores one grid for every layer; export it to GGUF")
+
+
 def _export_gptq(intckpt_path: str | Path, out: str | Path, fmt: str, strict_vllm: bool, overwrite: bool,
                  max_bytes: int, verify: bool) -> Path:
     ck = load_intckpt(intckpt_path)
     spec = ck.spec
+    check_representable(ck, intckpt_path)
     if spec.bits not in BITS:
         raise UserError(f"IntCheckpoint {intckpt_path}: GPTQ stores bits {BITS}, got {spec.bits} (spec {spec.name})")
     shapes = {n: tuple(q.codes.shape) for n, q in ck.layers.items()}

@@ -33,7 +33,7 @@ METHODS = ("fp", "rtn", "gptq", "lrqat", "gptq-lrqat", "peqa", "full-qat", "qlor
 PRESET_FREE = ("fp", "lora-fp")  # one cell, shown in every preset's table
 
 
-def _data(tok, args):
+def data_windows(tok, args):
     from lrqat_export.core import data as D
 
     valid, test = Path(args.wikitext) / "valid.txt", Path(args.wikitext) / "test.txt"
@@ -89,6 +89,14 @@ def _teacher(model, train_w, cfg):
     return _TEACHERS[key]
 
 
+def _keep(args, preset: str, method: str, ck, tok) -> None:
+    """With args.keep (a directory; scripts/bench_kquant.py), write the cell's IntCheckpoint there."""
+    if getattr(args, "keep", None):
+        from lrqat_export.core.intckpt import write_intckpt
+
+        write_intckpt(Path(args.keep) / f"{preset}__{method}", ck, tok, overwrite=True)
+
+
 def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     """One (preset, method) cell on a fresh copy of the base model. base = (model, tok, src, (train, ev, ood))."""
     import torch
@@ -110,8 +118,11 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     res: dict = {"preset": preset, "method": method}
     if method == "fp":
         return {**res, **_ppl(model, ev, ood)}
+    if method not in ("fp", "lora-fp"):
+        registry.check_grid(method.removeprefix("gptq-"), spec)  # K grids: the methods that train on them only
     rtn = ptq_rtn(model, spec, src.to_dict()) if method != "lora-fp" else None
     if method == "rtn":
+        _keep(args, preset, method, rtn, tok)
         return {**res, **_ppl(rtn.to_torch_model(), ev, ood)}
     if method in ("gptq", "gptq-lrqat"):
         gdir = work / f"{preset}__gptq"
@@ -150,6 +161,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         res.update(_ppl(merged_float_model(model), ev, ood))
     else:
         ck = m.fuse(model, spec, src.to_dict(), opts, None)
+        _keep(args, preset, method, ck, tok)
         fused = ck.to_torch_model()
         res["exported_spec"] = ck.spec.name
         if m.exact:
@@ -296,7 +308,7 @@ def main(argv=None) -> int:
             from lrqat_export.core.models import load_model
 
             model, tok, src = load_model("smollm2-135m")
-            base = (model, tok, src, _data(tok, args))
+            base = (model, tok, src, data_windows(tok, args))
         t = time.perf_counter()
         r = run_cell(preset if preset != "-" else args.presets[0], m, args, work, base)
         r.update(preset=preset, loadavg_1m=os.getloadavg()[0], cell_s=time.perf_counter() - t)

@@ -78,13 +78,14 @@ def changed(direct, naive) -> tuple[int, int, float]:
 def run_one(ck_dir: Path, windows, protocol: str, embed_type: str, work: Path, f32_control: bool) -> dict:
     ck = load_intckpt(ck_dir)
     qtype = G.ggml_type_for(ck.spec)
+    ftype = G.file_type(ck, G.layer_types(ck))
     tag = ck_dir.name
     t = time.perf_counter()
     direct_path = G.export_gguf(ck_dir, work / f"{tag}.direct.gguf", embed_type=embed_type, overwrite=True)
     t_export = time.perf_counter() - t
     direct = list(G.gguf_tensors(ck, qtype, embed_type))
     naive = naive_tensors(direct)
-    naive_path = G.write_gguf(ck, work / f"{tag}.naive.gguf", naive, qtype, overwrite=True)
+    naive_path = G.write_gguf(ck, work / f"{tag}.naive.gguf", naive, ftype, overwrite=True)
     n_changed, n_weights, max_step = changed(direct, naive)
     verify = G.verify_gguf(direct_path, ck)["quantized"]
     t = time.perf_counter()
@@ -94,7 +95,7 @@ def run_one(ck_dir: Path, windows, protocol: str, embed_type: str, work: Path, f
     r_naive = perplexity_gguf(naive_path, windows, protocol)
     r_f32 = None
     if f32_control:
-        f32_path = G.write_gguf(ck, work / f"{tag}.f32.gguf", f32_tensors(direct), qtype, overwrite=True)
+        f32_path = G.write_gguf(ck, work / f"{tag}.f32.gguf", f32_tensors(direct), ftype, overwrite=True)
         r_f32 = perplexity_gguf(f32_path, windows, protocol)
         f32_path.unlink()  # ~0.5 GB; rebuilt in seconds
     return {
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intckpt", nargs="+", help="IntCheckpoint directories of SmolLM2 (e.g. an LR-QAT one)")
     ap.add_argument("--presets", nargs="+", default=["q4_0", "w4pc"], help="RTN presets when no --intckpt")
     ap.add_argument("--range-method", default="lp", help="RTN range search for --presets (default lp)")
-    ap.add_argument("--embed-type", default="f16", choices=sorted(G.EMBED_TYPES))
+    ap.add_argument("--embed-type", default="f16", choices=list(G.EMBED_CHOICES))
     ap.add_argument("--no-f32-control", action="store_true",
                     help="skip the control file holding the same s·W_int as F32 weights (no activation quantization)")
     # --- evaluation

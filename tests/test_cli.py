@@ -45,7 +45,10 @@ def test_run_main_job_end_to_end(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["train", "--preset", "q4_k"], "--preset: expected one of"),
+    (["train", "--preset", "q4_k_xl"], "--preset: expected one of"),
+    (["train", "--preset", "q4_k"], "in_features 64 is not a multiple of 256, the super-block of q4_k"),
+    (["train", "--method", "peqa", "--preset", "q4_k_m"], "GGUF K grids and per-layer plans are trained by lrqat, rtn"),
+    (["ptq", "--method", "gptq", "--preset", "q6_k"], "GGUF K grids and per-layer plans are trained by lrqat, rtn"),
     (["train", "--group-size", "48"], "in_features 64 is not divisible by group_size 48"),
     (["train", "--bits", "9"], "bits: expected an integer in 2..8, got 9"),
     (["train", "--train-data", "/nonexistent.txt"], "data file /nonexistent.txt: not found"),

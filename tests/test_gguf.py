@@ -107,7 +107,7 @@ def test_asymmetric_grid_is_exact_where_the_offset_is_fp16_and_within_bound_else
     _, tensors = fields(out)
     n_exact_groups = n_groups = 0
     for name_, q in ck.layers.items():
-        gg = G.tensor_name_map(ck.config.num_hidden_layers)[f"{name_}.weight"]
+        gg = G.tensor_name_map(ck)[f"{name_}.weight"]
         t = tensors[gg]
         assert t.tensor_type == qtype
         got = gguf.quants.dequantize(t.data, t.tensor_type)

@@ -9,6 +9,7 @@ bound used is 5 % (mean) and 30 % (max). Writing the same file without the Q/K p
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_without_qk_permutation_llamacpp_is_far_off(tiny_models, tmp_path, monke
     ref = G.reference_model(ck, "f16")
     ids = corpus_ids(load_tokenizer(ck), 128)
     good = logit_gap(G.export_gguf(ck, tmp_path / "good.gguf"), ref, ids)
-    monkeypatch.setitem(G.ARCHS, "LlamaForCausalLM", ("llama", False))
+    monkeypatch.setitem(G.ARCHS, "LlamaForCausalLM", dataclasses.replace(G.ARCHS["LlamaForCausalLM"], permute_qk=False))
     bad = logit_gap(G.export_gguf(ck, tmp_path / "bad.gguf"), ref, ids)
     assert good[0] < MEAN_REL < 4 * MEAN_REL < bad[0], (good, bad)
 

@@ -24,7 +24,7 @@ def test_prepare_swaps_every_projection_and_freezes_the_rest(tiny_models, arch):
     model = prepare(_load(tiny_models[arch]), PRESETS["q4_0"], MethodOptions(rank=4, alpha=1.0, phi="int8"))
     layers = {n for n, m in model.named_modules() if isinstance(m, LRQATLinear)}
     assert layers == set(quantized_layer_names(model))
-    assert len(layers) == len(QUANTIZED_PROJECTIONS) * model.config.num_hidden_layers
+    assert len(layers) == len(QUANTIZED_PROJECTIONS[type(model).__name__]) * model.config.num_hidden_layers
     assert not any(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers"))
     names = set(trainable_parameters(model))
     assert names and all(n.rsplit(".", 1)[-1] in {"lora_A", "lora_B", "scale"} for n in names)
@@ -67,5 +67,6 @@ def test_unsupported_architecture_lists_the_supported_ones():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UserError, match="GPT2LMHeadModel is not supported; supported: LlamaForCausalLM, "
-                                        "MistralForCausalLM, Qwen2ForCausalLM"):
+                                        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                                        "Gemma3ForCausalLM, Phi3ForCausalLM$"):
         prepare(model, PRESETS["q4_0"], MethodOptions(alpha=1.0, phi="int8"))

@@ -34,7 +34,10 @@ def test_spec_from_args_overrides_preset():
     assert spec_from_args(None, None, None, False) == PRESETS["w4pc"]
     assert spec_from_args(None, None, 64, True) == QuantSpec(4, 64, False)
     with pytest.raises(UserError, match="--preset: expected one of"):
-        spec_from_args("q4_k", None, None, False)
+        spec_from_args("q4_k_xl", None, None, False)
+    with pytest.raises(UserError, match="a K grid or plan fixes bits"):
+        spec_from_args("q4_k_m", 3, None, False)
+    assert spec_from_args("q4_k_m", None, None, False) == PRESETS["q4_k_m"]
 
 
 def test_group_that_does_not_divide_input_is_refused_with_numbers():

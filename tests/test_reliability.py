@@ -360,7 +360,7 @@ CASES = {
     # train (prepare → train → fuse)
     "train/unsupported-architecture": (_train(model=lambda a, t: _bad_model(a, t / "m", "gpt2")),
                                        "model architecture GPT2LMHeadModel is not supported; supported: "),
-    "train/unknown-preset": (_train("--preset", "q4_k"), "--preset: expected one of"),
+    "train/unknown-preset": (_train("--preset", "q4_k_xl"), "--preset: expected one of"),
     "train/group-not-dividing": (_train("--group-size", "48"), "in_features 64 is not divisible by group_size 48"),
     "train/bits-out-of-range": (_train("--bits", "9"), "bits: expected an integer in 2..8, got 9"),
     "train/phi-int4-with-8-bit": (_train("--phi", "int4", "--preset", "q8_0"), "needs bits <= 4, got bits 8"),

@@ -11,6 +11,8 @@ import json
 import math
 import sys
 
+from converters.gguf import EMBED_CHOICES
+
 from ..core import quiet
 from ..core.errors import CheckFailed, UserError
 from ..core.models import DEFAULT_MODEL
@@ -91,8 +93,10 @@ def _method_defaults(key: str) -> str:
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization grid")
-    g.add_argument("--preset", help=f"named grid: q4_0, q8_0, q4_1, w4pc, w4g64, w3g64, w4g128, w3g128, ... "
-                                    f"(default {DEFAULT_PRESET}); --bits/--group-size/--asym override it")
+    g.add_argument("--preset", help=f"named grid: q4_0, q8_0, q4_1, w4pc, w4g64, w3g64, w4g128, w3g128, ...; GGUF "
+                                    f"K grids q4_k, q5_k, q6_k; llama.cpp's per-layer plans q4_k_m, q4_k_s "
+                                    f"(default {DEFAULT_PRESET}); --bits/--group-size/--asym override a single-level "
+                                    f"grid")
     g.add_argument("--bits", type=int_in(2, 8), help="code width, 2..8")
     g.add_argument("--group-size", type=int_in(2, also=(-1,)), help="input features per scale; -1 = per output channel")
     g.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points")
@@ -346,11 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write an IntCheckpoint into a deployment format")
     esub = p.add_subparsers(dest="format_name", required=True)
-    e = esub.add_parser("gguf", help="llama.cpp GGUF (Q4_0 / Q4_1 / Q8_0 blocks written from the integers)")
+    e = esub.add_parser("gguf", help="llama.cpp GGUF (Q4_0 … Q8_0, Q4_K/Q5_K/Q6_K and the Q4_K_M / Q4_K_S plans, "
+                                     "blocks written from the integers)")
     e.add_argument("intckpt")
     e.add_argument("--out", required=True, help="output .gguf file")
-    e.add_argument("--embed-type", default=J.ExportGGUFJob.embed_type, choices=["f16", "q8_0", "f32"],
-                   help="type of token embeddings / output (default f16)")
+    e.add_argument("--embed-type", default=J.ExportGGUFJob.embed_type, choices=list(EMBED_CHOICES),
+                   help="type of token embeddings / output (default auto: on a K grid or plan llama.cpp's choice, "
+                        "Q6_K or Q8_0 for the output; otherwise f16)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_export_gguf)
     e = esub.add_parser("gptq", help="GPTQ safetensors checkpoint (transformers, GPTQModel, AutoGPTQ, vLLM)")

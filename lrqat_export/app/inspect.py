@@ -11,6 +11,13 @@ from ..core.errors import UserError
 from ..core.intckpt import load_intckpt
 
 
+def _grid_counts(ck) -> str:
+    counts: dict[str, int] = {}
+    for name in ck.layers:
+        counts[ck.spec_of(name).name] = counts.get(ck.spec_of(name).name, 0) + 1
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
+
+
 def inspect_intckpt(path: str | Path) -> str:
     ck = load_intckpt(path)
     m = ck.manifest
@@ -19,16 +26,18 @@ def inspect_intckpt(path: str | Path) -> str:
         f"  format        {m['format']} v{m['format_version']} (tool {m['tool']['name']} {m['tool']['version']})",
         f"  method        {m.get('method')}",
         f"  architecture  {m['architecture']}  ({ck.config.num_hidden_layers} layers, hidden {ck.config.hidden_size})",
-        f"  spec          {ck.spec.name}: bits {ck.spec.bits}, group_size {ck.spec.group_size}, "
-        f"{'symmetric' if ck.spec.symmetric else 'asymmetric'}",
+        f"  spec          {ck.spec.name}: " + (f"llama.cpp's per-layer plan, grids {_grid_counts(ck)}" if ck.spec.plan
+                                             else f"bits {ck.spec.bits}, group_size {ck.spec.group_size}, "
+                                                  f"{'symmetric' if ck.spec.symmetric else 'asymmetric'}"
+                                                  f"{', K grid (super-block 256)' if ck.spec.is_k else ''}"),
         f"  source        {m.get('source', {}).get('name')} ({m.get('source', {}).get('kind')})",
         f"  quantized     {len(ck.layers)} layers",
         "",
-        f"  {'tensor':<48} {'shape':>14} {'codes':>10} {'scale min..max':>24}",
+        f"  {'tensor':<48} {'grid':>6} {'shape':>14} {'codes':>10} {'scale min..max':>24}",
     ]
     for name, q in ck.layers.items():
         s = q.scales.float()
-        lines.append(f"  {name:<48} {str(tuple(q.codes.shape)):>14} "
+        lines.append(f"  {name:<48} {ck.spec_of(name).name:>6} {str(tuple(q.codes.shape)):>14} "
                      f"{f'[{int(q.codes.min())},{int(q.codes.max())}]':>10} "
                      f"{f'{s.min().item():.3g}..{s.max().item():.3g}':>24}")
     lines.append("")

@@ -98,7 +98,8 @@ class EvalJob:
 class ExportGGUFJob:
     intckpt: str
     out: str
-    embed_type: str = "f16"  # token embeddings / output: f16, q8_0 or f32
+    # token embeddings / output: auto (a K plan: llama.cpp's choice, Q6_K/Q8_0; else f16), f16, q8_0, f32, q6_k, ...
+    embed_type: str = "auto"
     overwrite: bool = False
 
 

@@ -56,6 +56,7 @@ def _train_claimed(job: TrainJob, out: Path, dist) -> dict:
         if other:  # --resume of a run killed before its first checkpoint is fine; of some other directory, not
             raise UserError(f"--resume {out}: expected a training run directory, found no checkpoint but other "
                             f"files {other[:5]}")
+    registry.check_grid(job.method, job.spec)
     Dist.barrier(dist)  # every rank has checked OUT before any rank writes to it
     t0 = time.perf_counter()
     model, tok, src = load_model(job.model, job.trust_remote_code)
@@ -80,6 +81,7 @@ def _train_claimed(job: TrainJob, out: Path, dist) -> dict:
 def ptq(job: PtqJob) -> Path:
     """RTN (our range search) or GPTQ (GPTQModel on CPU, calibrated on `calib_data`) → IntCheckpoint in `out`."""
     m = registry.get(job.method, trains=False)
+    registry.check_grid(job.method, job.spec)
     check_apart(job.out, {"--model": job.model, "--calib-data": list(job.calib_data or [])})
     with claim_output(job.out):  # a second writer of `out` is refused at once
         check_output_path(Path(job.out), job.overwrite)

@@ -16,8 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from converters.gguf import reference_model, verify_gguf
-from converters.gguf_meta import open_gguf
+from converters.gguf import file_embed_types, reference_model, verify_gguf
 from converters.gptq import compare_with_intckpt
 
 from ..core import data as D
@@ -34,11 +33,11 @@ log = logging.getLogger(__name__)
 ASYM_MAX_STEP = 2.0**-6  # Q4_1/Q5_1: fp16 rounding of the offset m, in units of the group's scale
 
 
-def _gguf_embed_type(path: Path) -> str:
-    for t in open_gguf(path).tensors:
-        if t.name == "token_embd.weight":
-            return {"F16": "f16", "Q8_0": "q8_0", "F32": "f32"}.get(t.tensor_type.name, "f16")
-    raise UserError(f"GGUF {path}: expected a token_embd.weight tensor, not found")
+def _gguf_embed_types(path: Path) -> dict:
+    types = file_embed_types(path)
+    if "token_embd.weight" not in types:
+        raise UserError(f"GGUF {path}: expected a token_embd.weight tensor, not found")
+    return types
 
 
 def verify(intckpt: str | Path, gguf_path: str | Path | None = None, gptq_dir: str | Path | None = None,
@@ -97,13 +96,15 @@ def _verify(intckpt, gguf_path, gptq_dir, eval_data, seq_len, n_windows, protoco
         w = timed("gguf_weights_s", lambda: verify_gguf(gguf_path, ck))
         q = w["quantized"]
         floats_exact = all(v["exact"] for v in w["tensors"].values() if "max_step" not in v)
-        bound = 0.0 if ck.spec.symmetric else ASYM_MAX_STEP
+        # exact except where a legacy asymmetric type rounds its offset to fp16 (Q4_1, Q5_1: a q4_k_s fallback)
+        bound = ASYM_MAX_STEP if {v["type"] for v in w["tensors"].values()} & {"Q4_1", "Q5_1"} else 0.0
         ok_w = floats_exact and q["max_step"] <= bound and not w["unexpected_tensors"]
         report["weights"]["gguf"] = {"exact": w["exact"], "passed": ok_w, "max_step": q["max_step"],
                                      "max_abs": q["max_abs"], "n_diff": q["n_diff"], "n_weights": q["n_weights"],
                                      "bound_step": bound}
-        embed = _gguf_embed_type(Path(gguf_path))
-        ref = timed("torch_gguf_ref_s", lambda: perplexity(reference_model(ck, embed), windows, protocol))["ppl"]
+        types = _gguf_embed_types(Path(gguf_path))
+        embed = "/".join(sorted({t.name.lower() for t in types.values()}))
+        ref = timed("torch_gguf_ref_s", lambda: perplexity(reference_model(ck, types), windows, protocol))["ppl"]
         got = timed("gguf_s", lambda: perplexity_gguf(gguf_path, windows, protocol))["ppl"]
         report["ppl"]["torch_gguf_ref"], report["ppl"]["gguf"] = ref, got
         _parity(report, "gguf", got, ref, limits["gguf"], ok_w, failures, f"embeddings {embed}")

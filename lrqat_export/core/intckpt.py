@@ -8,12 +8,19 @@ A directory:
                             L.scales  float16 (out, G)   G = in/group_size (1 for per channel)
                             L.zeros   int8    (out, G)   integer zero points, asymmetric grids only
                             L.bias    float32 (out,)     when the projection has a bias (Qwen2 q/k/v)
+                          a layer on a K grid (q4_k, q5_k, q6_k; core/quant.py "K grids") instead of zeros:
+                            L.scales      float16 (out, S)   the super-block scales d (S = in/256)
+                            L.sub_scales  int8    (out, G)   the integer sub-block scales sc
+                            L.mins        float16 (out, S)   dmin (Q4_K, Q5_K)
+                            L.sub_mins    int8    (out, G)   the integer sub-block mins m (Q4_K, Q5_K)
                           every other tensor of the model under its HF name, original dtype (float32);
                           a tied lm_head is not stored (config.tie_word_embeddings)
     config.json           the source model's HF config (architecture)
     tokenizer files       tokenizer.json, tokenizer_config.json, ... (tokenizer.save_pretrained)
 
-Dequantization: W[o, i] = scales[o, i // g] · (codes[o, i] − zeros[o, i // g]), in float32 (exact; quant.py).
+Dequantization: W[o, i] = scales[o, i // g] · (codes[o, i] − zeros[o, i // g]), in float32 (exact; quant.py);
+K grids: ggml's (d·sc)·q − dmin·m (quant.dequantize_k). A per-layer plan (q4_k_m, q4_k_s) gives each layer its own
+grid (quant.plan_layer_specs, recomputed and checked at load; the manifest lists them under `layer_grids`).
 Converters read only this directory: no training code, no source model needed. Producers build one with
 `build_intckpt` (docs/ARCHITECTURE.md).
 """
@@ -31,7 +38,7 @@ from torch import nn
 
 from .errors import UserError
 from .fsio import atomic_dir, missing_dir, read_json, umask_modes, write_json
-from .quant import QuantSpec, dequantize
+from .quant import QuantSpec, dequantize, dequantize_k, plan_layer_specs
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,7 @@ FORMAT_NAME = "lrqat-intckpt"
 FORMAT_VERSION = 1
 MANIFEST = "lrqat_manifest.json"
 TENSORS = "model.safetensors"
-LAYER_SUFFIXES = (".codes", ".scales", ".zeros", ".bias")
+LAYER_SUFFIXES = (".codes", ".scales", ".zeros", ".bias", ".sub_scales", ".mins", ".sub_mins")  # QuantLayer's fields
 
 
 @dataclass
@@ -49,6 +56,9 @@ class QuantLayer:
     scales: torch.Tensor  # (out, G) float16
     zeros: torch.Tensor | None = None  # (out, G) int8
     bias: torch.Tensor | None = None  # (out,) float32
+    sub_scales: torch.Tensor | None = None  # K grids: (out, G) int8 sub-block scales sc (scales = d, (out, S))
+    mins: torch.Tensor | None = None  # K grids, asymmetric: (out, S) float16 dmin
+    sub_mins: torch.Tensor | None = None  # K grids, asymmetric: (out, G) int8 sub-block mins m
 
 
 @dataclass
@@ -59,15 +69,19 @@ class IntCheckpoint:
     float_tensors: dict[str, torch.Tensor]
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    layer_specs: dict[str, QuantSpec] = field(default_factory=dict)  # a plan's per-layer grids (else: all `spec`)
 
     @property
     def architecture(self) -> str:
         return self.manifest["architecture"]
 
+    def spec_of(self, name: str) -> QuantSpec:
+        """The grid layer `name` was trained on and is stored in."""
+        return self.layer_specs.get(name, self.spec)
+
     def dequantized(self, name: str) -> torch.Tensor:
-        """s · (c − z) as float32 (out, in): the weight every runtime must reproduce."""
-        q = self.layers[name]
-        return dequantize(q.codes, q.scales, q.zeros, self.spec)
+        """s·(c − z) (K grids: (d·sc)·q − dmin·m) as float32 (out, in): the weight every runtime must reproduce."""
+        return dequantize_layer(self.layers[name], self.spec_of(name))
 
     def to_torch_model(self) -> nn.Module:
         """A plain float32 HF model whose quantized projections hold s·W_int (eval mode)."""
@@ -89,6 +103,21 @@ class IntCheckpoint:
         return model.eval()
 
 
+def dequantize_layer(q: QuantLayer, spec: QuantSpec) -> torch.Tensor:
+    if spec.is_k:
+        return dequantize_k(q.codes, q.scales, q.sub_scales, q.mins, q.sub_mins, spec)
+    return dequantize(q.codes, q.scales, q.zeros, spec)
+
+
+def resolve_layer_specs(spec: QuantSpec, layers: dict[str, QuantLayer], where: str) -> dict[str, QuantSpec]:
+    """Each layer's grid under `spec` (a plan: from its name and width). Codes must be present and 2-D first."""
+    for name, q in layers.items():
+        if q.codes is None or q.codes.dim() != 2:
+            raise UserError(f"{where}: layer {name} expected 2-D tensor {name}.codes, got "
+                            f"{'none' if q.codes is None else tuple(q.codes.shape)}")
+    return plan_layer_specs(spec, {n: int(q.codes.shape[1]) for n, q in layers.items()})
+
+
 def write_intckpt(
     out: str | Path, ckpt: IntCheckpoint, tokenizer: Any, overwrite: bool = False, in_place: bool = False,
 ) -> Path:
@@ -103,6 +132,10 @@ def write_intckpt(
             tensors[f"{name}.zeros"] = q.zeros.cpu().to(torch.int8).contiguous()
         if q.bias is not None:
             tensors[f"{name}.bias"] = q.bias.cpu().float().contiguous()
+        for suffix, t, dt in ((".sub_scales", q.sub_scales, torch.int8), (".mins", q.mins, torch.float16),
+                              (".sub_mins", q.sub_mins, torch.int8)):
+            if t is not None:
+                tensors[f"{name}{suffix}"] = t.cpu().to(dt).contiguous()
     for name, t in ckpt.float_tensors.items():
         tensors[name] = t.detach().cpu().contiguous()
     out = Path(out)
@@ -169,12 +202,17 @@ def load_intckpt(path: str | Path) -> IntCheckpoint:
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"IntCheckpoint tensors {path / TENSORS}: unreadable or corrupted safetensors ({e})") from None
-    layers: dict[str, QuantLayer] = {}
-    for name in layer_names:
-        q = QuantLayer(*(tensors.pop(f"{name}{s}", None) for s in LAYER_SUFFIXES))
-        _validate_layer(path, name, q, spec)
-        layers[name] = q
-    stray = sorted(k for k in tensors if k.endswith(LAYER_SUFFIXES[:3]))
+    layers = {name: QuantLayer(*(tensors.pop(f"{name}{s}", None) for s in LAYER_SUFFIXES)) for name in layer_names}
+    specs = resolve_layer_specs(spec, layers, f"IntCheckpoint {path}")
+    recorded = m.get("layer_grids")
+    if recorded is not None and recorded != {n: s.name for n, s in specs.items()}:
+        bad = sorted(n for n in specs if not isinstance(recorded, dict) or recorded.get(n) != specs[n].name)
+        first = recorded.get(bad[0]) if isinstance(recorded, dict) else recorded
+        raise UserError(f"{where}: layer_grids expected plan {spec.name}'s grids, got another grid for "
+                        f"{len(bad)} layers (first {bad[0]}: expected {specs[bad[0]].name}, got {first!r:.60})")
+    for name, q in layers.items():
+        _validate_layer(path, name, q, specs[name])
+    stray = sorted(k for k in tensors if k.endswith(tuple(s for s in LAYER_SUFFIXES if s != ".bias")))
     if stray:
         raise UserError(f"IntCheckpoint {path}: tensors {stray[:3]} belong to layers the manifest does not list "
                         f"as quantized; expected every .codes/.scales/.zeros tensor under quantized_layers")
@@ -183,7 +221,7 @@ def load_intckpt(path: str | Path) -> IntCheckpoint:
             raise UserError(f"IntCheckpoint {path}: tensor {name} expected finite values, got "
                             f"{int((~torch.isfinite(t)).sum())} NaN/Inf")
     check_against_config(f"IntCheckpoint {path}", config, layers, tensors)
-    return IntCheckpoint(spec, config, layers, tensors, m, path)
+    return IntCheckpoint(spec, config, layers, tensors, m, path, specs if spec.plan else {})
 
 
 def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -238,16 +276,18 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
     out_f, in_f = q.codes.shape
     spec.check_layer(name, in_f)
     g_shape = (out_f, spec.n_groups(in_f))
-    if q.scales.dtype != torch.float16 or tuple(q.scales.shape) != g_shape:
-        raise UserError(f"{where}: scales expected float16 {g_shape}, got {q.scales.dtype} {tuple(q.scales.shape)}")
+    s_shape = (out_f, spec.n_super(in_f)) if spec.is_k else g_shape
+    if q.scales.dtype != torch.float16 or tuple(q.scales.shape) != s_shape:
+        raise UserError(f"{where}: scales expected float16 {s_shape}, got {q.scales.dtype} {tuple(q.scales.shape)}")
     _check_finite(where, "scales", q.scales)
     if (q.scales <= 0).any():
         raise UserError(f"{where}: scales expected > 0, got {int((q.scales <= 0).sum())} values <= 0 "
                         f"(min {q.scales.float().min().item()})")
+    _validate_k_fields(where, q, spec, g_shape, s_shape)
     if int(q.codes.min()) < spec.qmin or int(q.codes.max()) > spec.qmax:
         raise UserError(f"{where}: codes expected in [{spec.qmin}, {spec.qmax}], "
                         f"got [{int(q.codes.min())}, {int(q.codes.max())}]")
-    if spec.symmetric != (q.zeros is None):
+    if (spec.symmetric or spec.is_k) != (q.zeros is None):
         raise UserError(f"{where}: zeros expected {'absent' if spec.symmetric else 'present'} for spec {spec.name}")
     if q.zeros is not None and (q.zeros.dtype != torch.int8 or tuple(q.zeros.shape) != g_shape):
         raise UserError(f"{where}: zeros expected int8 {g_shape}, got {q.zeros.dtype} {tuple(q.zeros.shape)}")
@@ -255,6 +295,34 @@ def _validate_layer(path: Path, name: str, q: QuantLayer, spec: QuantSpec) -> No
         raise UserError(f"{where}: bias expected float ({out_f},), got {q.bias.dtype} {tuple(q.bias.shape)}")
     if q.bias is not None:
         _check_finite(where, "bias", q.bias)
+
+
+def _validate_k_fields(where: str, q: QuantLayer, spec: QuantSpec, g_shape: tuple, s_shape: tuple) -> None:
+    """A K-grid layer's sub-block integers (and dmin); a plain layer has none of them."""
+    want = {"sub_scales": spec.is_k, "mins": spec.is_k and not spec.symmetric,
+            "sub_mins": spec.is_k and not spec.symmetric}
+    for field_name, present in want.items():
+        if (getattr(q, field_name) is not None) != present:
+            raise UserError(f"{where}: {field_name} expected {'present' if present else 'absent'} for grid "
+                            f"{spec.name}, got it {'absent' if present else 'present'}")
+    if not spec.is_k:
+        return
+    lo, hi = spec.sub_range
+    for field_name, shape, rng in (("sub_scales", g_shape, (lo, hi)), ("sub_mins", g_shape, (0, hi))):
+        t = getattr(q, field_name)
+        if t is None:
+            continue
+        if t.dtype != torch.int8 or tuple(t.shape) != shape:
+            raise UserError(f"{where}: {field_name} expected int8 {shape}, got {t.dtype} {tuple(t.shape)}")
+        if int(t.min()) < rng[0] or int(t.max()) > rng[1]:
+            raise UserError(f"{where}: {field_name} expected in [{rng[0]}, {rng[1]}] for grid {spec.name}, got "
+                            f"[{int(t.min())}, {int(t.max())}]")
+    if q.mins is not None:
+        if q.mins.dtype != torch.float16 or tuple(q.mins.shape) != s_shape:
+            raise UserError(f"{where}: mins expected float16 {s_shape}, got {q.mins.dtype} {tuple(q.mins.shape)}")
+        _check_finite(where, "mins", q.mins)
+        if (q.mins < 0).any():
+            raise UserError(f"{where}: mins expected >= 0, got {int((q.mins < 0).sum())} negative values")
 
 
 def _check_finite(where: str, what: str, t: torch.Tensor) -> None:
@@ -292,7 +360,8 @@ def manifest(spec: QuantSpec, config: Any, layers: list[str], source: dict, meth
         "spec": spec.to_dict(),
         "architecture": config.architectures[0] if getattr(config, "architectures", None) else None,
         "codes": "signed int8 container, values in [qmin, qmax]",
-        "dequant": "W[o,i] = scales[o, i//g] * (codes[o,i] - zeros[o, i//g]) in float32",
+        "dequant": "W[o,i] = scales[o, i//g] * (codes[o,i] - zeros[o, i//g]) in float32"
+                   + ("; K grids: (d*sc)*q - dmin*m, ggml's order" if spec.is_k else ""),
         "quantized_layers": layers,
         "source": source,
         **extra,
@@ -305,8 +374,12 @@ def build_intckpt(spec: QuantSpec, config: Any, layers: dict[str, QuantLayer], s
     it): the manifest records `method`, `source` and `extra`. Every layer is validated as load_intckpt would."""
     if not layers:
         raise UserError(f"IntCheckpoint ({method}): expected at least one quantized layer, got none")
+    specs = resolve_layer_specs(spec, layers, f"IntCheckpoint ({method})")
     for name, q in layers.items():
-        _validate_layer(Path(f"<{method}>"), name, q, spec)
+        _validate_layer(Path(f"<{method}>"), name, q, specs[name])
     names = list(layers)
+    extra = dict(extra or {})
+    if spec.plan:
+        extra["layer_grids"] = {n: s.name for n, s in specs.items()}
     return IntCheckpoint(spec, config, layers, float_tensors(state_dict, config, names),
-                         manifest(spec, config, names, source, method, extra or {}))
+                         manifest(spec, config, names, source, method, extra), None, specs if spec.plan else {})

@@ -196,27 +196,35 @@ def load_tokenizer(path: str | Path):
 # ---------------------------------------------------------------------------------------------------------------
 # Architectures: which models are supported and which of their Linear layers are quantized.
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-# Module paths inside one decoder layer that get quantized (HF naming, the same in all three architectures).
-# Kept float and frozen: token embeddings, lm_head, norms (and anything else).
-QUANTIZED_PROJECTIONS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
+# HF architecture → the module paths inside one decoder layer that get quantized (HF naming). Fused projections
+# (Phi-3's qkv_proj, gate_up_proj) are one quantized layer each; the converters keep the fusion as the runtimes
+# expect it. Kept float and frozen: token embeddings, lm_head, norms (Qwen3/Gemma3 q_norm/k_norm too) and
+# anything else.
+_SEPARATE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+QUANTIZED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "LlamaForCausalLM": _SEPARATE,  # Llama 1-3.x (rope_scaling llama3 too)
+    "MistralForCausalLM": _SEPARATE,
+    "Qwen2ForCausalLM": _SEPARATE,  # q/k/v biases
+    "Qwen3ForCausalLM": _SEPARATE,  # per-head q_norm/k_norm (float)
+    "Gemma3ForCausalLM": _SEPARATE,  # text-only Gemma 3 (1B, 270M)
+    "Phi3ForCausalLM": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),  # Phi-3/4-mini
+}
+SUPPORTED_ARCHITECTURES = tuple(QUANTIZED_PROJECTIONS)
 
 
 def architecture_of(model: nn.Module) -> str:
     arch = type(model).__name__
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in QUANTIZED_PROJECTIONS:
         raise UserError(f"model architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
     """Fully qualified names of the projections to quantize, in model order."""
-    architecture_of(model)
+    projections = QUANTIZED_PROJECTIONS[architecture_of(model)]
     n_layers = len(model.model.layers)
-    return [f"model.layers.{i}.{p}" for i in range(n_layers) for p in QUANTIZED_PROJECTIONS]
+    return [f"model.layers.{i}.{p}" for i in range(n_layers) for p in projections]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

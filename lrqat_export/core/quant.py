@@ -32,6 +32,11 @@ FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales are clamped a
 
 RANGE_METHODS = ("minmax", "mse", "lp")
 
+K_SUPER = 256  # ggml's QK_K: weights per K-quant super-block
+K_GRIDS = {"q4_k": (4, 32, False), "q5_k": (5, 32, False), "q6_k": (6, 16, True)}  # name: (bits, group, symmetric)
+K_TYPES = {(b, sym) for b, _, sym in K_GRIDS.values()}
+PLANS = ("q4_k_m", "q4_k_s")
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -40,6 +45,11 @@ class QuantSpec:
     bits: int = 4  # code width b: codes in [-2^(b-1), 2^(b-1)-1]
     group_size: int = -1  # -1 = one scale per output channel; else input features per scale group
     symmetric: bool = True  # False: an integer zero point per group (asymmetric grid)
+    # 256: a GGUF K-quant grid (two-level scales, see "K grids" below); 0: one fp16 scale per group
+    super_block: int = 0
+    # a per-layer type plan (PLANS, e.g. "q4_k_m"): each layer trains on the grid `plan_layer_specs` gives it; the
+    # other fields are the plan's main grid
+    plan: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -48,6 +58,15 @@ class QuantSpec:
             raise UserError(f"QuantSpec.group_size: expected -1 (per channel) or an integer >= 2, got {self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise UserError(f"QuantSpec.symmetric: expected a bool, got {self.symmetric!r}")
+        if self.super_block not in (0, K_SUPER):
+            raise UserError(f"QuantSpec.super_block: expected 0 or {K_SUPER} (a GGUF K-quant grid), "
+                            f"got {self.super_block!r}")
+        if self.super_block and (self.group_size not in (16, 32) or (self.bits, self.symmetric) not in K_TYPES):
+            grids = ", ".join(f"{n} (bits {b}, group_size {g}, symmetric {sym})" for n, (b, g, sym) in K_GRIDS.items())
+            raise UserError(f"QuantSpec: a K grid (super_block {K_SUPER}) is one of {grids}; got bits {self.bits}, "
+                            f"group_size {self.group_size}, symmetric {self.symmetric}")
+        if self.plan and self.plan not in PLANS:
+            raise UserError(f"QuantSpec.plan: expected one of {sorted(PLANS)} or empty, got {self.plan!r}")
 
     @property
     def qmin(self) -> int:
@@ -63,7 +82,26 @@ class QuantSpec:
             if spec == self:
                 return preset
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        return f"w{self.bits}{g}{'' if self.symmetric else 'a'}"
+        return f"w{self.bits}{g}{'' if self.symmetric else 'a'}{'k' if self.super_block else ''}"
+
+    @property
+    def is_k(self) -> bool:
+        """A two-level GGUF K-quant grid (q4_k, q5_k, q6_k)."""
+        return self.super_block > 0
+
+    @property
+    def sub_range(self) -> tuple[int, int]:
+        """K grids: the integer range of a sub-block's scale (and min): 6-bit unsigned for Q4_K/Q5_K, int8 for
+        Q6_K (the lowest kept at 1 so no sub-block divides by zero)."""
+        return (1, 63) if not self.symmetric else (1, 127)
+
+    @property
+    def offset(self) -> int:
+        """Unsigned code q = c + offset as the format stores it (asymmetric K grids: q ∈ [0, 2^b − 1])."""
+        return 0 if self.symmetric else 2 ** (self.bits - 1)
+
+    def n_super(self, in_features: int) -> int:
+        return in_features // self.super_block if self.super_block else 1
 
     def n_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
@@ -73,6 +111,13 @@ class QuantSpec:
 
     def check_layer(self, name: str, in_features: int) -> None:
         """Refuse a layer whose input width the grid does not tile (e.g. SmolLM2's 576 with group 128)."""
+        if self.plan:
+            raise UserError(f"layer {name}: spec {self.name} is a per-layer plan; expected the layer's own grid "
+                            f"(core.quant.plan_layer_specs)")
+        if self.super_block and in_features % self.super_block:
+            raise UserError(f"layer {name}: in_features {in_features} is not a multiple of {self.super_block}, the "
+                            f"super-block of {self.name}; plans (q4_k_m, q4_k_s) fall such layers back as llama.cpp "
+                            f"does, a plain K grid cannot")
         if self.group_size != -1 and in_features % self.group_size != 0:
             raise UserError(
                 f"layer {name}: in_features {in_features} is not divisible by group_size {self.group_size} "
@@ -106,6 +151,15 @@ PRESETS: dict[str, QuantSpec] = {
     "w3g128": QuantSpec(bits=3, group_size=128, symmetric=True),
     "w8pc": QuantSpec(bits=8, group_size=-1, symmetric=True),
     "w2g64a": QuantSpec(bits=2, group_size=64, symmetric=False),
+    "q5_0": QuantSpec(bits=5, group_size=32, symmetric=True),  # GGUF Q5_0 (a K plan's fallback for Q4_K)
+    "q5_1": QuantSpec(bits=5, group_size=32, symmetric=False),  # GGUF Q5_1 (the fallback for Q5_K)
+    # GGUF K-quants: 256-weight super-blocks, an fp16 d (and dmin) each, integer sub-block scales (and mins)
+    "q4_k": QuantSpec(bits=4, group_size=32, symmetric=False, super_block=256),
+    "q5_k": QuantSpec(bits=5, group_size=32, symmetric=False, super_block=256),
+    "q6_k": QuantSpec(bits=6, group_size=16, symmetric=True, super_block=256),
+    # llama.cpp's per-tensor mixtures (src/llama-quant.cpp), each layer trained on its own grid
+    "q4_k_m": QuantSpec(bits=4, group_size=32, symmetric=False, super_block=256, plan="q4_k_m"),
+    "q4_k_s": QuantSpec(bits=4, group_size=32, symmetric=False, super_block=256, plan="q4_k_s"),
 }
 
 
@@ -118,6 +172,11 @@ def spec_from_args(preset: str | None, bits: int | None, group_size: int | None,
         if preset not in PRESETS:
             raise UserError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
         base = PRESETS[preset]
+        if base.super_block and (bits is not None or group_size is not None or asym):
+            raise UserError(f"--preset {preset}: a K grid or plan fixes bits, group size and symmetry; expected no "
+                            f"--bits/--group-size/--asym, got bits {bits}, group_size {group_size}, asym {asym}")
+        if base.super_block:
+            return base
     else:
         base = PRESETS[DEFAULT_PRESET] if bits is None and group_size is None and not asym else QuantSpec()
     return QuantSpec(
@@ -216,3 +275,175 @@ def rtn_quantize(
     s, z = init_scales(w, spec, method)
     codes = quantize_codes(w, s, z, spec)
     return codes, s.to(torch.float16), None if z is None else z.to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer plans: llama.cpp's Q4_K_M / Q4_K_S type choice (src/llama-quant.cpp, llama_tensor_get_type_impl and
+# tensor_type_fallback), reproduced for the quantized projections.
+
+# a K type whose super-block does not tile a row falls back to this legacy type (tensor_type_fallback)
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits(i_layer, n_layers)."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def layer_category(name: str) -> str:
+    """llama.cpp's tensor category of a projection, from its HF module name: attn_v (v_proj; a fused qkv_proj is
+    attn_v-like too), ffn_down, or other."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("v_proj", "qkv_proj", "query_key_value", "c_attn"):
+        return "attn_v"
+    if leaf in ("down_proj", "w2", "c_proj") and ".mlp." in f".{name}.":
+        return "ffn_down"
+    return "other"
+
+
+def plan_layer_specs(spec: QuantSpec, widths: dict[str, int]) -> dict[str, QuantSpec]:
+    """Each quantized layer's grid, from its name and input width (`widths`, in model order). A plain spec gives
+    every layer itself; a plan gives llama.cpp's choice for that tensor:
+
+        q4_k_m   attn_v and ffn_down: Q6_K on use_more_bits layers (i < n/8, i ≥ 7n/8, (i − n/8) % 3 = 2), else Q4_K
+        q4_k_s   attn_v: Q5_K on the first 4 layers; ffn_down: Q5_K where i < n/8; else Q4_K
+
+    then, where the row length is not a multiple of 256: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0 (SmolLM2's 576-wide
+    inputs). A width that is not a multiple of 32 either is refused (llama.cpp would keep it F16: not a trained grid).
+    """
+    if not spec.plan:
+        return {n: spec for n in widths}
+    counts = {c: sum(layer_category(n) == c for n in widths) for c in ("attn_v", "ffn_down")}
+    seen = {"attn_v": 0, "ffn_down": 0}
+    out = {}
+    for name, width in widths.items():
+        cat = layer_category(name)
+        grid = "q4_k"
+        if cat in seen:
+            i, n = seen[cat], counts[cat]
+            seen[cat] += 1
+            if spec.plan == "q4_k_m" and _more_bits(i, n):
+                grid = "q6_k"
+            elif spec.plan == "q4_k_s" and (i < 4 if cat == "attn_v" else i < n // 8):
+                grid = "q5_k"
+        if width % K_SUPER:
+            grid = K_FALLBACK[grid]
+        if width % PRESETS[grid].group_size:
+            raise UserError(f"layer {name}: in_features {width} is a multiple of neither {K_SUPER} nor 32; plan "
+                            f"{spec.plan} has no trainable grid for it (llama.cpp would keep it F16)")
+        out[name] = PRESETS[grid]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# K grids (GGUF Q4_K, Q5_K, Q6_K). Per super-block of 256 weights of a row: an fp16 super-scale d (and, for the
+# asymmetric Q4_K/Q5_K, an fp16 dmin); per sub-block of group_size weights: an integer scale sc (and min m). With
+# unsigned codes q = c + offset, ggml dequantizes (dequantize_row_q4_K / _q5_K / _q6_K) in float32 as
+#
+#     Q4_K, Q5_K:   d1 = d·sc;  m1 = dmin·m;  w = d1·q − m1          (sc, m ∈ [0, 63])
+#     Q6_K:         w = (d·sc)·c                                      (sc ∈ [−128, 127], c ∈ [−32, 31])
+#
+# d·sc (≤ 11 + 7 bits) and d1·q (≤ 23 bits) are exact in float32; the subtraction rounds once, the same way in
+# ggml (a fused multiply-add gives the same result because d1·q is exact), in gguf-py and here. `dequantize_k`
+# performs exactly these operations, so the trained forward, the IntCheckpoint and the GGUF file agree bit for bit.
+# Arrays: d, dmin (out, S) float holding fp16 values (S = in/256); sc, m (out, G) integers (G = in/group_size).
+
+
+def sub_value(sup: torch.Tensor, sub: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """d·sc per sub-block, float32 (out, G): each super-block value repeated over its sub-blocks times the integer."""
+    return sup.float().repeat_interleave(spec.super_block // spec.group_size, dim=1) * sub.float()
+
+
+def dequantize_k(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None,
+                 m: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """w (out, in) float32 of a K grid, in ggml's order of operations (see above)."""
+    q = grouped(codes.float() + spec.offset, spec)  # (out, G, g) unsigned codes (signed for Q6_K)
+    w = sub_value(d, sc, spec).unsqueeze(-1) * q
+    if not spec.symmetric:
+        w = w - sub_value(dmin, m, spec).unsqueeze(-1)
+    return w.reshape(codes.shape)
+
+
+def k_code_units(w: torch.Tensor, d1: torch.Tensor, m1: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """x = (w + m1)/d1 − offset: w in signed code units of a K grid (round and clip it to get the codes)."""
+    x = grouped(w.float(), spec)
+    if m1 is not None:
+        x = x + m1.unsqueeze(-1)
+    return (x / d1.unsqueeze(-1) - spec.offset).reshape(w.shape)
+
+
+def _k_error(wg: torch.Tensor, d1: torch.Tensor, m1: torch.Tensor | None, spec: QuantSpec, p: float) -> torch.Tensor:
+    """Σ |ŵ − w|^p per sub-block (out, G) for sub-block scale d1 (and min m1), codes by round-to-nearest."""
+    x = wg + (m1.unsqueeze(-1) if m1 is not None else 0.0)
+    q = torch.round(x / d1.unsqueeze(-1) - spec.offset).clamp_(spec.qmin, spec.qmax) + spec.offset
+    e = q * d1.unsqueeze(-1) - (m1.unsqueeze(-1) if m1 is not None else 0.0) - wg
+    return e.square_().square_().sum(-1) if p == 4.0 else e.abs_().pow_(p).sum(-1)
+
+
+def init_k(w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0, n_grid: int = 24,
+           min_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Range initialisation of a K grid, in the spirit of llama.cpp's make_qkx2_quants / make_qx_quants: per
+    sub-block, a search over clipping ratios for the float scale (and min, the sub-block's minimum clamped to ≤ 0
+    as ggml does) minimising the Lp error (p = 4; 'mse': p = 2; 'minmax': no search); then the super-block scales
+    d = max sc_float / sc_max (dmin likewise) rounded to fp16, the sub-block integers by rounding, and a last pass
+    that tries each integer ±1 (scale and min jointly) against the error of the codes they give.
+
+    Returns (d (out, S), sc (out, G), dmin (out, S) | None, m (out, G) | None), all float32 holding the exact
+    stored values (fp16 values and integers)."""
+    if method not in RANGE_METHODS:
+        raise UserError(f"range method: expected one of {RANGE_METHODS}, got {method!r}")
+    p = 2.0 if method == "mse" else p
+    wg = grouped(w.detach().float(), spec)  # (out, G, g)
+    lo, hi = wg.amin(-1).clamp(max=0.0), wg.amax(-1).clamp(min=0.0)
+    levels = spec.qmax - spec.qmin
+
+    def params(ratio: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if spec.symmetric:
+            return torch.maximum(-lo, hi) * ratio / spec.qmax, None
+        return (hi - lo) * ratio / levels, -lo * ratio
+
+    best_s, best_m = params(1.0)
+    if method != "minmax":
+        best_err = torch.full_like(lo, float("inf"))
+        for ratio in torch.linspace(1.0, min_ratio, n_grid).tolist():
+            s, m = params(ratio)
+            err = _k_error(wg, s.clamp(min=FP16_TINY), m, spec, p)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            if m is not None:
+                best_m = torch.where(better, m, best_m)
+    lo_i, hi_i = spec.sub_range
+    per = spec.super_block // spec.group_size
+
+    def split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top = v.reshape(v.shape[0], -1, per).amax(-1)  # (out, S)
+        sup = fp16_round(top / hi_i)
+        sub = torch.round(v / sup.repeat_interleave(per, 1)).clamp_(lo_i, hi_i)
+        return sup, sub
+
+    d, sc = split(best_s)
+    dmin, m = split(best_m) if best_m is not None else (None, None)
+    if m is not None:
+        m = torch.round(best_m / dmin.repeat_interleave(per, 1)).clamp_(0, hi_i)  # a min may be 0
+    # integer refinement: each sub-block's (sc, m) ± 1, judged by the error of the codes they give
+    best_err = _k_error(wg, sub_value(d, sc, spec), None if m is None else sub_value(dmin, m, spec), spec, p)
+    steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if m is not None else (0,)) if (a, b) != (0, 0)]
+    sc0, m0 = sc.clone(), None if m is None else m.clone()
+    for a, b in steps:
+        sc_t = (sc0 + a).clamp(lo_i, hi_i)
+        m_t = None if m0 is None else (m0 + b).clamp(0, hi_i)
+        err = _k_error(wg, sub_value(d, sc_t, spec), None if m_t is None else sub_value(dmin, m_t, spec), spec, p)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        sc = torch.where(better, sc_t, sc)
+        if m is not None:
+            m = torch.where(better, m_t, m)
+    return d, sc, dmin, m
+
+
+def quantize_codes_k(w: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None,
+                     m: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest signed codes (out, in) int8 of a K grid for the given super/sub-block values."""
+    x = k_code_units(w, sub_value(d, sc, spec), None if m is None else sub_value(dmin, m, spec), spec)
+    return torch.round(x).clamp_(spec.qmin, spec.qmax).to(torch.int8)

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.errors import UserError
 from ..core.intckpt import IntCheckpoint
 from ..core.models import quantized_layer_names
-from ..core.quant import FP16_MAX, FP16_TINY
+from ..core.quant import FP16_MAX, FP16_TINY, QuantSpec, plan_layer_specs
 
 PHI_CHOICES = ("int8", "int4", "bf16", "fp32")
 AB_INITS = ("lora", "act", "grad")  # LR-QAT's start of B: Kaiming | inputs' principal subspace | gradient rows
@@ -95,6 +95,22 @@ def check_linears(model: nn.Module, names: list[str], spec=None) -> None:
             raise UserError(f"layer {name}: expected nn.Linear, got {type(lin).__name__} (already prepared?)")
         if spec is not None:
             spec.check_layer(name, lin.in_features)
+
+
+def layer_specs(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, QuantSpec]:
+    """Each layer's own grid (a plan: llama.cpp's choice for it), every layer checked still an nn.Linear the grid
+    tiles, before any is replaced."""
+    check_linears(model, names)
+    specs = plan_layer_specs(spec, {n: model.get_submodule(n).in_features for n in names})
+    for name in names:
+        specs[name].check_layer(name, model.get_submodule(name).in_features)
+    return specs
+
+
+def init_fields(q, spec: QuantSpec) -> tuple:
+    """An init IntCheckpoint layer's starting scales as a method's from_linear takes them: (scales, zeros), or for
+    a K grid (d, sc, dmin, m)."""
+    return (q.scales, q.sub_scales, q.mins, q.sub_mins) if spec.is_k else (q.scales, q.zeros)
 
 
 def check_init(init, spec, names: list[str], what: str) -> None:

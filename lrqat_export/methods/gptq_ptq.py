@@ -12,6 +12,10 @@ against GPTQModel's TorchLinear.dequantize_weight() (fp16 both sides; fp16 round
 the same number, so the comparison is exact). Only desc_act=False checkpoints with g_idx = i // group_size map onto
 an IntCheckpoint; anything else is refused with its reason.
 
+Fused projections: GPTQModel's Phi-3 definition quantizes gate_up_proj as two layers, gate_proj and up_proj
+(UNFUSED). Their rows are stacked back in HF's order (gate, then up): every output row has its own codes and
+scales, so the stacked layer is exactly what GPTQModel quantized.
+
 Environment (reference/env-gptq.md): GPTQMODEL_CPU_WORKERS=2 (its default crashes on 2 cores),
 GPTQMODEL_DISABLE_PACK_EXT=1 (skips a ~100 s JIT compile; byte-identical output) and HF_HUB_OFFLINE=1 are set
 unless the caller set them.
@@ -37,6 +41,17 @@ from ..core.quant import QuantSpec
 from .common import check_linears
 
 log = logging.getLogger(__name__)
+
+# fused HF projection → the layers GPTQModel quantizes in its place, in the order of the fused output rows
+UNFUSED = {"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def gptqmodel_parts(name: str, available) -> list[str]:
+    """The GPTQModel layer names that hold the rows of our layer `name`: itself, or its unfused parts."""
+    for fused, parts in UNFUSED.items():
+        if name.endswith(fused) and name not in available:
+            return [name[: -len(fused)] + p for p in parts]
+    return [name]
 
 
 def _gptq_env() -> None:
@@ -78,28 +93,36 @@ def gptq_dir_to_layers(gptq_dir: str | Path, spec: QuantSpec, names: list[str]) 
         raise UserError(f"GPTQ checkpoint {gptq_dir}: bits {qc.get('bits')}, group_size {qc.get('group_size')}, "
                         f"desc_act {qc.get('desc_act')}; expected bits {spec.bits}, group_size {spec.group_size}, "
                         f"desc_act false")
-    if set(layers) != set(names):
+    parts = {name: gptqmodel_parts(name, layers) for name in names}
+    if set(layers) != {p for ps in parts.values() for p in ps}:
         raise UserError(f"GPTQ checkpoint {gptq_dir}: quantized layers differ from the model's: "
-                        f"{sorted(set(layers) ^ set(names))[:5]}")
+                        f"{sorted(set(layers) ^ {p for ps in parts.values() for p in ps})[:5]}")
     half = 1 << (spec.bits - 1)
     out: dict[str, QuantLayer] = {}
     for name in names:
-        g = layers[name]
-        in_f = g.g_idx.shape[0]
-        g_len = spec.group_len(in_f)
-        if not np.array_equal(g.g_idx, np.arange(in_f, dtype=np.int32) // g_len):
-            raise UserError(f"GPTQ checkpoint {gptq_dir}: layer {name} has a permuted g_idx; an IntCheckpoint "
-                            f"expects g_idx = i // {g_len} (desc_act false)")
-        q = unpack_codes(g.qweight.T, spec.bits).T.astype(np.int16)  # (in, out) unsigned
-        z_u = unpack_codes(g.qzeros, spec.bits).astype(np.int16) + (1 if fmt == "gptq" else 0)  # (G, out)
-        if (z_u != half).any():
-            raise UserError(f"GPTQ checkpoint {gptq_dir}: layer {name} has zero points other than {half} "
-                            f"(found {np.unique(z_u)[:5].tolist()}); expected a symmetric grid")
-        codes = torch.from_numpy(np.ascontiguousarray((q - half).T).astype(np.int8))  # (out, in)
-        scales = torch.from_numpy(np.ascontiguousarray(g.scales.T).astype(np.float16))  # (out, G)
-        bias = None if g.bias is None else torch.from_numpy(g.bias).float()
-        out[name] = QuantLayer(codes, scales, None, bias)
+        rows = [_import_layer(gptq_dir, p, layers[p], spec, fmt, half) for p in parts[name]]
+        biases = [q.bias for q in rows]
+        out[name] = QuantLayer(torch.cat([q.codes for q in rows]), torch.cat([q.scales for q in rows]), None,
+                               None if biases[0] is None else torch.cat(biases))  # rows stacked: (out, ·)
     return out
+
+
+def _import_layer(gptq_dir, name: str, g, spec: QuantSpec, fmt: str, half: int) -> QuantLayer:
+    """One GPTQ layer → signed codes (out, in), fp16 scales (out, G), bias; symmetric, g_idx = i // group only."""
+    in_f = g.g_idx.shape[0]
+    g_len = spec.group_len(in_f)
+    if not np.array_equal(g.g_idx, np.arange(in_f, dtype=np.int32) // g_len):
+        raise UserError(f"GPTQ checkpoint {gptq_dir}: layer {name} has a permuted g_idx; an IntCheckpoint "
+                        f"expects g_idx = i // {g_len} (desc_act false)")
+    q = unpack_codes(g.qweight.T, spec.bits).T.astype(np.int16)  # (in, out) unsigned
+    z_u = unpack_codes(g.qzeros, spec.bits).astype(np.int16) + (1 if fmt == "gptq" else 0)  # (G, out)
+    if (z_u != half).any():
+        raise UserError(f"GPTQ checkpoint {gptq_dir}: layer {name} has zero points other than {half} "
+                        f"(found {np.unique(z_u)[:5].tolist()}); expected a symmetric grid")
+    codes = torch.from_numpy(np.ascontiguousarray((q - half).T).astype(np.int8))  # (out, in)
+    scales = torch.from_numpy(np.ascontiguousarray(g.scales.T).astype(np.float16))  # (out, G)
+    bias = None if g.bias is None else torch.from_numpy(g.bias).float()
+    return QuantLayer(codes, scales, None, bias)
 
 
 def check_against_gptqmodel(gptq_dir: str | Path, ck: IntCheckpoint) -> dict:
@@ -113,10 +136,11 @@ def check_against_gptqmodel(gptq_dir: str | Path, ck: IntCheckpoint) -> dict:
     mods = {n: mod for n, mod in m.model.named_modules() if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight")}
     max_diff, bad = 0.0, []
     for name in ck.layers:
-        if name not in mods:
+        parts = gptqmodel_parts(name, mods)
+        if any(p not in mods for p in parts):
             bad.append(f"{name}: not a GPTQModel quantized module")
             continue
-        theirs = mods[name].dequantize_weight().T.float()  # (out, in)
+        theirs = torch.cat([mods[p].dequantize_weight().T.float() for p in parts])  # (out, in)
         ours = ck.dequantized(name).to(torch.float16).float()
         d = float((theirs - ours).abs().max()) if theirs.shape == ours.shape else float("inf")
         max_diff = max(max_diff, d)

@@ -36,10 +36,10 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
 from ..core.models import quantized_layer_names, set_module
-from ..core.quant import QuantSpec, grouped, init_scales
+from ..core.quant import QuantSpec, grouped, init_k, init_scales, k_code_units, plan_layer_specs, sub_value
 from . import fused as fused_quantizer
-from .common import (AB_INITS, PHI_CHOICES, MethodOptions, RoundSTE, check_init, check_linears, fp16_scales,
-                     fp16_ste, linear, maybe_checkpoint, trainable_parameters)
+from .common import (AB_INITS, PHI_CHOICES, MethodOptions, RoundSTE, check_init, fp16_scales, fp16_ste, init_fields,
+                     layer_specs, linear, maybe_checkpoint, trainable_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,37 @@ def _lrqat_forward(x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_s
     return linear(x, _lrqat_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale), bias)
 
 
+# K grids (core/quant.py "K grids"): the trained sub-block scale (and min) is a float whose forward value is
+# d·clip(⌊s/d⌉) — the integer sub-scale the file stores times the frozen fp16 super-scale — with straight-through
+# gradient, and the weight is computed in ggml's order: (d·sc)·q − dmin·m.
+
+
+def k_sub_ste(v: torch.Tensor, sup: torch.Tensor, spec: QuantSpec, lo: int, hi: int) -> torch.Tensor:
+    """sup·clip(⌊v/sup⌉, lo, hi) per sub-block (out, G), sup (out, S) repeated over its sub-blocks; STE."""
+    sup_r = sup.float().repeat_interleave(spec.super_block // spec.group_size, dim=1)
+    return sup_r * torch.clamp(RoundSTE.apply(v.float() / sup_r), lo, hi)
+
+
+def k_sub_ints(v: torch.Tensor, sup: torch.Tensor, spec: QuantSpec, lo: int, hi: int) -> torch.Tensor:
+    """The integers k_sub_ste multiplies by, int8 (out, G): what the IntCheckpoint stores."""
+    sup_r = sup.float().repeat_interleave(spec.super_block // spec.group_size, dim=1)
+    return torch.round(v.detach().float() / sup_r).clamp_(lo, hi).to(torch.int8)
+
+
+def _lrqat_weight_k(phi0, lora_a, lora_b, scale, kd, kmin, kdmin, spec, phi, lora_scale):
+    with torch.autocast(device_type=phi0.device.type, enabled=False):
+        z_int = phi_up(phi0, spec, phi) + lora_scale * (lora_a.float() @ lora_b.float())
+        q = grouped(torch.clamp(RoundSTE.apply(z_int), spec.qmin, spec.qmax) + spec.offset, spec)  # (out, G, g)
+        w = k_sub_ste(scale, kd, spec, *spec.sub_range).unsqueeze(-1) * q
+        if kmin is not None:
+            w = w - k_sub_ste(kmin, kdmin, spec, 0, spec.sub_range[1]).unsqueeze(-1)
+        return w.reshape(phi0.shape[0], -1)
+
+
+def _lrqat_forward_k(x, phi0, lora_a, lora_b, scale, kd, kmin, kdmin, bias, spec, phi, lora_scale):
+    return linear(x, _lrqat_weight_k(phi0, lora_a, lora_b, scale, kd, kmin, kdmin, spec, phi, lora_scale), bias)
+
+
 class LRQATLinear(nn.Module):
     """Drop-in replacement for nn.Linear during LR-QAT. State-dict keys: phi0, zero (asym), bias (if any),
     lora_A, lora_B, scale. Build with `from_linear`; the float weight is not kept."""
@@ -149,7 +180,8 @@ class LRQATLinear(nn.Module):
         store = {"int8": (torch.int8, in_features), "int4": (torch.uint8, in_features // 2),
                  "bf16": (torch.bfloat16, in_features), "fp32": (torch.float32, in_features)}[phi]
         self.register_buffer("phi0", torch.zeros(out_features, store[1], dtype=store[0]))
-        self.register_buffer("zero", None if spec.symmetric else torch.zeros(out_features, n_groups, dtype=torch.int8))
+        self.register_buffer("zero", None if spec.symmetric or spec.is_k
+                             else torch.zeros(out_features, n_groups, dtype=torch.int8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.lora_A = nn.Parameter(torch.zeros(out_features, rank))
         self.lora_B = nn.Parameter(torch.empty(rank, in_features))
@@ -158,6 +190,13 @@ class LRQATLinear(nn.Module):
         # the initial scales s0 (Φ0 = W0/s0 + z): with them Φ0 gives the float weights back (as_teacher); rebuilt by
         # prepare, so not part of the state dict
         self.register_buffer("scale0", torch.ones(out_features, n_groups), persistent=False)
+        # K grids: frozen fp16 super-scales d (and dmin); `scale` (and `kmin`) are the sub-blocks' d·sc (and dmin·m)
+        k_asym = spec.is_k and not spec.symmetric
+        n_super = spec.n_super(in_features)
+        self.register_buffer("kd", torch.ones(out_features, n_super) if spec.is_k else None)
+        self.register_buffer("kdmin", torch.ones(out_features, n_super) if k_asym else None)
+        self.kmin = nn.Parameter(torch.zeros(out_features, n_groups)) if k_asym else None
+        self.register_buffer("kmin0", torch.zeros(out_features, n_groups) if k_asym else None, persistent=False)
         self.teacher = False  # as_teacher: forward with the float weights s0·(Φ0 − z), no rounding, no A·B
 
     @property
@@ -169,16 +208,18 @@ class LRQATLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, spec: QuantSpec, *, rank: int, alpha: float, phi: str = "int8",
         range_method: str = "lp", checkpointing: bool = True, name: str = "linear",
-        init: tuple[torch.Tensor, torch.Tensor | None] | None = None, fused: bool = False,
+        init: tuple[torch.Tensor, ...] | None = None, fused: bool = False,
     ) -> LRQATLinear:
-        """init: precomputed (scales (out, G), zeros (out, G) | None), e.g. from a PTQ IntCheckpoint; else range
-        search with `range_method`."""
+        """init: precomputed (scales (out, G), zeros (out, G) | None) — K grids: (d, sc, dmin, m) — e.g. from a
+        PTQ IntCheckpoint; else range search with `range_method`."""
         spec.check_layer(name, linear.in_features)
         w = linear.weight.detach().float()
         if not torch.isfinite(w).all():
             raise UserError(f"layer {name}: weight has NaN/Inf values; expected finite weights")
         layer = cls(linear.in_features, linear.out_features, spec, rank=rank, alpha=alpha, phi=phi,
                     bias=linear.bias is not None, checkpointing=checkpointing, fused=fused)
+        if spec.is_k:
+            return layer._init_k(linear, w, range_method, init)
         if init is None:
             s0, z0 = init_scales(w, spec, range_method)
         else:
@@ -198,8 +239,30 @@ class LRQATLinear(nn.Module):
             layer.bias.copy_(linear.bias.detach().float())
         return layer.to(linear.weight.device)
 
+    @torch.no_grad()
+    def _init_k(self, linear: nn.Linear, w: torch.Tensor, range_method: str, init) -> LRQATLinear:
+        spec = self.spec
+        d, sc, dmin, m = (init_k(w, spec, range_method) if init is None
+                          else (None if t is None else t.float().to(w.device) for t in init))
+        d1 = sub_value(d, sc, spec)
+        m1 = None if dmin is None else sub_value(dmin, m, spec)
+        self.phi0.copy_(phi_down(k_code_units(w, d1, m1, spec), spec, self.phi))
+        self.kd.copy_(d)
+        self.scale.copy_(d1)
+        self.scale0.copy_(d1)
+        if m1 is not None:
+            self.kdmin.copy_(dmin)
+            self.kmin.copy_(m1)
+            self.kmin0.copy_(m1)
+        if linear.bias is not None:
+            self.bias.copy_(linear.bias.detach().float())
+        return self.to(linear.weight.device)
+
     def weight(self) -> torch.Tensor:
         """Ŵ (out, in) float32 — the fake-quantized weight the forward uses."""
+        if self.spec.is_k:
+            return _lrqat_weight_k(self.phi0, self.lora_A, self.lora_B, self.scale, self.kd, self.kmin, self.kdmin,
+                                   self.spec, self.phi, self.lora_scale)
         return _lrqat_weight(self.phi0, self.lora_A, self.lora_B, self.scale, self.zero, self.spec, self.phi,
                              self.lora_scale)
 
@@ -212,6 +275,11 @@ class LRQATLinear(nn.Module):
     def teacher_weight(self) -> torch.Tensor:
         """s0·(Φ0 − z), (out, in) float32: the float weight the layer was prepared from, to Φ0's resolution."""
         w = grouped(phi_up(self.phi0, self.spec, self.phi), self.spec)
+        if self.spec.is_k:  # d1_0·(Φ0 + offset) − m1_0
+            w = (w + self.spec.offset) * self.scale0.unsqueeze(-1)
+            if self.kmin0 is not None:
+                w = w - self.kmin0.unsqueeze(-1)
+            return w.reshape(self.out_features, -1)
         if self.zero is not None:
             w = w - self.zero.float().unsqueeze(-1)
         return (w * self.scale0.unsqueeze(-1)).reshape(self.out_features, -1)
@@ -223,6 +291,10 @@ class LRQATLinear(nn.Module):
         if self.fused and fused_quantizer.supported(self.spec) and fused_quantizer.available(self.phi0.device):
             return fused_quantizer.quantized_linear(x, self.phi0, self.lora_A, self.lora_B, self.scale, self.zero,
                                                     self.bias, self.spec, self.phi, self.lora_scale, phi_up)
+        if self.spec.is_k:  # K grids: eager (fused.supported refuses them)
+            return maybe_checkpoint(self.checkpointing, _lrqat_forward_k, x, self.phi0, self.lora_A, self.lora_B,
+                                    self.scale, self.kd, self.kmin, self.kdmin, self.bias, self.spec, self.phi,
+                                    self.lora_scale)
         return maybe_checkpoint(self.checkpointing, _lrqat_forward, x, self.phi0, self.lora_A, self.lora_B, self.scale,
                                 self.zero, self.bias, self.spec, self.phi, self.lora_scale)
 
@@ -234,8 +306,22 @@ class LRQATLinear(nn.Module):
 
     @torch.no_grad()
     def fused_scales(self) -> torch.Tensor:
-        """fp16 scales (out, G) — the values the forward multiplies by."""
-        return fp16_scales(self.scale)
+        """fp16 scales (out, G) — the values the forward multiplies by (K grids: the super-scales d, (out, S))."""
+        return self.kd.to(torch.float16) if self.spec.is_k else fp16_scales(self.scale)
+
+    @torch.no_grad()
+    def fused_layer(self) -> QuantLayer:
+        """The layer as the IntCheckpoint stores it: the integers and scales the forward used."""
+        bias = None if self.bias is None else self.bias.clone()
+        if not self.spec.is_k:
+            return QuantLayer(self.fused_codes(), self.fused_scales(), None if self.zero is None else self.zero.clone(),
+                              bias)
+        lo, hi = self.spec.sub_range
+        k_asym = self.kmin is not None
+        return QuantLayer(self.fused_codes(), self.fused_scales(), None, bias,
+                          k_sub_ints(self.scale, self.kd, self.spec, lo, hi),
+                          self.kdmin.to(torch.float16) if k_asym else None,
+                          k_sub_ints(self.kmin, self.kdmin, self.spec, 0, hi) if k_asym else None)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, spec={self.spec.name}, r={self.rank}, "
@@ -256,15 +342,15 @@ def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntChe
     opts.require("alpha", "phi", method="lrqat")
     names = quantized_layer_names(model)
     check_init(init, spec, names, "prepare")
-    check_linears(model, names, spec)
+    specs = layer_specs(model, names, spec)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         lin = model.get_submodule(name)
         q = None if init is None else init.layers[name]
         set_module(model, name, LRQATLinear.from_linear(
-            lin, spec, rank=opts.rank, alpha=opts.alpha, phi=opts.phi, range_method=opts.range_method,
-            checkpointing=opts.checkpointing, name=name, init=None if q is None else (q.scales, q.zeros),
+            lin, specs[name], rank=opts.rank, alpha=opts.alpha, phi=opts.phi, range_method=opts.range_method,
+            checkpointing=opts.checkpointing, name=name, init=None if q is None else init_fields(q, specs[name]),
             fused=opts.fused))
     log.info("prepared %d layers with %s, r=%d, alpha=%g, phi=%s, %s quantizer", len(names), spec.name, opts.rank,
              opts.alpha, opts.phi, "fused" if opts.fused else "eager")
@@ -371,18 +457,29 @@ def frozen_weight_bytes(model: nn.Module) -> int:
     return sum(m.phi0.numel() * m.phi0.element_size() for m in lrqat_layers(model).values())
 
 
-def fuse(model: nn.Module, source: dict, extra: dict | None = None) -> IntCheckpoint:
-    """Fuse every LRQATLinear into integers: W_int = clip(round(Φ0 + (α/r)AB)), fp16 scales, zero points."""
-    return fuse_layers(lrqat_layers(model), model.config, model.state_dict(), source, extra)
+def fuse(model: nn.Module, source: dict, extra: dict | None = None, spec: QuantSpec | None = None) -> IntCheckpoint:
+    """Fuse every LRQATLinear into integers: W_int = clip(round(Φ0 + (α/r)AB)), fp16 scales, zero points (K grids:
+    super-scales and the sub-block integers). spec: the spec the model was prepared with (a plan); None = the
+    layers' own, which must be one."""
+    return fuse_layers(lrqat_layers(model), model.config, model.state_dict(), source, extra, spec)
 
 
 def fuse_layers(lr: dict[str, LRQATLinear], config, state_dict: dict[str, torch.Tensor], source: dict,
-                extra: dict | None = None) -> IntCheckpoint:
+                extra: dict | None = None, spec: QuantSpec | None = None) -> IntCheckpoint:
     """fuse() from its parts: the LRQATLinear layers by name, the HF config and the model's full state dict (the
     float tensors are taken from it). A sharded run calls this on rank 0 with the gathered state (train/fsdp.py)."""
     if not lr:
         raise UserError("fuse: the model has no LRQATLinear layers; expected a prepared (trained) model")
-    spec = next(iter(lr.values())).spec
-    layers = {name: QuantLayer(m.fused_codes(), m.fused_scales(), None if m.zero is None else m.zero.clone(),
-                               None if m.bias is None else m.bias.clone()) for name, m in lr.items()}
+    if spec is None:
+        own = {m.spec for m in lr.values()}
+        if len(own) != 1:
+            raise UserError(f"fuse: the layers hold {len(own)} grids ({sorted(s.name for s in own)}); expected the "
+                            f"plan they were prepared with (spec=)")
+        spec = own.pop()
+    want = plan_layer_specs(spec, {n: m.in_features for n, m in lr.items()})
+    wrong = [n for n, m in lr.items() if m.spec != want[n]]
+    if wrong:
+        raise UserError(f"fuse: layer {wrong[0]} was trained on {lr[wrong[0]].spec.name}, expected "
+                        f"{want[wrong[0]].name} under {spec.name}")
+    layers = {name: m.fused_layer() for name, m in lr.items()}
     return build_intckpt(spec, config, layers, state_dict, source, "lrqat", extra)

@@ -58,6 +58,7 @@ class Method:
     # PTQ methods: (model, tok, spec, source, range_method, calib windows | None) -> IntCheckpoint
     quantize: Callable[..., Any] | None = None
     calibrated: bool = False  # quantize needs calibration windows (--calib-data)
+    k_grids: bool = False  # trains / quantizes on GGUF K grids and per-layer plans (q4_k, q4_k_m, ...)
     # before the first step: (model, opts, batches, loss_fn) -> dict, a data-aware start (LR-QAT's ab_init)
     data_init: Callable[..., Any] | None = None
     # (model) -> context manager in which the prepared model computes as its float source (--kd-teacher online)
@@ -94,8 +95,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce", "phi": "int8"}},
            prepare=lrqat.prepare,
            groups=lambda h: [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"]),
-                             ("scale", (".scale",), h["lr_scale"], h["weight_decay"])],
-           fuse=lambda model, spec, source, opts, extra: lrqat.fuse(model, source, extra),
+                             ("scale", (".scale", ".kmin"), h["lr_scale"], h["weight_decay"])],
+           fuse=lambda model, spec, source, opts, extra: lrqat.fuse(model, source, extra, spec), k_grids=True,
            counts=lrqat.parameter_counts,
            data_init=lambda model, opts, batches, loss_fn: lrqat.data_aware_init(model, batches, opts.ab_init,
                                                                                  loss_fn),
@@ -122,7 +123,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            fuse=_fuse_baseline("qalora"), groups=_ab),
     Method("lora-fp", "float LoRA control: writes a float Hugging Face model", trains=True, output="float",
            exact=False, defaults=_LORA, recipes=_LORA_PAPER, prepare=baselines.prepare_lora_fp, groups=_ab),
-    Method("rtn", "round to nearest after the range search", trains=False, output="intckpt", exact=True,
+    Method("rtn", "round to nearest after the range search", trains=False, output="intckpt", exact=True, k_grids=True,
            quantize=lambda model, tok, spec, source, range_method, calib: rtn.ptq_rtn(model, spec, source,
                                                                                        range_method)),
     Method("gptq", "GPTQ by GPTQModel on CPU, symmetric grids, calibrated on --calib-data", trains=False,
@@ -143,6 +144,14 @@ def get(name: str, trains: bool | None = None) -> Method:
     if name not in choices:
         raise UserError(f"--method: expected one of {choices}, got {name!r}")
     return METHODS[name]
+
+
+def check_grid(name: str, spec) -> None:
+    """Refuse a K grid or per-layer plan for a method that does not train or quantize on one."""
+    if spec.super_block and not get(name).k_grids:
+        raise UserError(f"--method {name} with --preset {spec.name}: GGUF K grids and per-layer plans are trained by "
+                        f"{', '.join(n for n, m in METHODS.items() if m.k_grids)} only; expected one of those, or a "
+                        f"single-level preset (q4_0, w4pc, ...) for {name}")
 
 
 def check_recipe(recipe: str) -> str:

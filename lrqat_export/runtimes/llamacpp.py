@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import quiet
 from ..core.errors import UserError
 from ..core.fsio import missing_file
 from .torch_eval import nll_from_logits
@@ -81,8 +82,13 @@ def generate_greedy(path: str | Path, prompt: str, max_new_tokens: int = 16, llm
 
 def _generate(llm, prompt: str, max_new_tokens: int) -> str:
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)  # BOS only if the vocab wants it
+    return llm.detokenize(greedy_ids(llm, ids, max_new_tokens)).decode("utf-8", errors="replace")
+
+
+def greedy_ids(llm, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of the token ids `ids` (argmax of llama.cpp's logits, stopping at EOS): the new ids."""
     llm.reset()
-    llm.eval(ids)
+    llm.eval([int(i) for i in ids])
     new: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
@@ -90,7 +96,7 @@ def _generate(llm, prompt: str, max_new_tokens: int) -> str:
             break
         new.append(nxt)
         llm.eval([nxt])
-    return llm.detokenize(new).decode("utf-8", errors="replace")
+    return new
 
 
 def gguf_tokenizer(path: str | Path):
@@ -105,3 +111,30 @@ def gguf_tokenizer(path: str | Path):
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"GGUF {path}: transformers could not build a tokenizer from it ({e}); "
                         f"pass --tokenizer DIR") from None
+
+
+def llama_quantize(src: str | Path, out: str | Path, ftype: str = "q4_k_m", n_threads: int = N_THREADS) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize, in process) on a float GGUF — what a user runs today with
+    `llama-quantize model-f32.gguf out.gguf Q4_K_M`. The baseline our trained K-quant files are measured against;
+    its type choice per tensor is the one core.quant.plan_layer_specs reproduces. Written to a temp name, renamed."""
+    import llama_cpp
+
+    names = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+             "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+             "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+    if ftype not in names:
+        raise UserError(f"llama.cpp quantize: expected a type in {sorted(names)}, got {ftype!r}")
+    if not Path(src).is_file():
+        raise UserError(f"llama.cpp quantize: source GGUF {src}: {missing_file(src)}")
+    out = Path(out)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = n_threads
+    params.ftype = getattr(llama_cpp, names[ftype])
+    tmp = out.with_name(f".{out.name}.lrqat-tmp")
+    with quiet.captured_fds():  # llama.cpp prints a line per tensor on stderr
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"llama.cpp quantize {src} → {ftype}: llama_model_quantize returned {rc}")
+    tmp.replace(out)
+    return out

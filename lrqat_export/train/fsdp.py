@@ -55,7 +55,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
     return float(total)
 
 
-def fuse_on_main(model: nn.Module, source: dict, extra: dict, d: Dist):
+def fuse_on_main(model: nn.Module, source: dict, extra: dict, d: Dist, spec=None):
     """IntCheckpoint on rank 0 (None elsewhere), identical in format to a one-process fuse()."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -68,4 +68,4 @@ def fuse_on_main(model: nn.Module, source: dict, extra: dict, d: Dist):
                             bias=m.bias is not None, checkpointing=False)
         plain.load_state_dict({k.removeprefix(f"{name}."): v for k, v in sd.items() if k.startswith(f"{name}.")})
         layers[name] = plain
-    return fuse_layers(layers, model.config, sd, source, extra)
+    return fuse_layers(layers, model.config, sd, source, extra, spec)

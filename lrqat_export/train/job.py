@@ -57,6 +57,7 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     (methods.registry) that fills unset options. With a distillation objective the float model's targets are taken
     before it is prepared (teacher_targets)."""
     m = check_launch(method, dist)
+    registry.check_grid(method, spec)
     opts, cfg = registry.resolve_options(method, opts, recipe), cfg.resolved(method, recipe)
     out = Path(out)
     t0 = time.perf_counter()
@@ -90,7 +91,7 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
         _write_float_model(model, tok, out, extra)
     else:
         ckpt = (m.fuse(model, spec, source, opts, extra) if dist is None
-                else fsdp.fuse_on_main(model, source, extra, dist))
+                else fsdp.fuse_on_main(model, source, extra, dist, spec))
         if ckpt is not None:
             write_intckpt(out, ckpt, tok, in_place=True)
     D.barrier(dist)
