@@ -262,3 +262,7 @@ def test_main_job_on_q4_k_m_exports_gguf_and_skips_gptq_with_the_reason(k_models
     assert rep["fuse_max_abs_logit_diff"] == 0.0
     assert rep["parity"]["gguf"]["weights_ok"] is True and "gptq" not in rep["parity"]
     assert load_intckpt(rep["artifacts"]["intckpt"]).spec == PRESETS["q4_k_m"]
+    par = json.loads((out / "parity" / "parity.json").read_text())["weights"]["gguf"]
+    assert par["trained"] == {"Q4_K": 12, "Q6_K": 2}  # 2 layers × 7 projections; layer 1 is a "more bits" layer
+    assert par["rounded_at_export"] == {"token_embd.weight": "Q6_K"}  # tied, 256 wide: llama.cpp's output type
+    assert "rounded at export (not trained): token_embd.weight Q6_K" in (out / "parity" / "parity.md").read_text()

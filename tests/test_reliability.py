@@ -665,7 +665,10 @@ def test_ctrl_c_during_training_exits_130_with_one_line_and_nothing_partial(art,
     proc = subprocess.Popen([sys.executable, "-m", "lrqat_export.cli", "train", "--model", str(art["model"]), "--out",
                              str(out), "--steps", "400", "--seq-len", "32", "--max-train-windows", "4",
                              "--batch-size", "2", "--objective", "ce"], stderr=subprocess.PIPE, text=True,
-                            stdout=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                            stdout=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                            # a suite started in the background (`pytest &`) runs with SIGINT ignored, and the child
+                            # would inherit that (Python then installs no KeyboardInterrupt): give it a terminal's
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "train_state" / "latest.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)  # the first checkpoint (step 50) is written: the run is deep in training

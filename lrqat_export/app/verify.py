@@ -99,9 +99,17 @@ def _verify(intckpt, gguf_path, gptq_dir, eval_data, seq_len, n_windows, protoco
         # exact except where a legacy asymmetric type rounds its offset to fp16 (Q4_1, Q5_1: a q4_k_s fallback)
         bound = ASYM_MAX_STEP if {v["type"] for v in w["tensors"].values()} & {"Q4_1", "Q5_1"} else 0.0
         ok_w = floats_exact and q["max_step"] <= bound and not w["unexpected_tensors"]
+        trained: dict[str, int] = {}
+        for v in (v for v in w["tensors"].values() if "max_step" in v):
+            trained[v["type"]] = trained.get(v["type"], 0) + 1
         report["weights"]["gguf"] = {"exact": w["exact"], "passed": ok_w, "max_step": q["max_step"],
                                      "max_abs": q["max_abs"], "n_diff": q["n_diff"], "n_weights": q["n_weights"],
-                                     "bound_step": bound}
+                                     "bound_step": bound,
+                                     # the quantized layers, by GGUF type: the trained integers, packed as they are
+                                     "trained": dict(sorted(trained.items())),
+                                     # float tensors the export rounded (not trained): embeddings / output
+                                     "rounded_at_export": {k: v["type"] for k, v in w["tensors"].items()
+                                                           if "max_step" not in v and v["type"] not in ("F32",)}}
         types = _gguf_embed_types(Path(gguf_path))
         embed = "/".join(sorted({t.name.lower() for t in types.values()}))
         ref = timed("torch_gguf_ref_s", lambda: perplexity(reference_model(ck, types), windows, protocol))["ppl"]
@@ -163,6 +171,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {rt} ({p['note']}) | {p['runtime_ppl']:.4f} | {p['reference_ppl']:.4f} | "
                      f"{100 * p['rel_gap']:+.3f} % | ±{100 * p['threshold']:.2f} % | {wdesc} | "
                      f"{'yes' if p['passed'] else '**no**'} |")
+    g = report["weights"].get("gguf")
+    if g is not None and "trained" in g:
+        rounded = ", ".join(f"{k} {v}" for k, v in g["rounded_at_export"].items()) or "none"
+        lines += ["", f"GGUF: trained layers {', '.join(f'{t} ×{n}' for t, n in g['trained'].items())}, packed "
+                      f"from the integers; rounded at export (not trained): {rounded}"]
     lines += ["", f"**parity {'passed' if report['parity']['passed'] else 'FAILED'}**"]
     lines += [f"- {f}" for f in report.get("failures", [])]
     return "\n".join(lines) + "\n"
