@@ -189,3 +189,17 @@ def test_sigkill_at_a_random_moment_then_resume_matches_uninterrupted_run(tiny_l
     tb = load_file(str(latest_checkpoint(out) / "trainable.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in ta), kills
     assert not [p.name for p in (out / CKPT_DIR).iterdir() if p.name.startswith(".")]  # no temp dirs left over
+
+
+def test_checkpoint_cleanup_removes_what_a_killed_writer_left(tmp_path):
+    """kill -9 inside latest.json's write leaves its temp file (the fused step made that window frequent enough to
+    show in the SIGKILL test): the next checkpoint removes it with the older steps and their temp dirs."""
+    from lrqat_export.train.dcp import remove_older
+
+    root = tmp_path / CKPT_DIR
+    for name in ("step-00000002", "step-00000004", ".step-00000006.abc.tmp"):
+        (root / name).mkdir(parents=True)
+    (root / ".latest.json.k3j2x9.tmp").write_text('{"step"')
+    (root / "latest.json").write_text('{"step": 4, "dir": "step-00000004"}')
+    remove_older(root, "step-00000004")
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]

@@ -81,7 +81,10 @@ def load_plain(ckpt_dir: Path, model: nn.Module, opt, sched) -> None:
 
 
 def remove_older(ckpt_root: Path, keep: str) -> None:
-    """Older checkpoints, and the temp dirs a killed writer left behind."""
+    """Older checkpoints, and the temp dirs and files a killed writer left behind (a step directory's, or
+    latest.json's when kill -9 landed inside its write)."""
     for old in [*ckpt_root.glob("step-*"), *ckpt_root.glob(".step-*")]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
+    for old in ckpt_root.glob(".latest.json.*.tmp"):
+        old.unlink(missing_ok=True)
