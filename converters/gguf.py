@@ -32,6 +32,7 @@ the metadata from gguf_meta.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
@@ -113,7 +114,7 @@ def ggml_type_for(spec: QuantSpec, widen: bool = False) -> QT:
     widen=True also accepts narrower grids in the next wider type of the same symmetry (e.g. 3-bit symmetric codes
     in Q4_0, exact at 4.5 bits/weight instead of ~3.5)."""
     if spec.is_k:  # a plan: its main type (each layer's own: layer_types)
-        return K_TYPES[QuantSpec(spec.bits, spec.group_size, spec.symmetric, spec.super_block).name]
+        return K_TYPES[dataclasses.replace(spec, plan="").name]
     if spec.group_size != -1 and spec.group_size % BLOCK:
         raise UserError(f"GGUF export: spec {spec.name} (group_size {spec.group_size}) cannot be written exactly: GGUF "
                         f"blocks hold {BLOCK} weights under one scale, so the group size must be {BLOCK}, a multiple "

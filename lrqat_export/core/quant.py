@@ -349,9 +349,14 @@ def plan_layer_specs(spec: QuantSpec, widths: dict[str, int]) -> dict[str, Quant
 # Arrays: d, dmin (out, S) float holding fp16 values (S = in/256); sc, m (out, G) integers (G = in/group_size).
 
 
+def per_sub_block(sup: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(out, S) super-block values → (out, G) float32: each repeated over its sub-blocks."""
+    return sup.float().repeat_interleave(spec.super_block // spec.group_size, dim=1)
+
+
 def sub_value(sup: torch.Tensor, sub: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """d·sc per sub-block, float32 (out, G): each super-block value repeated over its sub-blocks times the integer."""
-    return sup.float().repeat_interleave(spec.super_block // spec.group_size, dim=1) * sub.float()
+    return per_sub_block(sup, spec) * sub.float()
 
 
 def dequantize_k(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None,
@@ -419,13 +424,13 @@ def init_k(w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0,
     def split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top = v.reshape(v.shape[0], -1, per).amax(-1)  # (out, S)
         sup = fp16_round(top / hi_i)
-        sub = torch.round(v / sup.repeat_interleave(per, 1)).clamp_(lo_i, hi_i)
+        sub = torch.round(v / per_sub_block(sup, spec)).clamp_(lo_i, hi_i)
         return sup, sub
 
     d, sc = split(best_s)
     dmin, m = split(best_m) if best_m is not None else (None, None)
     if m is not None:
-        m = torch.round(best_m / dmin.repeat_interleave(per, 1)).clamp_(0, hi_i)  # a min may be 0
+        m = torch.round(best_m / per_sub_block(dmin, spec)).clamp_(0, hi_i)  # a min may be 0
     # integer refinement: each sub-block's (sc, m) ± 1, judged by the error of the codes they give
     best_err = _k_error(wg, sub_value(d, sc, spec), None if m is None else sub_value(dmin, m, spec), spec, p)
     steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if m is not None else (0,)) if (a, b) != (0, 0)]

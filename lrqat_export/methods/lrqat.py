@@ -36,7 +36,8 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.intckpt import IntCheckpoint, QuantLayer, build_intckpt
 from ..core.models import quantized_layer_names, set_module
-from ..core.quant import QuantSpec, grouped, init_k, init_scales, k_code_units, plan_layer_specs, sub_value
+from ..core.quant import (QuantSpec, grouped, init_k, init_scales, k_code_units, per_sub_block, plan_layer_specs,
+                          sub_value)
 from . import fused as fused_quantizer
 from .common import (AB_INITS, PHI_CHOICES, MethodOptions, RoundSTE, check_init, fp16_scales, fp16_ste, init_fields,
                      layer_specs, linear, maybe_checkpoint, trainable_parameters)
@@ -131,13 +132,13 @@ def _lrqat_forward(x, phi0, lora_a, lora_b, scale, zero, bias, spec, phi, lora_s
 
 def k_sub_ste(v: torch.Tensor, sup: torch.Tensor, spec: QuantSpec, lo: int, hi: int) -> torch.Tensor:
     """sup·clip(⌊v/sup⌉, lo, hi) per sub-block (out, G), sup (out, S) repeated over its sub-blocks; STE."""
-    sup_r = sup.float().repeat_interleave(spec.super_block // spec.group_size, dim=1)
+    sup_r = per_sub_block(sup, spec)
     return sup_r * torch.clamp(RoundSTE.apply(v.float() / sup_r), lo, hi)
 
 
 def k_sub_ints(v: torch.Tensor, sup: torch.Tensor, spec: QuantSpec, lo: int, hi: int) -> torch.Tensor:
     """The integers k_sub_ste multiplies by, int8 (out, G): what the IntCheckpoint stores."""
-    sup_r = sup.float().repeat_interleave(spec.super_block // spec.group_size, dim=1)
+    sup_r = per_sub_block(sup, spec)
     return torch.round(v.detach().float() / sup_r).clamp_(lo, hi).to(torch.int8)
 
 
