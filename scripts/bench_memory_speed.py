@@ -98,8 +98,9 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     # every method at its registry defaults; minmax scales (setup time only), full QAT without checkpointing
     opts = registry.resolve_options(method, MethodOptions(
         rank=rank, phi=config.split("-")[1] if method == "lrqat" else None, range_method="minmax",
-        checkpointing=config != "full-qat", fused=not config.endswith("-eager")))
-    spec, tc = PRESETS[preset], TrainConfig(steps=1000).resolved(method)
+        checkpointing=config != "full-qat", fused=not config.endswith("-eager")), spec=PRESETS[preset])
+    spec = PRESETS[preset]
+    tc = TrainConfig(steps=1000).resolved(method, spec=spec)
     teacher, prepass = None, None
     if teacher_windows is not None:
         from lrqat_export.train.objective import build_teacher_cache

@@ -54,9 +54,10 @@ def _ppl(model, ev, ood) -> dict:
 
 
 def method_config(method: str, steps: int, batch: int, recipe: str = "default", objective: str | None = None,
-                  overrides: dict | None = None, kd: dict | None = None):
+                  overrides: dict | None = None, kd: dict | None = None, spec=None):
     """(registry name, resolved MethodOptions, resolved TrainConfig) of a trained cell: every method at its
-    registry defaults in `recipe` (tests/test_architecture.py checks that they are exactly the CLI's), then the
+    registry defaults in `recipe` on grid `spec` (tests/test_architecture.py checks that they are exactly the
+    CLI's), then the
     sweep's `overrides` (MethodOptions / TrainConfig fields) and distillation settings `kd`."""
     import dataclasses
 
@@ -69,10 +70,10 @@ def method_config(method: str, steps: int, batch: int, recipe: str = "default", 
     opt_fields = {f.name for f in dataclasses.fields(MethodOptions)}
     # the paper's full QAT keeps checkpointing off unless memory forces it; time it as such
     opts = MethodOptions(checkpointing=name != "full-qat", **{k: v for k, v in ov.items() if k in opt_fields})
-    opts = registry.resolve_options(name, opts, recipe)
-    cfg = TrainConfig(steps=steps, batch_size=batch, seed=0, objective=objective, **(kd or {}),
+    opts = registry.resolve_options(name, opts, recipe, spec)
+    cfg = TrainConfig(steps=steps, batch_size=batch, seed=ov.pop("seed", 0), objective=objective, **(kd or {}),
                       **{k: v for k, v in ov.items() if k not in opt_fields})
-    return name, opts, cfg.resolved(name, recipe)
+    return name, opts, cfg.resolved(name, recipe, spec)
 
 
 _TEACHERS: dict = {}  # one pre-pass per (objective settings, budget): every cell trains on the same windows
@@ -136,7 +137,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         if method == "gptq":
             return {**res, **_ppl(gck.to_torch_model(), ev, ood), "wall_s": time.perf_counter() - t0}
     name, opts, cfg = method_config(method, args.steps, args.batch, args.recipe, args.objective,
-                                    args.overrides.get(method.removeprefix("gptq-")), args.kd)
+                                    args.overrides.get(method.removeprefix("gptq-")), args.kd, spec)
     res.update(steps=args.steps, batch=args.batch, seq=args.seq, tokens=args.steps * args.batch * args.seq,
                alpha=opts.alpha, lr_ab=cfg.lr_ab, lr_scale=cfg.lr_scale, objective=cfg.objective,
                recipe=args.recipe, options={k: v for k, v in vars(opts).items()},

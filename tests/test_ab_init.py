@@ -11,6 +11,7 @@ from torch import nn
 from lrqat_export.core.errors import UserError
 from lrqat_export.core.quant import PRESETS
 from lrqat_export.methods.lrqat import LRQATLinear, data_aware_init, lrqat_layers
+from lrqat_export.methods import registry
 
 
 class _Net(nn.Module):
@@ -118,3 +119,22 @@ def test_cli_ab_init_reaches_the_checkpoint(tiny_llama, tmp_path):
     assert load_intckpt(tmp_path / "a").manifest["training"]["lrqat"]["ab_init"] == "act"
     assert main(argv[:-3] + ["--ab-init", "svd", "--out", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("extra, ab_init, lr_scale", [
+    (["--preset", "q4_0"], "grad", registry.GROUPED_LR_SCALE),  # the default recipe on a grouped grid
+    (["--preset", "w4pc"], "lora", 1e-4),  # per channel: the Kaiming start
+    (["--preset", "q4_0", "--recipe", "paper"], "lora", 1e-5),  # the paper's Kaiming start and scale lr
+    (["--preset", "q4_0", "--ab-init", "lora", "--lr-scale", "2e-4"], "lora", 2e-4),  # the user's values win
+])
+def test_the_default_recipe_depends_on_the_grid_and_reaches_the_checkpoint(tiny_llama, tmp_path, extra, ab_init,
+                                                                          lr_scale):
+    from lrqat_export.app.cli import main
+    from lrqat_export.core.intckpt import load_intckpt
+
+    argv = ["train", "--model", str(tiny_llama), "--rank", "4", "--steps", "2", "--seq-len", "32",
+            "--max-train-windows", "8", "--out", str(tmp_path / "a"), *extra]
+    assert main(argv) == 0
+    training = load_intckpt(tmp_path / "a").manifest["training"]
+    assert training["lrqat"]["ab_init"] == ab_init
+    assert training["config"]["lr_scale"] == lr_scale

@@ -161,3 +161,12 @@ def test_lrqat_train_is_fused_by_default_and_no_fused_turns_it_off():
 
     assert options().fused and options("--fused").fused and not options("--no-fused").fused
     assert cli.run_job(cli.build_parser().parse_args(["run", "--out", "x", "--no-fused"])).options.fused is False
+
+
+@pytest.mark.parametrize("shape, density", [((48, 128), 0.0), ((48, 128), 0.01), ((7, 9), 0.2), ((64, 96), 1.0),
+                                            ((1536, 576), 0.003)])
+def test_clipped_entries_are_nonzeros_entries(shape, density):
+    g = torch.Generator().manual_seed(0)
+    flags = ((torch.rand(shape, generator=g) < density).to(torch.int8)
+             * torch.where(torch.rand(shape, generator=g) < 0.5, -1, 1).to(torch.int8))
+    assert torch.equal(fused.clipped_entries(flags), flags.nonzero())

@@ -16,7 +16,7 @@ from converters.gguf import EMBED_CHOICES
 from ..core import quiet
 from ..core.errors import CheckFailed, UserError
 from ..core.models import DEFAULT_MODEL
-from ..core.quant import DEFAULT_PRESET, spec_from_args
+from ..core.quant import DEFAULT_PRESET, PRESETS, spec_from_args
 from ..methods import registry
 from ..methods.common import AB_INITS, PHI_CHOICES, MethodOptions
 from ..train.config import INIT_STEPS, TrainConfig
@@ -131,10 +131,11 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
     g.add_argument("--phi", choices=list(PHI_CHOICES),
                    help=f"storage of the frozen Φ0: bf16, int8 fixed point Q(b).(8-b) (half the memory; the paper's), "
                         f"int4 double-packed, fp32 (default {_method_defaults('phi')})")
-    g.add_argument("--ab-init", choices=list(AB_INITS), default=OPTS.ab_init,
+    g.add_argument("--ab-init", choices=list(AB_INITS),
                    help=f"start of B (A starts at 0 either way, so training starts at RTN): lora = Kaiming; act = the "
                         f"top-r principal directions of each layer's inputs; grad = the row space of the loss "
-                        f"gradient, both from the first {INIT_STEPS} steps' windows (default {OPTS.ab_init})")
+                        f"gradient, both from the first {INIT_STEPS} steps' windows (default "
+                        f"{registry.default('lrqat', 'ab_init')}; lora under torchrun and in --recipe paper)")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=opts.checkpointing,
                    help=f"recompute each layer's fake-quantized weight in backward instead of keeping weight-sized "
                         f"intermediates: less memory, slower, the same numbers (default "
@@ -151,7 +152,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
     g.add_argument("--grad-accum", type=POSITIVE, default=TRAIN.grad_accum, help="micro-batches per step")
     g.add_argument("--lr-ab", type=RATE, help=f"learning rate of A and B (default {_method_defaults('lr_ab')})")
     g.add_argument("--lr-scale", type=RATE, help=f"learning rate of the scales (default "
-                                                  f"{_method_defaults('lr_scale')}; 0 = frozen)")
+                                                  f"{_method_defaults('lr_scale')}; lrqat on grouped grids "
+                                                  f"{registry.default('lrqat', 'lr_scale', spec=PRESETS['q4_0']):g}; "
+                                                  f"0 = frozen)")
     g.add_argument("--recipe", default=registry.DEFAULT_RECIPE, choices=list(registry.RECIPES),
                    help="named set of per-method defaults for every option left unset: default (the tool's, tuned "
                         "for short budgets) or paper (each method's paper's settings, cross-entropy)")
@@ -199,7 +202,7 @@ def _options(args) -> MethodOptions:
     return MethodOptions(rank=args.rank, alpha=args.alpha, phi=args.phi, range_method=args.range_method,
                          checkpointing=args.checkpointing, fused=args.fused,
                          lr_weight=getattr(args, "lr_weight", None),
-                         ab_init=getattr(args, "ab_init", OPTS.ab_init))
+                         ab_init=getattr(args, "ab_init", None))
 
 
 def _train_cfg(args) -> TrainConfig:

@@ -57,8 +57,8 @@ def run(job: RunJob) -> dict:
 
 
 def _run(job: RunJob, out: Path, recipe: str) -> dict:
-    spec, opts = job.spec, registry.resolve_options("lrqat", job.options, recipe)
-    cfg = job.train.resolved("lrqat", recipe)
+    spec = job.spec
+    opts, cfg = registry.resolve_options("lrqat", job.options, recipe, spec), job.train.resolved("lrqat", recipe, spec)
     ev, data = job.eval, job.data
     timings: dict[str, float] = {}
     t = time.perf_counter()

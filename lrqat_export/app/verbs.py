@@ -31,7 +31,7 @@ def train(job: TrainJob) -> dict:
     # Bad options and wrong launches fail here, on every rank, before any process group exists.
     dist = Dist.from_env(job.device, job.dist_backend)
     check_launch(job.method, dist)
-    cfg = job.train.resolved(job.method, registry.check_recipe(job.recipe))
+    cfg = job.train.resolved(job.method, registry.check_recipe(job.recipe), job.spec)
     Dist.check_batch(cfg.batch_size, cfg.grad_accum, 1 if dist is None else dist.world_size)
     with Dist.session(dist):
         res = _train(job, dist)

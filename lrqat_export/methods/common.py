@@ -34,7 +34,7 @@ class MethodOptions:
     checkpointing: bool = True  # recompute each layer's weight construction in backward
     fused: bool = True  # LR-QAT: the fused quantizer (methods/fused.py; same Ŵ, faster); False = the eager chain
     lr_weight: float | None = None  # full-qat: learning rate of the float weights
-    ab_init: str = "lora"  # LR-QAT: B's start — Kaiming ("lora") or data-aware ("act", "grad"; AB_INITS)
+    ab_init: str | None = None  # LR-QAT: B's start — Kaiming ("lora") or data-aware ("act", "grad"; AB_INITS)
 
     def require(self, *names: str, method: str = "method") -> None:
         """Refuse unresolved (None) fields: low-level builders take every hyperparameter explicitly."""

@@ -11,6 +11,7 @@ its paper's values and cross-entropy):
 
     method     trains                    defaults (alpha, lr_ab, lr_scale, lr_weight)   output         exact export
     lrqat      A, B, s (inside ⌊·⌉)      16, 3e-3, 1e-4, Φ0 bf16                        IntCheckpoint  yes
+                                         (grouped grids: lr_scale 3e-4, ab_init grad)
                                          (paper: 1, 1e-3, 1e-5, Φ0 int8)
     full-qat   W, s (LSQ)                lr_scale 1e-5, lr_weight 5e-5 (the paper's)    IntCheckpoint  yes
     peqa       s                         lr_scale 3e-4 (paper recipe: 1e-4)             IntCheckpoint  yes
@@ -34,9 +35,12 @@ from .common import MethodOptions, trainable_parameters
 ParamGroup = tuple[str, tuple[str, ...], float, float]
 
 FULL_QAT_WD_W = 0.1  # the paper: weight decay 0.1 on the full-model weights
-HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective", "phi")  # the per-method defaults
-# A recipe is a named set of per-method defaults. "default" is `Method.defaults`; every other recipe overrides
-# some of them (`Method.recipes[name]`). "paper": each method's own paper's settings, trained on cross-entropy.
+GROUPED_LR_SCALE = 3e-4  # LR-QAT's scale lr on grouped one-level grids (the default recipe)
+# the per-method defaults
+HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective", "phi", "ab_init")
+# A recipe is a named set of per-method defaults. "default" is `Method.defaults`, then `Method.grid_defaults(spec)`
+# where a default depends on the grid; every other recipe overrides some of them (`Method.recipes[name]`).
+# "paper": each method's own paper's settings, trained on cross-entropy.
 RECIPES = ("default", "paper")
 DEFAULT_RECIPE = "default"
 
@@ -50,6 +54,8 @@ class Method:
     exact: bool  # its IntCheckpoint reproduces the trained (or quantized) model's logits bit for bit
     defaults: Mapping[str, float | str | None] = field(default_factory=dict)  # HYPERPARAMETERS, "default" recipe
     recipes: Mapping[str, Mapping[str, float | str | None]] = field(default_factory=dict)  # recipe → overrides
+    # the "default" recipe's values that depend on the grid: (QuantSpec) -> overrides of `defaults`
+    grid_defaults: Callable[[Any], Mapping[str, float | str | None]] | None = None
     distributed: bool = False  # trains under torchrun (FSDP2)
     uses_init: bool = False  # an --init IntCheckpoint's codes and scales start the training
     prepare: Callable[..., Any] | None = None  # (model, spec, opts, init) -> model
@@ -79,7 +85,8 @@ def _ab(h) -> list[ParamGroup]:
 
 
 # QLoRA's α and lr
-_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "kl", "phi": None}
+_LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "kl", "phi": None,
+         "ab_init": None}
 _LORA_PAPER = {"paper": {"alpha": 16.0, "lr_ab": 2e-4, "objective": "ce"}}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -90,9 +97,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            # Φ0 in bf16 (2 bytes a weight) by default: the paper's int8 Q4.4 keeps every weight at least 1/16 of a
            # step from a rounding boundary, a dead zone A·B must cross before any code moves (the sweep: 58.9 % →
            # 61.7 % of the w4pc out-of-domain gap); --phi int8 halves the frozen weights' memory
+           # grouped one-level grids (q4_0, w3g64, ...): their many scales learn faster, and B starts in the row
+           # space of the first steps' loss gradient (BENCHMARKS.md, the sweep: runs GE, GS2, GP)
            defaults={"alpha": 16.0, "lr_ab": 3e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "kl",
-                     "phi": "bf16"},
-           recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce", "phi": "int8"}},
+                     "phi": "bf16", "ab_init": "lora"},
+           grid_defaults=lambda spec: ({"lr_scale": GROUPED_LR_SCALE, "ab_init": "grad"}
+                                       if spec.group_size != -1 and not spec.super_block else {}),
+           recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce", "phi": "int8",
+                              "ab_init": "lora"}},
            prepare=lrqat.prepare,
            groups=lambda h: [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"]),
                              ("scale", (".scale", ".kmin"), h["lr_scale"], h["weight_decay"])],
@@ -104,7 +116,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
            exact=True, uses_init=True,
            defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "kl",
-                     "phi": None},
+                     "phi": None, "ab_init": None},
            recipes={"paper": {"lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "ce"}},
            prepare=baselines.prepare_full_qat, fuse=_fuse_baseline("full-qat"),
            groups=lambda h: [("weight", (".weight",), h["lr_weight"], FULL_QAT_WD_W),
@@ -112,7 +124,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("peqa", "PEQA: frozen RTN codes, scales trained", trains=True, output="intckpt", exact=True,
            uses_init=True,
            defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 3e-4, "lr_weight": None, "objective": "kl",
-                     "phi": None},
+                     "phi": None, "ab_init": None},
            recipes={"paper": {"lr_scale": 1e-4, "objective": "ce"}},  # 1e-4: our earlier choice (no paper value)
            prepare=baselines.prepare_peqa, fuse=_fuse_baseline("peqa"),
            groups=lambda h: [("scale", (".scale",), h["lr_scale"], 0.0)]),
@@ -160,24 +172,27 @@ def check_recipe(recipe: str) -> str:
     return recipe
 
 
-def defaults(name: str, recipe: str = DEFAULT_RECIPE) -> dict:
-    """Every per-method default of method `name` in `recipe`."""
+def defaults(name: str, recipe: str = DEFAULT_RECIPE, spec=None) -> dict:
+    """Every per-method default of method `name` in `recipe`; with the grid `spec`, the "default" recipe's
+    grid-dependent values too (`Method.grid_defaults`; without it, the values that hold for per-channel grids)."""
     m = get(name)
-    return {**m.defaults, **m.recipes.get(check_recipe(recipe), {})}
+    grid = m.grid_defaults(spec) if spec is not None and m.grid_defaults is not None else {}
+    return {**m.defaults, **grid, **m.recipes.get(check_recipe(recipe), {})}
 
 
-def resolve_options(name: str, opts: MethodOptions | None = None, recipe: str = DEFAULT_RECIPE) -> MethodOptions:
-    """`opts` with every unset (None) per-method field filled with the method's default in `recipe`."""
-    d, opts = defaults(name, recipe), opts or MethodOptions()
-    fill = {k: d.get(k) for k in ("alpha", "lr_weight", "phi") if getattr(opts, k) is None}
+def resolve_options(name: str, opts: MethodOptions | None = None, recipe: str = DEFAULT_RECIPE,
+                    spec=None) -> MethodOptions:
+    """`opts` with every unset (None) per-method field filled with the method's default in `recipe` (on `spec`)."""
+    d, opts = defaults(name, recipe, spec), opts or MethodOptions()
+    fill = {k: d.get(k) for k in ("alpha", "lr_weight", "phi", "ab_init") if getattr(opts, k) is None}
     return dataclasses.replace(opts, **fill)
 
 
-def default(name: str, key: str, recipe: str = DEFAULT_RECIPE) -> float | str | None:
-    """One default of one method in one recipe (`key` in HYPERPARAMETERS)."""
+def default(name: str, key: str, recipe: str = DEFAULT_RECIPE, spec=None) -> float | str | None:
+    """One default of one method in one recipe, on grid `spec` if given (`key` in HYPERPARAMETERS)."""
     if key not in HYPERPARAMETERS:
         raise KeyError(f"{key!r} is not a per-method hyperparameter; expected one of {HYPERPARAMETERS}")
-    return defaults(name, recipe).get(key)
+    return defaults(name, recipe, spec).get(key)
 
 
 def param_groups(name: str, hyper: Mapping[str, float]) -> list[ParamGroup]:

@@ -14,6 +14,7 @@ from ..methods.common import MethodOptions
 from .objective import KD_TEACHERS, OBJECTIVES
 
 INIT_STEPS = 4  # a data-aware start (registry data_init, e.g. LR-QAT's ab_init) looks at the first 4 steps' windows
+# (all of them in a shorter run)
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ class TrainConfig:
         if not 0 <= self.ce_weight <= 1:
             raise UserError(f"--ce-weight: expected a number in [0, 1], got {self.ce_weight}")
 
-    def resolved(self, method: str = "lrqat", recipe: str = registry.DEFAULT_RECIPE) -> TrainConfig:
+    def resolved(self, method: str = "lrqat", recipe: str = registry.DEFAULT_RECIPE, spec=None) -> TrainConfig:
         """This config with every unset learning rate and the objective taken from `method`'s defaults in
-        `recipe` (methods.registry)."""
-        fill = {k: registry.default(method, k, recipe) for k in ("lr_ab", "lr_scale", "objective")
+        `recipe` on the grid `spec` (methods.registry)."""
+        fill = {k: registry.default(method, k, recipe, spec) for k in ("lr_ab", "lr_scale", "objective")
                 if getattr(self, k) is None}
         return dataclasses.replace(self, **fill) if fill else self
 

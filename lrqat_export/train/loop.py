@@ -159,10 +159,12 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
         bar = tqdm(total=cfg.steps, initial=step, desc=desc or ("LR-QAT" if method == "lrqat" else method),
                    unit="step", dynamic_ncols=True)
     data_init = registry.get(method).data_init
-    if step == 0 and data_init is not None and getattr(opts, "ab_init", "lora") != "lora":
+    if step == 0 and data_init is not None and opts.ab_init not in (None, "lora"):
         if dist is not None:
             raise UserError(f"ab_init {opts.ab_init}: not supported under torchrun yet; expected ab_init lora")
-        first = torch.cat([batch_indices(s, cfg.batch_size, n_windows, cfg.seed) for s in range(INIT_STEPS)])
+        # the windows of the first steps the run trains on (the teacher's cache holds exactly those)
+        first = torch.cat([batch_indices(s, cfg.batch_size, n_windows, cfg.seed)
+                           for s in range(min(INIT_STEPS, cfg.steps))])
 
         def init_loss(mb, mb_idx):
             with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
