@@ -41,7 +41,8 @@ def _env() -> dict[str, str]:
 def _common(model: Path, steps: int = STEPS) -> list[str]:
     return ["train", "--model", str(model), "--preset", "q4_0", "--rank", "4", "--alpha", "4", "--steps", str(steps),
             "--seq-len", "32", "--max-train-windows", "24", "--batch-size", "4", "--ckpt-every", "1",
-            "--lr-ab", "1e-2", "--lr-scale", "1e-3"]
+            "--lr-ab", "1e-2", "--lr-scale", "1e-3",
+            "--ab-init", "lora"]  # one process and torchrun alike (the data-aware start is one process only)
 
 
 def _launch(args: list[str], nproc: int | None) -> subprocess.Popen:
@@ -221,3 +222,13 @@ def test_other_verbs_refuse_a_torchrun_launch(tiny_llama, tmp_path, capsys, monk
     assert main(["ptq", "--model", str(tiny_llama), "--out", str(tmp_path / "o")]) == 2
     assert "lrqat ptq: expected a single process, got a torchrun launch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_torchrun_takes_the_kaiming_start_where_the_default_is_data_aware(tiny_llama, tmp_path):
+    """q4_0's default start of B is the gradient's row space (one process only): under torchrun an unset --ab-init
+    trains from the Kaiming start, and the checkpoint says so."""
+    args = [a for a in _common(tiny_llama, steps=2) if a not in ("--ab-init", "lora")]
+    r = _run([*args, "--out", str(tmp_path / "run")], nproc=2)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "run" / "lrqat_manifest.json").read_text())
+    assert manifest["training"]["lrqat"]["ab_init"] == "lora"
