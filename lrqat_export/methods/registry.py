@@ -176,7 +176,8 @@ def defaults(name: str, recipe: str = DEFAULT_RECIPE, spec=None) -> dict:
     """Every per-method default of method `name` in `recipe`; with the grid `spec`, the "default" recipe's
     grid-dependent values too (`Method.grid_defaults`; without it, the values that hold for per-channel grids)."""
     m = get(name)
-    grid = m.grid_defaults(spec) if spec is not None and m.grid_defaults is not None else {}
+    grid = (m.grid_defaults(spec) if recipe == DEFAULT_RECIPE and spec is not None and m.grid_defaults is not None
+            else {})
     return {**m.defaults, **grid, **m.recipes.get(check_recipe(recipe), {})}
 
 
