@@ -96,10 +96,10 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     method = "lrqat" if config.startswith("lrqat") else {"full-qat": "full-qat", "full-qat-ckpt": "full-qat",
                                                          "peqa": "peqa", "qlora": "qlora", "lora": "lora-fp"}[config]
     # every method at its registry defaults; minmax scales (setup time only), full QAT without checkpointing
+    spec = PRESETS[preset]
     opts = registry.resolve_options(method, MethodOptions(
         rank=rank, phi=config.split("-")[1] if method == "lrqat" else None, range_method="minmax",
-        checkpointing=config != "full-qat", fused=not config.endswith("-eager")), spec=PRESETS[preset])
-    spec = PRESETS[preset]
+        checkpointing=config != "full-qat", fused=not config.endswith("-eager")), spec=spec)
     tc = TrainConfig(steps=1000).resolved(method, spec=spec)
     teacher, prepass = None, None
     if teacher_windows is not None:

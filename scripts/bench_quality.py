@@ -57,8 +57,7 @@ def method_config(method: str, steps: int, batch: int, recipe: str = "default", 
                   overrides: dict | None = None, kd: dict | None = None, spec=None):
     """(registry name, resolved MethodOptions, resolved TrainConfig) of a trained cell: every method at its
     registry defaults in `recipe` on grid `spec` (tests/test_architecture.py checks that they are exactly the
-    CLI's), then the
-    sweep's `overrides` (MethodOptions / TrainConfig fields) and distillation settings `kd`."""
+    CLI's), then the sweep's `overrides` (MethodOptions / TrainConfig fields) and distillation settings `kd`."""
     import dataclasses
 
     from lrqat_export.methods import registry
