@@ -15,8 +15,8 @@ weight gradient G = dyᵀx. Here:
           dA = (α/r)·(G∘SM)·Bᵀ = (α/r)·[ S·dyᵀ·(x·Bᵀ) − (G∘S∘(1−M))·Bᵀ ]
           dB = (α/r)·Aᵀ·(G∘SM) = (α/r)·[ (dy·S·A)ᵀ·x − Aᵀ·(G∘S∘(1−M)) ]
           ds_i = Σ_t dy_ti · (y_ti − b_i) / s_i        (= Σ_j G_ij (c − z)_ij: y/s is x·(c − z)ᵀ)
-      where the clipped entries (usually few) are gathered one by one; past 1/64 of the weights the dense route
-      below is cheaper.
+      where the clipped entries (usually few) form a sparse CSR pattern: dyᵀx is sampled there only (SDDMM)
+      and subtracted by two sparse × dense products; past 1/64 of the weights the dense route below is cheaper.
     - grouped scales: G = dyᵀx, then one compiled pass gives G∘S∘M and the per-group sums Σ G·(c − z).
   The gradients are today's eager autograd's (straight-through round, clamp's mask, fp16_ste's identity inside
   its clamp), summed in another order: equal to a float tolerance, not bit for bit.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -45,7 +46,6 @@ from .common import fp16_scales, linear
 log = logging.getLogger(__name__)
 
 SPARSE_CLIP_FRACTION = 1 / 64  # per channel: clipped entries corrected one by one up to this fraction of a weight
-_GATHER_ELEMENTS = 1 << 22  # tokens × clipped entries gathered at once by the sparse correction
 
 RECOMPILE_LIMIT = 20  # variants of one pass: φ (4) × per channel or grouped × symmetric or not, a few spare
 _KERNELS: dict[tuple, Callable] = {}
@@ -132,8 +132,9 @@ def _make(kind: str, upcast, qmin: int, qmax: int):
     return {"weight": weight, "weight_clipped": weight_clipped, "grads": grads}[kind]
 
 
-def _kernel(kind: str, spec: QuantSpec, phi: str, upcast: Callable, device: torch.device) -> tuple[Callable, Callable]:
-    """(compiled, eager) versions of pass `kind` for this grid and φ; one compilation serves every shape."""
+def _kernel(kind: str, spec: QuantSpec, phi: str, upcast: Callable,
+            device: torch.device) -> tuple[Callable, Callable, str]:
+    """(compiled, eager, name) of pass `kind` for this grid and φ; one compilation serves every shape."""
     key = (kind, spec.bits, spec.group_size == -1, spec.symmetric, phi, device.type)
     if key not in _KERNELS:
         # every grid and φ of a process shares a pass's code object, and dynamo counts their variants against one
@@ -141,16 +142,16 @@ def _kernel(kind: str, spec: QuantSpec, phi: str, upcast: Callable, device: torc
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
         eager = _make(kind, lambda t: upcast(t, spec, phi), spec.qmin, spec.qmax)
-        _KERNELS[key] = (torch.compile(eager, dynamic=True, fullgraph=True), eager)
+        name = f"{kind}/{phi}/w{spec.bits}{'pc' if spec.group_size == -1 else 'g'}/{device.type}"
+        _KERNELS[key] = (torch.compile(eager, dynamic=True, fullgraph=True), eager, name)
     return _KERNELS[key]
 
 
 def _run(kind: str, spec, phi, upcast, *args):
     dev = args[0].device
-    compiled, eager = _kernel(kind, spec, phi, upcast, dev)
+    compiled, eager, name = _kernel(kind, spec, phi, upcast, dev)
     if dev.type in _BROKEN:
         return eager(*args)
-    name = f"{kind}/{phi}/w{spec.bits}{'pc' if spec.group_size == -1 else 'g'}/{dev.type}"
     first = name not in COMPILE_SECONDS
     t0 = time.perf_counter() if first else 0.0
     try:  # element-wise fp32, no autograd
@@ -251,12 +252,22 @@ def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
     gs = g2 * s16.T  # (T, out): dy·S
     da = ls * (gs.T @ (x2 @ b.T))  # (out, r)
     db = ls * ((gs @ a).T @ x2)  # (r, in)
-    chunk = max(1, _GATHER_ELEMENTS // max(1, x2.shape[0]))
-    for k in range(0, idx.shape[0], chunk):
-        i, j = idx[k:k + chunk].unbind(1)
-        c = (gs[:, i] * x2[:, j]).sum(0)  # (K,): s_i·G_ij at the clipped entries, whose gradient the clamp stops
-        da.index_add_(0, i, -ls * c.unsqueeze(1) * b[:, j].T)
-        db.index_add_(1, j, -ls * a[i].T * c.unsqueeze(0))
+    if idx.shape[0]:
+        # the clipped entries as a sparse (out, in) pattern: one sampled product gives −(α/r)·s_i·G_ij there
+        # (the gradient the clamp stops), two sparse × dense products take it out of dA and dB. 1.7–1.9× faster
+        # than gathering the K rows of dyᵀ and xᵀ (0.39 vs 0.65 ms at 2,000 entries of a 1536 × 576 layer)
+        out_f, in_f = gs.shape[1], x2.shape[1]
+        rows, cols = idx.unbind(1)
+        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=idx.device)
+        torch.cumsum(torch.bincount(rows, minlength=out_f), 0, out=crow[1:])
+        with warnings.catch_warnings():  # torch's notice that the CSR layout is "in beta", once a process
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cols.contiguous(), gs.new_zeros(idx.shape[0]), (out_f, in_f),
+                                              check_invariants=False)  # valid by construction: row-major, unique
+        # (out, T) rows: 5× faster sampling than the transposed view, for one copy of dy·S
+        corr = torch.sparse.sampled_addmm(pattern, gs.T.contiguous(), x2, beta=0.0, alpha=-ls)
+        da += corr @ b.T
+        db += (corr.t() @ a).T
     y0 = y.reshape(-1, g2.shape[1]).float()
     if bias is not None:
         y0 = y0 - bias.float()
