@@ -25,6 +25,9 @@ Per configuration the child process reports:
     accounting       bytes of trainable parameters, frozen weights/buffers, gradients and AdamW state (torch-side).
                      (and torch.cuda.max_memory_reserved: what the caching allocator held from the card).
     step_s           median wall time of the timed steps (forward, backward, clip, AdamW).
+    clipped_fraction LR-QAT: the share of codes the clamp holds after the timed steps (in `accounting`).
+    minor_faults     page faults of each timed step (getrusage): memory the allocator handed back to the OS and
+                     mapped in again, a cost the CPU step pays on every weight-sized temporary it re-allocates.
     compile_s        fused LR-QAT: seconds torch.compile spent on the first call of each kernel (in the warm-up
                      step, so not in step_s; also see warmup_s).
 --bf16 runs the step under bf16 autocast, as `lrqat train --bf16` does (the paper trains in bf16); the quantizer
@@ -76,7 +79,7 @@ def _status_bytes(key: str) -> int:
 
 
 def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dtype: str = "fp32",
-           teacher_windows=None):
+           teacher_windows=None, range_method: str = "minmax"):
     """(model, optimizer, teacher cache | None, pre-pass record | None). teacher_windows: the token windows the
     steps will use; when given, the float model's top-k targets are computed on them before it is prepared (the
     kl objective's pre-pass), with that pass's own peak resident set recorded."""
@@ -95,10 +98,12 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
         model = LlamaForCausalLM(cfg)  # HF's own random init
     method = "lrqat" if config.startswith("lrqat") else {"full-qat": "full-qat", "full-qat-ckpt": "full-qat",
                                                          "peqa": "peqa", "qlora": "qlora", "lora": "lora-fp"}[config]
-    # every method at its registry defaults; minmax scales (setup time only), full QAT without checkpointing
+    # every method at its registry defaults; minmax scales unless --range-method (setup time, and the entries
+    # that clip: none under minmax, some under lp, whose backward the fused quantizer corrects one by one), full
+    # QAT without checkpointing
     spec = PRESETS[preset]
     opts = registry.resolve_options(method, MethodOptions(
-        rank=rank, phi=config.split("-")[1] if method == "lrqat" else None, range_method="minmax",
+        rank=rank, phi=config.split("-")[1] if method == "lrqat" else None, range_method=range_method,
         checkpointing=config != "full-qat", fused=not config.endswith("-eager")), spec=spec)
     tc = TrainConfig(steps=1000).resolved(method, spec=spec)
     teacher, prepass = None, None
@@ -146,7 +151,8 @@ def child(a: dict) -> dict:
     ids = torch.randint(0, vocab, (a["batch"], a["seq"]), generator=gen).to(a["device"])
     t0 = time.perf_counter()
     model, opt, teacher, prepass = _build(a["shape"], a["config"], a["preset"], a["rank"], a["device"],
-                                          a.get("base_dtype", "fp32"), ids if kl and not online else None)
+                                          a.get("base_dtype", "fp32"), ids if kl and not online else None,
+                                          a.get("range_method", "minmax"))
     if online:  # LR-QAT as its own teacher (--kd-teacher online): no pre-pass, one more no-grad forward a step
         from lrqat_export.methods.lrqat import as_teacher
         from lrqat_export.train.objective import OnlineTeacher
@@ -196,16 +202,28 @@ def child(a: dict) -> dict:
             torch.cuda.synchronize()
         return loss
 
-    times, warm = [], []
+    times, warm, faults = [], [], []
     for i in range(a["warmup"] + a["steps"]):
-        t = time.perf_counter()
+        t, f = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss = step()
         (times if i >= a["warmup"] else warm).append(time.perf_counter() - t)
+        if i >= a["warmup"]:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     acc["optimizer_bytes"] = _tensor_bytes([v for s in opt.state.values() for v in s.values()
                                             if torch.is_tensor(v) and v.dim() > 0])
     from lrqat_export.methods import fused
+    from lrqat_export.methods.lrqat import LRQATLinear, phi_up
 
+    clipped, weights = 0, 0  # LR-QAT: codes the clamp holds after the timed steps (the sparse backward's work)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LRQATLinear) and not m.spec.is_k:
+                z = torch.round(phi_up(m.phi0, m.spec, m.phi) + m.lora_scale * (m.lora_A.float() @ m.lora_B.float()))
+                clipped += int(((z < m.spec.qmin) | (z > m.spec.qmax)).sum())
+                weights += z.numel()
+    acc["clipped_fraction"] = clipped / weights if weights else None
     res = {"ok": True, "setup_s": setup_s, "step_s": statistics.median(times), "step_times": times,
+           "minor_faults": faults,  # page faults of each timed step: fresh memory the allocator mapped in
            "warmup_s": warm, "compile_s": sum(fused.COMPILE_SECONDS.values()), "compiled": dict(fused.COMPILE_SECONDS),
            "fused_off": fused.off_reasons(),
            "rss_setup_bytes": rss_setup, "peak_step_bytes": _status_bytes("VmHWM"), "accounting": acc,
@@ -258,6 +276,28 @@ def run_one(a: dict, limit_bytes: int, timeout: float) -> dict:
     where = "on the GPU" if a["device"].startswith("cuda") else f"at {limit_bytes / GiB:.1f} GiB"
     return {"ok": False, "oom": oom, "returncode": p.returncode, "wall_s": wall,
             "error": f"OOM {where}" if oom else err[-300:]}
+
+
+def merge_rounds(runs: list[dict]) -> list[dict]:
+    """One row per (shape, config) from the runs of every round: step_s is the median of all their timed steps,
+    round_step_s each round's median, the peaks the largest; a failed run makes the row failed. With --rounds the
+    configurations alternate (A B A B …), so a slow spell of the machine falls on all of them, not on one."""
+    rows: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["shape"], r["config"])
+        if key not in rows or not r.get("ok"):
+            rows[key] = {**r, "round_step_s": [r["step_s"]] if r.get("ok") else []}
+            continue
+        m = rows[key]
+        if not m.get("ok"):
+            continue
+        m["step_times"] = m["step_times"] + r["step_times"]
+        m["minor_faults"] = m.get("minor_faults", []) + r.get("minor_faults", [])
+        m["round_step_s"].append(r["step_s"])
+        m["step_s"] = statistics.median(m["step_times"])
+        m["peak_step_bytes"] = max(m["peak_step_bytes"], r["peak_step_bytes"])
+        m["loadavg_1m"] = max(m["loadavg_1m"], r["loadavg_1m"])
+    return list(rows.values())
 
 
 def fmt_gib(b) -> str:
@@ -340,7 +380,13 @@ def main(argv=None) -> int:
                     help="recompute each decoder layer in backward, as `lrqat train --checkpoint-layers`")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile one more step and report its N costliest ops (self time)")
+    ap.add_argument("--range-method", default="minmax", choices=["minmax", "lp"],
+                    help="initial scales: minmax (default; fast set-up, no code clips at the start) or lp, `lrqat "
+                         "train`'s default (some codes clip, and the fused backward corrects those one by one)")
     ap.add_argument("--threads", type=int, help="torch threads in the child (default torch's)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the list of configurations this many times, alternating (A B A B …); each config's "
+                         "step_s is the median over all its rounds' timed steps (default 1)")
     ap.add_argument("--objective", default="ce", choices=["ce", "kl", "kl-online"],
                     help="training loss of the step: ce, or kl to the float model's top-k targets (the default "
                          "recipe's); kl also records the teacher pre-pass (peak, seconds, cache bytes per token); "
@@ -366,27 +412,30 @@ def main(argv=None) -> int:
                         "child_mem_limit_gib": round(limit / GiB, 1)},
             "args": vars(args), "seq": seq, "steps": steps}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for shape in shapes:
-        for config in args.configs:
-            a = {"shape": shape, "config": config, "preset": args.preset, "rank": args.rank, "batch": args.batch,
-                 "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads,
-                 "bf16": args.bf16, "base_dtype": args.base_dtype, "profile_top": args.profile,
-                 "checkpoint_layers": args.checkpoint_layers, "objective": args.objective}
-            r = {**a, **run_one(a, limit, args.timeout)}
-            rows.append(r)
-            msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s"
-                   + (f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else "")
-                   + (f", FUSED OFF: {r['fused_off']}" if r.get("fused_off") else "") if r.get("ok")
-                   else r.get("error"))
-            print(f"  {shape:<15} {config:<14} {msg}", flush=True)
-            if r.get("prepass"):
-                pp = r["prepass"]
-                print(f"      teacher pre-pass: peak {fmt_gib(pp['peak_bytes'])} GiB, {pp['prepass_s']:.1f} s, cache "
-                      f"{pp['cache_bytes_per_token']:.0f} B/token (top-{pp['topk']})", flush=True)
-            for op in r.get("profile", []):  # the child's list (the count went as profile_top)
-                print(f"      {op['self_ms']:9.2f} ms {op['calls']:6d}×  {op['op'][:90]}", flush=True)
-            write_json(args.json, {**meta, "rows": rows})  # after every row: a stopped run keeps what it measured
+    runs, rows = [], []  # runs: one per (round, shape, config); rows: one per (shape, config), rounds merged
+    for rnd, shape, config in ((k, s, c) for k in range(args.rounds) for s in shapes for c in args.configs):
+        a = {"shape": shape, "config": config, "preset": args.preset, "rank": args.rank, "batch": args.batch,
+             "seq": seq, "warmup": args.warmup, "steps": steps, "device": args.device, "threads": args.threads,
+             "bf16": args.bf16, "base_dtype": args.base_dtype, "profile_top": args.profile,
+             "checkpoint_layers": args.checkpoint_layers, "objective": args.objective,
+             "range_method": args.range_method}
+        r = {**a, **run_one(a, limit, args.timeout), "round": rnd}
+        runs.append(r)
+        rows = merge_rounds(runs)
+        msg = (f"peak {fmt_gib(r['peak_step_bytes'])} GiB, step {r['step_s']:.2f} s"
+               + (f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else "")
+               + (f", FUSED OFF: {r['fused_off']}" if r.get("fused_off") else "") if r.get("ok")
+               else r.get("error"))
+        print(f"  {shape:<15} {config:<14} {msg}" + (f"  (round {rnd + 1})" if args.rounds > 1 else ""),
+              flush=True)
+        if r.get("prepass"):
+            pp = r["prepass"]
+            print(f"      teacher pre-pass: peak {fmt_gib(pp['peak_bytes'])} GiB, {pp['prepass_s']:.1f} s, cache "
+                  f"{pp['cache_bytes_per_token']:.0f} B/token (top-{pp['topk']})", flush=True)
+        for op in r.get("profile", []):  # the child's list (the count went as profile_top)
+            print(f"      {op['self_ms']:9.2f} ms {op['calls']:6d}×  {op['op'][:90]}", flush=True)
+        # after every run: a stopped benchmark keeps what it measured
+        write_json(args.json, {**meta, "rows": rows, **({"runs": runs} if args.rounds > 1 else {})})
     for shape in shapes:
         print(f"\n### {shape} (batch {args.batch} × seq {seq}, preset {args.preset}, device {args.device}"
               f"{', bf16 autocast' if args.bf16 else ''}{', bf16 frozen base' if args.base_dtype == 'bf16' else ''}"

@@ -16,12 +16,32 @@ def test_memory_speed_child_runs_and_accounts_int8_below_float(tmp_path):
                  "--steps", "1", "--json", str(out), "--plot", ""]) == 0
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
     assert all(r["ok"] and r["peak_step_bytes"] >= r["rss_setup_bytes"] > 0 for r in rows.values()), rows
+    assert all(len(r["minor_faults"]) == 1 and r["minor_faults"][0] >= 0 for r in rows.values())
     acc = {k: r["accounting"] for k, r in rows.items()}
     # bf16 Φ0 is 2 bytes per quantized weight, int8 1 byte, double-packed int4 half of that, LoRA's frozen base 4
     assert (acc["lrqat-int4"]["frozen_bytes"] < acc["lrqat-int8"]["frozen_bytes"] < acc["lrqat-bf16"]["frozen_bytes"]
             < acc["lora"]["frozen_bytes"])
     assert all(a["grad_bytes"] == a["trainable_bytes"] and a["optimizer_bytes"] == 2 * a["trainable_bytes"]
                for a in acc.values())
+
+
+def test_memory_speed_rounds_merge_every_timed_step():
+    """--rounds: each config's step_s is the median over all its rounds' timed steps, round_step_s each round's
+    median, the peak the largest; one failed round fails the row."""
+    from scripts.bench_memory_speed import merge_rounds
+
+    def run(config, rnd, times, peak, ok=True):
+        return {"shape": "s", "config": config, "round": rnd, "ok": ok, "step_times": times,
+                "step_s": sorted(times)[len(times) // 2], "minor_faults": [1] * len(times), "peak_step_bytes": peak,
+                "loadavg_1m": 1.0 + rnd}
+
+    rows = {r["config"]: r for r in merge_rounds([
+        run("a", 0, [1.0, 5.0, 2.0], 10), run("b", 0, [3.0], 7), run("a", 1, [4.0, 0.5, 0.7], 12),
+        run("b", 1, [3.0], 7, ok=False)])}
+    a = rows["a"]
+    assert a["step_times"] == [1.0, 5.0, 2.0, 4.0, 0.5, 0.7] and a["step_s"] == 1.5
+    assert a["round_step_s"] == [2.0, 0.7] and a["peak_step_bytes"] == 12 and a["loadavg_1m"] == 2.0
+    assert len(a["minor_faults"]) == 6 and not rows["b"]["ok"]
 
 
 def test_memory_speed_kl_objective_records_the_teacher_prepass(tmp_path):
