@@ -103,6 +103,26 @@ def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, monkeypatch):
             assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max(), name
 
 
+@pytest.mark.parametrize("k", [1, 37, 700])
+def test_clip_corrections_agree(k, monkeypatch):
+    """The CPU's CSR correction and the gather route other devices take (chunked here: 3 chunks at k = 700) give
+    the same (dA, dB) parts, and both are the dense −(α/r)·(S·G at the clipped entries) products."""
+    g = torch.Generator().manual_seed(k)
+    out_f, in_f, r, t = 48, 64, 4, 9
+    gs_t, x2 = torch.randn(out_f, t, generator=g), torch.randn(t, in_f, generator=g)
+    a, b = torch.randn(out_f, r, generator=g), torch.randn(r, in_f, generator=g)
+    flat = torch.randperm(out_f * in_f, generator=g)[:k].sort().values
+    idx = torch.stack((flat // in_f, flat % in_f), 1)
+    mask = torch.zeros(out_f, in_f)
+    mask.view(-1)[flat] = 1.0
+    dense = -0.5 * (gs_t @ x2) * mask
+    monkeypatch.setattr(fused, "_GATHER_ELEMENTS", 256 * t)
+    for route in (fused._correction_csr, fused._correction_gather):
+        da, db = route(gs_t, x2, a, b, idx, 0.5)
+        assert (da - dense @ b.T).abs().max() <= 1e-5 * da.abs().max(), route.__name__
+        assert (db - a.T @ dense).abs().max() <= 1e-5 * db.abs().max(), route.__name__
+
+
 @pytest.mark.parametrize("preset", ["w4pc", "q4_1"])
 def test_fused_training_fuses_to_the_trained_logits_exactly(tiny_llama, tmp_path, preset):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)

@@ -15,8 +15,9 @@ weight gradient G = dyᵀx. Here:
           dA = (α/r)·(G∘SM)·Bᵀ = (α/r)·[ S·dyᵀ·(x·Bᵀ) − (G∘S∘(1−M))·Bᵀ ]
           dB = (α/r)·Aᵀ·(G∘SM) = (α/r)·[ (dy·S·A)ᵀ·x − Aᵀ·(G∘S∘(1−M)) ]
           ds_i = Σ_t dy_ti · (y_ti − b_i) / s_i        (= Σ_j G_ij (c − z)_ij: y/s is x·(c − z)ᵀ)
-      where the clipped entries (usually few) form a sparse CSR pattern: dyᵀx is sampled there only (SDDMM)
-      and subtracted by two sparse × dense products; past 1/64 of the weights the dense route below is cheaper.
+      where the clipped entries (usually few) form a sparse CSR pattern on the CPU: dyᵀx is sampled there only
+      (SDDMM) and subtracted by two sparse × dense products (elsewhere the entries are gathered in chunks); past
+      1/64 of the weights the dense route below is cheaper.
     - grouped scales: G = dyᵀx, then one compiled pass gives G∘S∘M and the per-group sums Σ G·(c − z).
   The gradients are today's eager autograd's (straight-through round, clamp's mask, fp16_ste's identity inside
   its clamp), summed in another order: equal to a float tolerance, not bit for bit.
@@ -46,6 +47,8 @@ from .common import fp16_scales, linear
 log = logging.getLogger(__name__)
 
 SPARSE_CLIP_FRACTION = 1 / 64  # per channel: clipped entries corrected one by one up to this fraction of a weight
+CSR_DEVICES = ("cpu",)  # the correction as a sparse CSR product here (measured); gathers elsewhere
+_GATHER_ELEMENTS = 1 << 22  # tokens × clipped entries gathered at once by the gather correction
 
 RECOMPILE_LIMIT = 20  # variants of one pass: φ (4) × per channel or grouped × symmetric or not, a few spare
 _KERNELS: dict[tuple, Callable] = {}
@@ -249,31 +252,51 @@ def clipped_entries(flags: torch.Tensor) -> torch.Tensor:
 def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
     """Per-channel gradients of A, B, s without G = dyᵀx (module docstring). x2 (T, in), g2 = dy (T, out) fp32;
     idx (K, 2): the clipped (row, column) entries."""
-    # (out, T): (dy·S)ᵀ; stored token-minor when the sparse correction below samples its rows (it reads a transposed
-    # view 5× slower), a view of the (T, out) product otherwise; the matmuls take either layout
+    # (out, T): (dy·S)ᵀ; stored token-minor when the correction below reads its rows (a transposed view is 5× slower
+    # to sample), a view of the (T, out) product otherwise; the matmuls take either layout
     gs_t = (g2.T * s16).contiguous() if idx.shape[0] else (g2 * s16.T).T
     da = ls * (gs_t @ (x2 @ b.T))  # (out, r)
     db = ls * ((a.T @ gs_t) @ x2)  # (r, in)
     if idx.shape[0]:
-        # the clipped entries as a sparse (out, in) pattern: one sampled product gives −(α/r)·s_i·G_ij there
-        # (the gradient the clamp stops), two sparse × dense products take it out of dA and dB. 1.7–1.9× faster
-        # than gathering the K rows of dyᵀ and xᵀ (0.39 vs 0.65 ms at 2,000 entries of a 1536 × 576 layer)
-        out_f, in_f = gs_t.shape[0], x2.shape[1]
-        rows, cols = idx.unbind(1)
-        crow = torch.zeros(out_f + 1, dtype=torch.int64, device=idx.device)
-        torch.cumsum(torch.bincount(rows, minlength=out_f), 0, out=crow[1:])
-        with warnings.catch_warnings():  # torch's notice that the CSR layout is "in beta", once a process
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, cols.contiguous(), x2.new_zeros(idx.shape[0]), (out_f, in_f),
-                                              check_invariants=False)  # valid by construction: row-major, unique
-        corr = torch.sparse.sampled_addmm(pattern, gs_t, x2, beta=0.0, alpha=-ls)
-        da += corr @ b.T
-        db += (corr.t() @ a).T
+        correction = _correction_csr if x2.device.type in CSR_DEVICES else _correction_gather
+        da_c, db_c = correction(gs_t, x2, a, b, idx, ls)
+        da += da_c
+        db += db_c
     y0 = y.reshape(-1, g2.shape[1]).float()
     if bias is not None:
         y0 = y0 - bias.float()
     ds = (g2 * y0).sum(0, keepdim=True).T / s16  # (out, 1): Σ_t dy·x·(c − z)ᵀ
     return da, db, ds
+
+
+def _correction_csr(gs_t, x2, a, b, idx, ls):
+    """(dA, dB) parts of the clipped entries, whose gradient the clamp stops: the entries as a sparse (out, in)
+    pattern, one sampled product −(α/r)·s_i·G_ij there and two sparse × dense products. On the CPU 1.7–1.9×
+    faster than gathering (0.39 vs 0.65 ms at 2,000 entries of a 1536 × 576 layer). gs_t: (dy·S)ᵀ, (out, T)."""
+    out_f, in_f = gs_t.shape[0], x2.shape[1]
+    rows, cols = idx.unbind(1)
+    crow = torch.zeros(out_f + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(torch.bincount(rows, minlength=out_f), 0, out=crow[1:])
+    with warnings.catch_warnings():  # torch's notice that the CSR layout is "in beta", once a process
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols.contiguous(), x2.new_zeros(idx.shape[0]), (out_f, in_f),
+                                          check_invariants=False)  # valid by construction: row-major, unique
+    corr = torch.sparse.sampled_addmm(pattern, gs_t, x2, beta=0.0, alpha=-ls)
+    return corr @ b.T, (corr.t() @ a).T
+
+
+def _correction_gather(gs_t, x2, a, b, idx, ls):
+    """The same (dA, dB) parts from dense gathers, in chunks of at most _GATHER_ELEMENTS: the route on devices
+    whose sparse kernels this project has not measured (CUDA)."""
+    x_t, b_t = x2.T.contiguous(), b.T.contiguous()
+    da, db_t = torch.zeros_like(a), torch.zeros_like(b_t)
+    chunk = max(1, _GATHER_ELEMENTS // max(1, x2.shape[0]))
+    for k in range(0, idx.shape[0], chunk):
+        i, j = idx[k:k + chunk].unbind(1)
+        c = (gs_t[i] * x_t[j]).sum(1, keepdim=True) * -ls  # (K, 1): −(α/r)·s_i·G_ij
+        da.index_add_(0, i, c * b_t[j])
+        db_t.index_add_(0, j, c * a[i])
+    return da, db_t.T
 
 
 def quantized_linear(x, phi0, lora_a, lora_b, scale, zero, bias, spec: QuantSpec, phi: str, lora_scale: float,
