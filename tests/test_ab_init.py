@@ -138,3 +138,32 @@ def test_the_default_recipe_depends_on_the_grid_and_reaches_the_checkpoint(tiny_
     training = load_intckpt(tmp_path / "a").manifest["training"]
     assert training["lrqat"]["ab_init"] == ab_init
     assert training["config"]["lr_scale"] == lr_scale
+
+
+def test_direct_train_call_takes_the_grid_defaults_of_the_prepared_model(tiny_llama, monkeypatch):
+    """loop.train called directly with an unresolved config (no spec): the grid of the model's quantized layers
+    picks the defaults, as `lrqat train` does (grouped q4_0: scale lr 3e-4; per channel: 1e-4)."""
+    from transformers import AutoModelForCausalLM
+
+    from lrqat_export.core.data import text_windows
+    from lrqat_export.core.models import load_tokenizer
+    from lrqat_export.methods.common import MethodOptions
+    from lrqat_export.methods.lrqat import prepare
+    from lrqat_export.train import loop
+    from lrqat_export.train.config import TrainConfig
+
+    windows = text_windows(load_tokenizer(tiny_llama), ["pydoc"], 32, 8)
+    seen = {}
+    real = loop.make_optimizer
+
+    def spy(model, cfg, groups=None):
+        seen.update({g[0]: g[2] for g in groups})
+        return real(model, cfg, groups)
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    for preset, lr_scale in (("q4_0", registry.GROUPED_LR_SCALE), ("w4pc", 1e-4)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        prepare(model, PRESETS[preset], MethodOptions(rank=4, alpha=4.0, ab_init="lora", phi="int8"))
+        assert loop.model_spec(model) == PRESETS[preset]
+        loop.train(model, windows, TrainConfig(steps=1, objective="ce"), progress=False)
+        assert seen["scale"] == lr_scale, preset

@@ -78,7 +78,7 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
         fsdp.shard(model, dist)
     t_prep = time.perf_counter()
     history = train(model, windows, cfg, out, resume=resume, progress=progress, dist=dist, method=method, opts=opts,
-                    teacher=teacher, recipe=recipe)
+                    teacher=teacher, recipe=recipe, spec=spec)
     t_train = time.perf_counter()
     extra = {
         "training": {"config": dataclasses.asdict(cfg), "method": method, "recipe": recipe,

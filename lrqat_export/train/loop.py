@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.quant import QuantSpec
 from ..core.fsio import write_json
 from ..methods import registry
 from ..methods.common import MethodOptions, trainable_parameters
@@ -111,11 +112,17 @@ def enable_layer_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def model_spec(model: nn.Module) -> QuantSpec | None:
+    """The grid of the prepared model's first quantized layer (the preset's; a mixed K preset such as Q4_K_M gives
+    its main grid or the other, both K grids with the same defaults), None for a model without any (float LoRA)."""
+    return next((m.spec for m in model.modules() if isinstance(getattr(m, "spec", None), QuantSpec)), None)
+
+
 def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: str | Path | None = None,
           resume: bool = False, progress: bool = True, stop_after: int | None = None,
           dist: D.Dist | None = None, method: str = "lrqat", opts: MethodOptions | None = None,
           desc: str | None = None, teacher: objective.TeacherCache | None = None,
-          recipe: str = registry.DEFAULT_RECIPE) -> list[dict]:
+          recipe: str = registry.DEFAULT_RECIPE, spec: QuantSpec | None = None) -> list[dict]:
     """Train the prepared model in place. Returns the history [{step, loss, lr, tokens_per_s}, ...].
 
     out: directory for checkpoints (out/train_state) and train_log.json; None = no checkpoints.
@@ -126,6 +133,8 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     unset ones.
     teacher: the float model's top-k targets on the training windows (objective.build_teacher_cache), needed by the
     kl and mix objectives.
+    spec: the grid the model was prepared on, whose grid-dependent defaults fill the unset options
+    (registry.Method.grid_defaults); None = the grid of the model's quantized layers.
     """
     out = Path(out) if out is not None else None
     if out is not None:
@@ -135,8 +144,9 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     model.train()
     if cfg.checkpoint_layers:
         enable_layer_checkpointing(model)
-    cfg = cfg.resolved(method, recipe)
-    opts = registry.resolve_options(method, opts, recipe)
+    spec = spec if spec is not None else model_spec(model)
+    cfg = cfg.resolved(method, recipe, spec)
+    opts = registry.resolve_options(method, opts, recipe, spec)
     if cfg.objective != "ce" and teacher is None:
         raise UserError(f"objective {cfg.objective}: expected the teacher's targets (objective.build_teacher_cache on "
                         f"the float model before prepare), got none")
