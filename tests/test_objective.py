@@ -101,10 +101,11 @@ def test_every_method_trains_toward_the_float_model_under_kl(tiny_llama, method)
 def test_cli_mix_run_records_its_objective_and_teacher(tiny_llama, tmp_path):
     argv = ["train", "--model", str(tiny_llama), "--preset", "q4_0", "--rank", "4", "--steps", "4", "--seq-len", "32",
             "--max-train-windows", "12", "--objective", "mix", "--kd-topk", "16", "--kd-temperature", "2",
-            "--out", str(tmp_path / "a")]
+            "--phi", "bf16", "--kd-layer", "0.5", "--out", str(tmp_path / "a")]
     assert main(argv) == 0
     t = load_intckpt(tmp_path / "a").manifest["training"]
     assert t["config"]["objective"] == "mix" and t["teacher"]["topk"] == 16 and t["teacher"]["temperature"] == 2.0
+    assert t["config"]["kd_layer"] == 0.5
     assert t["recipe"] == "default" and 0 <= t["teacher"]["mean_rest_mass"] < 1
 
 
@@ -211,3 +212,50 @@ def test_a_cache_too_large_for_memory_is_refused_before_the_prepass(tiny_llama):
         O.check_cache_fits(held + 1, 2 * held, "lrqat")
     with pytest.raises(UserError, match=r"use a smaller --kd-topk"):
         O.check_cache_fits(held + 1, 2 * held, "peqa")
+
+
+def test_layer_terms_are_each_layers_error_against_its_float_weight(tiny_llama):
+    """--kd-layer: one term per quantized layer and forward, ‖y − x·W0ᵀ‖² / ‖x·W0ᵀ‖² on the layer's own input x,
+    with W0 = s0·(Φ0 − z); the loss adds their mean times the weight. No-grad and teacher forwards add none; a Φ0
+    of codes only, a method without float weights and a negative weight are refused."""
+    from lrqat_export.methods.lrqat import as_teacher, lrqat_layers
+
+    w = _windows(tiny_llama, 2)
+    m = registry.get("lrqat").prepare(_model(tiny_llama), PRESETS["q4_0"], MethodOptions(rank=4, alpha=8.0,
+                                                                                          phi="bf16"))
+    layers = lrqat_layers(m)
+    seen = {}
+    hooks = [lay.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, (inp[0], out)))
+             for n, lay in layers.items()]
+    with O.layer_terms(m) as terms:
+        m(input_ids=w)
+    for h in hooks:
+        h.remove()
+    assert len(terms) == len(layers) == len(seen)
+    want = []
+    for n, lay in layers.items():
+        x, y = seen[n]
+        ref = F.linear(x, lay.teacher_weight())
+        want.append(((y - ref) ** 2).mean() / (ref ** 2).mean())
+    got = torch.stack(terms)
+    assert torch.allclose(got, torch.stack(want), rtol=1e-5) and bool((got > 0).all())
+    torch.manual_seed(0)
+    base = float(O.loss(m, w, "ce"))
+    assert float(O.loss(m, w, "ce", layer_weight=2.0)) == pytest.approx(base + 2.0 * float(got.mean()), rel=1e-5)
+    with O.layer_terms(m) as terms:
+        with torch.no_grad():
+            m(input_ids=w)
+        with as_teacher(m):
+            m(input_ids=w)
+    assert terms == []
+    coarse = registry.get("lrqat").prepare(_model(tiny_llama), PRESETS["q4_0"], MethodOptions(rank=4, alpha=8.0,
+                                                                                               phi="int4"))
+    with pytest.raises(UserError, match=r"--kd-layer: expected quantized layers that keep the float weights.*"
+                                        r"LRQATLinear with a Φ0 of codes only"):
+        O.loss(coarse, w, "ce", layer_weight=1.0)
+    p = registry.get("peqa").prepare(_model(tiny_llama), PRESETS["q4_0"],
+                                     registry.resolve_options("peqa", MethodOptions()), None)
+    with pytest.raises(UserError, match=r"--kd-layer: .*got none"):
+        O.loss(p, w, "ce", layer_weight=1.0)
+    with pytest.raises(UserError, match=r"--kd-layer: expected >= 0, got -1"):
+        TrainConfig(kd_layer=-1.0)

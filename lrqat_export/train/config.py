@@ -38,6 +38,7 @@ class TrainConfig:
     kd_topk: int = 64  # teacher tokens kept per position (the rest of its mass is one more outcome)
     kd_teacher: str = "cache"  # cache: one pre-pass of the float model; online: the model is its own teacher (lrqat)
     ce_weight: float = 0.5  # mix: weight of cross-entropy (1 − it on the KL)
+    kd_layer: float = 0.0  # weight of the layers' output reconstruction against their float weights (objective.layer_terms)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -51,6 +52,8 @@ class TrainConfig:
             raise UserError(f"--kd-temperature: expected > 0, got {self.kd_temperature}")
         if self.kd_teacher not in KD_TEACHERS:
             raise UserError(f"--kd-teacher: expected one of {KD_TEACHERS}, got {self.kd_teacher!r}")
+        if not self.kd_layer >= 0:
+            raise UserError(f"--kd-layer: expected >= 0, got {self.kd_layer}")
         if self.kd_topk < 1:
             raise UserError(f"--kd-topk: expected >= 1, got {self.kd_topk}")
         if not 0 <= self.ce_weight <= 1:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -155,8 +157,13 @@ def kl_topk(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tenso
 
 
 def loss(model, batch: torch.Tensor, objective: str, teacher: TeacherCache | OnlineTeacher | None = None,
-         idx: torch.Tensor | None = None, ce_weight: float = 0.5) -> torch.Tensor:
-    """The training loss of `model` on token windows `batch` (rows `idx` of the training windows)."""
+         idx: torch.Tensor | None = None, ce_weight: float = 0.5, layer_weight: float = 0.0) -> torch.Tensor:
+    """The training loss of `model` on token windows `batch` (rows `idx` of the training windows); with
+    `layer_weight` > 0 plus that times the layers' output reconstruction (`layer_terms`)."""
+    if layer_weight > 0:
+        with layer_terms(model) as terms:
+            main = loss(model, batch, objective, teacher, idx, ce_weight)
+        return main + layer_weight * torch.stack(terms).mean()
     if objective == "ce":
         return model(input_ids=batch, labels=batch).loss
     if teacher is None or idx is None:
@@ -168,3 +175,32 @@ def loss(model, batch: torch.Tensor, objective: str, teacher: TeacherCache | Onl
         return kl
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     return ce_weight * ce + (1 - ce_weight) * kl
+
+
+@contextmanager
+def layer_terms(model) -> Iterator[list[torch.Tensor]]:
+    """Within: every forward of a quantized layer that keeps its float weight W0 (LR-QAT with a Φ0 finer than the
+    codes: `teacher_weight`) appends ‖y − x·W0ᵀ‖² / ‖x·W0ᵀ‖², its output's relative error against the float layer
+    on the same input: a target for each layer's own codes (the AdaRound / GPTQ reconstruction), next to the
+    model-level one. The teacher's own forwards (online teacher) and no-grad forwards add nothing."""
+    layers = [m for m in model.modules() if callable(getattr(m, "teacher_weight", None))]
+    coarse = sorted({type(m).__name__ for m in layers if not m.holds_float_weights()})
+    if not layers or coarse:
+        raise UserError(f"--kd-layer: expected quantized layers that keep the float weights (LR-QAT with --phi "
+                        f"bf16), got {'none' if not layers else ', '.join(coarse) + ' with a Φ0 of codes only'}")
+    terms: list[torch.Tensor] = []
+
+    def hook(m, inp, out):
+        if getattr(m, "teacher", False) or not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            ref = F.linear(inp[0], m.teacher_weight().to(out.dtype),
+                           None if m.bias is None else m.bias.to(out.dtype)).float()
+        terms.append((out.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(torch.finfo(torch.float32).tiny))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        yield terms
+    finally:
+        for h in handles:
+            h.remove()
