@@ -239,6 +239,19 @@ def test_layer_terms_are_each_layers_error_against_its_float_weight(tiny_llama):
         want.append(((y - ref) ** 2).mean() / (ref ** 2).mean())
     got = torch.stack(terms)
     assert torch.allclose(got, torch.stack(want), rtol=1e-5) and bool((got > 0).all())
+    # target "float": the float model's own output of each layer (its inputs are the float model's too)
+    floats = {}
+    hooks = [lay.register_forward_hook(lambda mod, inp, out, n=n: floats.__setitem__(n, out))
+             for n, lay in layers.items()]
+    with torch.no_grad(), as_teacher(m):
+        m(input_ids=w)
+    for h in hooks:
+        h.remove()
+    with O.layer_terms(m, w) as terms_f:
+        m(input_ids=w)
+    want_f = [((seen[n][1] - floats[n]) ** 2).mean() / (floats[n] ** 2).mean() for n in layers]
+    assert torch.allclose(torch.stack(terms_f), torch.stack(want_f), rtol=1e-5)
+    assert not torch.allclose(torch.stack(terms_f), got, rtol=1e-2)  # the inputs differ after the first layer
     torch.manual_seed(0)
     base = float(O.loss(m, w, "ce"))
     assert float(O.loss(m, w, "ce", layer_weight=2.0)) == pytest.approx(base + 2.0 * float(got.mean()), rel=1e-5)
@@ -259,3 +272,5 @@ def test_layer_terms_are_each_layers_error_against_its_float_weight(tiny_llama):
         O.loss(p, w, "ce", layer_weight=1.0)
     with pytest.raises(UserError, match=r"--kd-layer: expected >= 0, got -1"):
         TrainConfig(kd_layer=-1.0)
+    with pytest.raises(UserError, match=r"--kd-layer-target: expected one of \('input', 'float'\), got 'x'"):
+        TrainConfig(kd_layer_target="x")

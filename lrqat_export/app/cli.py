@@ -176,6 +176,10 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"weight of each quantized layer's output error against its float weight on the same input "
                         f"(‖y − x·W0ᵀ‖²/‖x·W0ᵀ‖², averaged over layers), added to the loss; LR-QAT with a Φ0 finer "
                         f"than the codes (default {TRAIN.kd_layer}: off)")
+    g.add_argument("--kd-layer-target", choices=["input", "float"], default=TRAIN.kd_layer_target,
+                   help="--kd-layer's target for a layer: input = its float weight on the layer's own input; float = "
+                        "the float model's output of that layer (one more no-grad forward a step) "
+                        f"(default {TRAIN.kd_layer_target})")
     g.add_argument("--ce-weight", type=float_in(0.0, 1.0), default=TRAIN.ce_weight,
                    help=f"mix: weight of cross-entropy, 1 − it on the KL (default {TRAIN.ce_weight})")
     g.add_argument("--warmup", type=float_in(0.0, 1.0, hi_open=True), default=TRAIN.warmup_fraction,
@@ -214,7 +218,7 @@ def _train_cfg(args) -> TrainConfig:
                        lr_scale=args.lr_scale, warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed,
                        ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers, objective=args.objective,
                        kd_temperature=args.kd_temperature, kd_topk=args.kd_topk, kd_teacher=args.kd_teacher,
-                       ce_weight=args.ce_weight, kd_layer=args.kd_layer)
+                       ce_weight=args.ce_weight, kd_layer=args.kd_layer, kd_layer_target=args.kd_layer_target)
 
 
 def _data(args) -> J.DataOptions:

@@ -39,6 +39,7 @@ class TrainConfig:
     kd_teacher: str = "cache"  # cache: one pre-pass of the float model; online: the model is its own teacher (lrqat)
     ce_weight: float = 0.5  # mix: weight of cross-entropy (1 − it on the KL)
     kd_layer: float = 0.0  # weight of the layers' output reconstruction against their float weights (objective.layer_terms)
+    kd_layer_target: str = "input"  # input: x·W0ᵀ on the layer's own input; float: the float model's layer output
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -54,6 +55,8 @@ class TrainConfig:
             raise UserError(f"--kd-teacher: expected one of {KD_TEACHERS}, got {self.kd_teacher!r}")
         if not self.kd_layer >= 0:
             raise UserError(f"--kd-layer: expected >= 0, got {self.kd_layer}")
+        if self.kd_layer_target not in ("input", "float"):
+            raise UserError(f"--kd-layer-target: expected one of ('input', 'float'), got {self.kd_layer_target!r}")
         if self.kd_topk < 1:
             raise UserError(f"--kd-topk: expected >= 1, got {self.kd_topk}")
         if not 0 <= self.ce_weight <= 1:

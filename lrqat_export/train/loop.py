@@ -178,7 +178,8 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
 
         def init_loss(mb, mb_idx):
             with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                return objective.loss(model, mb, cfg.objective, teacher, mb_idx, cfg.ce_weight, cfg.kd_layer)
+                return objective.loss(model, mb, cfg.objective, teacher, mb_idx, cfg.ce_weight, cfg.kd_layer,
+                                      cfg.kd_layer_target)
 
         data_init(model, opts, ((train_windows[i].to(device), i) for i in first.split(micro)), init_loss)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -193,7 +194,7 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
                 model.set_requires_gradient_sync(i == cfg.grad_accum - 1)
             with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = objective.loss(model, mb, cfg.objective, teacher, mb_idx, cfg.ce_weight,
-                                      cfg.kd_layer) / cfg.grad_accum
+                                      cfg.kd_layer, cfg.kd_layer_target) / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
         if dist is not None:

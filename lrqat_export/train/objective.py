@@ -4,6 +4,8 @@
     kl    τ² · KL(teacher_τ ‖ student_τ) per next-token position, averaged: the student is trained to reproduce the
           float model's distribution, not to adapt to the training text (Gemma 3 QAT, NVIDIA's QAD)
     mix   ce_weight · ce + (1 − ce_weight) · kl
+and, with --kd-layer λ > 0 (LR-QAT with a Φ0 finer than the codes), + λ · the mean over quantized layers of each
+layer's output error against its own float weight on the same input (`layer_terms`).
 
 The teacher is the source float model itself, run once before the model is prepared: a no-grad pre-pass over every
 window the run will draw keeps, per position, the teacher's top-k log-probabilities (at temperature τ) and the
@@ -157,11 +159,12 @@ def kl_topk(student_logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tenso
 
 
 def loss(model, batch: torch.Tensor, objective: str, teacher: TeacherCache | OnlineTeacher | None = None,
-         idx: torch.Tensor | None = None, ce_weight: float = 0.5, layer_weight: float = 0.0) -> torch.Tensor:
+         idx: torch.Tensor | None = None, ce_weight: float = 0.5, layer_weight: float = 0.0,
+         layer_target: str = "input") -> torch.Tensor:
     """The training loss of `model` on token windows `batch` (rows `idx` of the training windows); with
     `layer_weight` > 0 plus that times the layers' output reconstruction (`layer_terms`)."""
     if layer_weight > 0:
-        with layer_terms(model) as terms:
+        with layer_terms(model, batch if layer_target == "float" else None) as terms:
             main = loss(model, batch, objective, teacher, idx, ce_weight)
         return main + layer_weight * torch.stack(terms).mean()
     if objective == "ce":
@@ -178,24 +181,43 @@ def loss(model, batch: torch.Tensor, objective: str, teacher: TeacherCache | Onl
 
 
 @contextmanager
-def layer_terms(model) -> Iterator[list[torch.Tensor]]:
+def layer_terms(model, float_batch: torch.Tensor | None = None) -> Iterator[list[torch.Tensor]]:
     """Within: every forward of a quantized layer that keeps its float weight W0 (LR-QAT with a Φ0 finer than the
-    codes: `teacher_weight`) appends ‖y − x·W0ᵀ‖² / ‖x·W0ᵀ‖², its output's relative error against the float layer
-    on the same input: a target for each layer's own codes (the AdaRound / GPTQ reconstruction), next to the
-    model-level one. The teacher's own forwards (online teacher) and no-grad forwards add nothing."""
+    codes: `teacher_weight`) appends ‖y − t‖² / ‖t‖², its output's relative error against a float target t: a
+    target for each layer's own codes next to the model-level one. t = x·W0ᵀ on the layer's own input x (target
+    "input": the AdaRound / GPTQ reconstruction), or, given `float_batch` (target "float"), the float model's output
+    of that layer on those tokens, from one more no-grad forward with every layer on W0 (the student must then also
+    make up for the error of the layers before it). The teacher's own forwards and no-grad forwards add nothing."""
     layers = [m for m in model.modules() if callable(getattr(m, "teacher_weight", None))]
     coarse = sorted({type(m).__name__ for m in layers if not m.holds_float_weights()})
     if not layers or coarse:
         raise UserError(f"--kd-layer: expected quantized layers that keep the float weights (LR-QAT with --phi "
                         f"bf16), got {'none' if not layers else ', '.join(coarse) + ' with a Φ0 of codes only'}")
     terms: list[torch.Tensor] = []
+    targets: dict[int, list[torch.Tensor]] = {}
+    if float_batch is not None:
+        from ..methods.lrqat import as_teacher
+
+        def keep(m, inp, out):
+            targets.setdefault(id(m), []).append(out.detach().float())
+
+        kept = [m.register_forward_hook(keep) for m in layers]
+        try:
+            with torch.no_grad(), as_teacher(model):
+                model(input_ids=float_batch)
+        finally:
+            for h in kept:
+                h.remove()
 
     def hook(m, inp, out):
         if getattr(m, "teacher", False) or not torch.is_grad_enabled():
             return
-        with torch.no_grad():
-            ref = F.linear(inp[0], m.teacher_weight().to(out.dtype),
-                           None if m.bias is None else m.bias.to(out.dtype)).float()
+        if float_batch is not None:
+            ref = targets[id(m)].pop(0)
+        else:
+            with torch.no_grad():
+                ref = F.linear(inp[0], m.teacher_weight().to(out.dtype),
+                               None if m.bias is None else m.bias.to(out.dtype)).float()
         terms.append((out.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(torch.finfo(torch.float32).tiny))
 
     handles = [m.register_forward_hook(hook) for m in layers]
