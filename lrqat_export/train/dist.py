@@ -33,6 +33,7 @@ RNG: training draws no random numbers (Llama has no dropout; the data order is a
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -127,6 +128,11 @@ def session(d: Dist | None) -> Iterator[Dist | None]:
     try:
         yield d
     finally:
+        # free the job's reference cycles (FSDP2's hooks hold the sharded model) while the interpreter and the
+        # group are alive: tensors still held by gloo's work objects and freed only at interpreter finalization can
+        # abort the process (pytorch/pytorch#179291). One CI run saw rank 1 end with SIGABRT after training; this
+        # is a likely cause, not a proven one (it did not recur in six reruns)
+        gc.collect()
         dist.destroy_process_group()
 
 
