@@ -212,15 +212,14 @@ def child(a: dict) -> dict:
     acc["optimizer_bytes"] = _tensor_bytes([v for s in opt.state.values() for v in s.values()
                                             if torch.is_tensor(v) and v.dim() > 0])
     from lrqat_export.methods import fused
-    from lrqat_export.methods.lrqat import LRQATLinear, phi_up
+    from lrqat_export.methods.lrqat import LRQATLinear
 
     clipped, weights = 0, 0  # LR-QAT: codes the clamp holds after the timed steps (the sparse backward's work)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LRQATLinear) and not m.spec.is_k:
-                z = torch.round(phi_up(m.phi0, m.spec, m.phi) + m.lora_scale * (m.lora_A.float() @ m.lora_B.float()))
-                clipped += int(((z < m.spec.qmin) | (z > m.spec.qmax)).sum())
-                weights += z.numel()
+    for m in model.modules():
+        if isinstance(m, LRQATLinear) and not m.spec.is_k:
+            z = m.rounded_codes()
+            clipped += int(((z < m.spec.qmin) | (z > m.spec.qmax)).sum())
+            weights += z.numel()
     acc["clipped_fraction"] = clipped / weights if weights else None
     res = {"ok": True, "setup_s": setup_s, "step_s": statistics.median(times), "step_times": times,
            "minor_faults": faults,  # page faults of each timed step: fresh memory the allocator mapped in

@@ -21,7 +21,7 @@ from ..methods import registry
 from ..methods.common import AB_INITS, PHI_CHOICES, MethodOptions
 from ..train.config import INIT_STEPS, TrainConfig
 from ..train import objective
-from ..train.objective import KD_TEACHERS, OBJECTIVES
+from ..train.objective import KD_LAYER_TARGETS, KD_TEACHERS, OBJECTIVES
 from . import jobs as J
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT = 0, 1, 2
@@ -176,7 +176,7 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"weight of each quantized layer's output error against its float weight on the same input "
                         f"(‖y − x·W0ᵀ‖²/‖x·W0ᵀ‖², averaged over layers), added to the loss; LR-QAT with a Φ0 finer "
                         f"than the codes (default {TRAIN.kd_layer}: off)")
-    g.add_argument("--kd-layer-target", choices=["input", "float"], default=TRAIN.kd_layer_target,
+    g.add_argument("--kd-layer-target", choices=list(KD_LAYER_TARGETS), default=TRAIN.kd_layer_target,
                    help="--kd-layer's target for a layer: input = its float weight on the layer's own input; float = "
                         "the float model's output of that layer (one more no-grad forward a step) "
                         f"(default {TRAIN.kd_layer_target})")

@@ -300,10 +300,16 @@ class LRQATLinear(nn.Module):
                                 self.zero, self.bias, self.spec, self.phi, self.lora_scale)
 
     @torch.no_grad()
+    def rounded_codes(self) -> torch.Tensor:
+        """round(Φ0 + (α/r)AB), float32 (out, in), before the clip: outside [qmin, qmax] where the clamp holds a
+        code."""
+        z = phi_up(self.phi0, self.spec, self.phi) + self.lora_scale * (self.lora_A.float() @ self.lora_B.float())
+        return torch.round(z)
+
+    @torch.no_grad()
     def fused_codes(self) -> torch.Tensor:
         """W_int = clip(round(Φ0 + (α/r)AB)), int8 (out, in): the integers the forward uses."""
-        z = phi_up(self.phi0, self.spec, self.phi) + self.lora_scale * (self.lora_A.float() @ self.lora_B.float())
-        return torch.round(z).clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
+        return self.rounded_codes().clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
 
     @torch.no_grad()
     def fused_scales(self) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..core.errors import UserError
 from ..methods import registry
 from ..methods.common import MethodOptions
-from .objective import KD_TEACHERS, OBJECTIVES
+from .objective import KD_LAYER_TARGETS, KD_TEACHERS, OBJECTIVES
 
 INIT_STEPS = 4  # a data-aware start (registry data_init, e.g. LR-QAT's ab_init) looks at the first 4 steps' windows
 # (all of them in a shorter run)
@@ -38,7 +38,7 @@ class TrainConfig:
     kd_topk: int = 64  # teacher tokens kept per position (the rest of its mass is one more outcome)
     kd_teacher: str = "cache"  # cache: one pre-pass of the float model; online: the model is its own teacher (lrqat)
     ce_weight: float = 0.5  # mix: weight of cross-entropy (1 − it on the KL)
-    kd_layer: float = 0.0  # weight of the layers' output reconstruction against their float weights (objective.layer_terms)
+    kd_layer: float = 0.0  # weight of the layers' output error against their float weights (objective.layer_terms)
     kd_layer_target: str = "input"  # input: x·W0ᵀ on the layer's own input; float: the float model's layer output
 
     def __post_init__(self) -> None:
@@ -55,8 +55,8 @@ class TrainConfig:
             raise UserError(f"--kd-teacher: expected one of {KD_TEACHERS}, got {self.kd_teacher!r}")
         if not self.kd_layer >= 0:
             raise UserError(f"--kd-layer: expected >= 0, got {self.kd_layer}")
-        if self.kd_layer_target not in ("input", "float"):
-            raise UserError(f"--kd-layer-target: expected one of ('input', 'float'), got {self.kd_layer_target!r}")
+        if self.kd_layer_target not in KD_LAYER_TARGETS:
+            raise UserError(f"--kd-layer-target: expected one of {KD_LAYER_TARGETS}, got {self.kd_layer_target!r}")
         if self.kd_topk < 1:
             raise UserError(f"--kd-topk: expected >= 1, got {self.kd_topk}")
         if not 0 <= self.ce_weight <= 1:

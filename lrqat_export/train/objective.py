@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("ce", "kl", "mix")
 KD_TEACHERS = ("cache", "online")  # where the distillation targets come from (TrainConfig.kd_teacher)
+KD_LAYER_TARGETS = ("input", "float")  # what a layer's --kd-layer term compares with (layer_terms)
 
 
 @dataclass
