@@ -97,6 +97,21 @@ def _keep(args, preset: str, method: str, ck, tok) -> None:
         write_intckpt(Path(args.keep) / f"{preset}__{method}", ck, tok, overwrite=True)
 
 
+def _moved_from(rtn, ck) -> dict:
+    """How far training moved the integers from RTN's: the share of codes changed, and the median |Δs|/s of the
+    scales (what PEQA can move is the scales only; LR-QAT's adapters change codes)."""
+    import torch
+
+    changed = total = 0
+    rel = []
+    for name, q in ck.layers.items():
+        r = rtn.layers[name]
+        changed += int((q.codes != r.codes).sum())
+        total += q.codes.numel()
+        rel.append(((q.scales.float() - r.scales.float()).abs() / r.scales.float()).flatten())
+    return {"codes_changed_fraction": changed / total, "scale_rel_change_median": float(torch.cat(rel).median())}
+
+
 def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     """One (preset, method) cell on a fresh copy of the base model. base = (model, tok, src, (train, ev, ood))."""
     import torch
@@ -164,6 +179,8 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         _keep(args, preset, method, ck, tok)
         fused = ck.to_torch_model()
         res["exported_spec"] = ck.spec.name
+        if rtn is not None and not ck.spec.is_k:
+            res.update(_moved_from(rtn, ck))
         if m.exact:
             with torch.no_grad():
                 probe = ev[:1, :128]

@@ -119,3 +119,29 @@ def test_gpu_summary_keeps_the_best_row_per_setting(tmp_path):
     # pre-fix reserved is not shown and not used; 23.9 GiB reserved is over 24e9 bytes (22.35 GiB)
     assert "| lrqat-int8 | fp32 | 1 × 1024 | 15.00 | (counts setup) | yes |" in t
     assert "| lrqat-int8 | fp32 | 2 × 1024 | 22.30 | 23.90 | no |" in t
+
+
+def test_quality_cell_counts_the_codes_and_scales_training_moved(tiny_llama):
+    """bench_quality's `_moved_from`: the share of codes that differ from RTN's, and the median relative change of
+    the scales, counted over every layer."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lrqat_export.core.quant import PRESETS
+    from lrqat_export.methods.rtn import ptq_rtn
+    from scripts.bench_quality import _moved_from
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    rtn = ptq_rtn(model, PRESETS["q4_0"], {"name": "tiny", "kind": "hf", "path": str(tiny_llama)})
+    same = _moved_from(rtn, rtn)
+    assert same == {"codes_changed_fraction": 0.0, "scale_rel_change_median": 0.0}
+    moved = copy.deepcopy(rtn)
+    total = sum(q.codes.numel() for q in moved.layers.values())
+    for q in moved.layers.values():
+        q.codes[0, :3] = torch.where(q.codes[0, :3] == 7, 6, q.codes[0, :3] + 1).to(q.codes.dtype)
+        q.scales.mul_(2)  # every scale doubled: |Δs|/s = 1 exactly in fp16
+    got = _moved_from(rtn, moved)
+    assert got["codes_changed_fraction"] == 3 * len(moved.layers) / total
+    assert got["scale_rel_change_median"] == 1.0
