@@ -39,7 +39,6 @@ class TrainConfig:
     kd_teacher: str = "cache"  # cache: one pre-pass of the float model; online: the model is its own teacher (lrqat)
     ce_weight: float = 0.5  # mix: weight of cross-entropy (1 − it on the KL)
     kd_layer: float = 0.0  # weight of the layers' output error against their float weights (objective.layer_terms)
-    scale_lr_by_magnitude: bool = False  # each scale tensor's lr in proportion to its mean |s| (experiment)
     kd_layer_target: str = "input"  # input: x·W0ᵀ on the layer's own input; float: the float model's layer output
 
     def __post_init__(self) -> None:

@@ -85,13 +85,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, groups: list[ParamGroup] 
     opt_groups = []
     for name, _, lr, wd in groups:
         ps = [params[n] for n in members[name]]
-        if ps and lr > 0 and name == "scale" and cfg.scale_lr_by_magnitude:
-            # one group per tensor, its lr in proportion to the tensor's mean |scale| (the groups' mean is `lr`)
-            mags = [float(p.detach().abs().mean()) for p in ps]
-            ref = sum(mags) / len(mags)
-            opt_groups += [{"params": [p], "lr": lr * m / ref, "weight_decay": wd, "name": name}
-                           for p, m in zip(ps, mags)]
-        elif ps and lr > 0:
+        if ps and lr > 0:
             opt_groups.append({"params": ps, "lr": lr, "weight_decay": wd, "name": name})
         else:
             for p in ps:
