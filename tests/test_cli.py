@@ -40,7 +40,13 @@ def test_run_main_job_end_to_end(tiny_llama, tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| LR-QAT, GGUF in llama.cpp |" in md and "| gptq |" in md
-    assert load_intckpt(rep["artifacts"]["intckpt"]).manifest["method"] == "lrqat"
+    ck = load_intckpt(rep["artifacts"]["intckpt"])
+    manifest = ck.manifest
+    assert manifest["method"] == "lrqat"
+    moved = rep["adapters"]  # what the adapters did, as the fused manifest counts it
+    assert moved == manifest["adapters"] and 0 <= moved["codes_moved"] <= moved["codes"]
+    assert moved["codes"] == sum(q.codes.numel() for q in ck.layers.values())
+    assert f"{moved['codes_moved']:,} of {moved['codes']:,}" in md
     assert load_intckpt(rep["artifacts"]["rtn_intckpt"]).manifest["method"] == "rtn"
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lrqat_export.core.errors import UserError
-from lrqat_export.methods.lrqat import LRQATLinear, pack_int4, phi_down, phi_up, unpack_int4
+from lrqat_export.methods.lrqat import LRQATLinear, codes_moved, pack_int4, phi_down, phi_up, unpack_int4
 from lrqat_export.core.quant import PRESETS, QuantSpec, dequantize, rtn_quantize
 
 CASES = [(s, phi) for s in ("q4_0", "w4pc", "q4_1", "w3g64", "q8_0", "w2g64a") for phi in ("int8", "int4", "bf16", "fp32")
@@ -25,6 +25,7 @@ def test_ab_zero_forward_equals_rtn_fake_quant_exactly(spec_name, phi):
         w_rtn = dequantize(codes, s, z, spec)
         x = torch.randn(4, 7, 128)
         assert torch.equal(layer.fused_codes(), codes)
+        assert torch.equal(layer.start_codes(), codes)  # Φ0 alone rounds to RTN's codes
         assert torch.equal(layer.weight(), w_rtn)
         assert torch.equal(layer(x), F.linear(x, w_rtn, lin.bias))
 
@@ -112,3 +113,19 @@ def test_bad_layer_options_are_refused():
     lin.weight.data[0, 0] = float("nan")
     with pytest.raises(UserError, match="NaN/Inf"):
         LRQATLinear.from_linear(lin, PRESETS["q4_0"], alpha=1.0, rank=32)
+
+
+def test_codes_moved_counts_the_integers_the_adapters_changed_from_rtn():
+    spec = PRESETS["q4_0"]
+    torch.manual_seed(0)
+    lins = {f"l{i}": torch.nn.Linear(64, 32) for i in range(2)}
+    lr = {n: LRQATLinear.from_linear(lin, spec, rank=4, phi="bf16", alpha=4.0) for n, lin in lins.items()}
+    start = codes_moved(lr, {n: m.fused_layer() for n, m in lr.items()})
+    assert start == {"codes_moved": 0, "codes": 2 * 32 * 64, "fraction": 0.0}  # A = 0: RTN's codes
+    with torch.no_grad():
+        lr["l1"].lora_A.normal_(0, 1.0)
+    layers = {n: m.fused_layer() for n, m in lr.items()}
+    rtn = {n: rtn_quantize(lin.weight, spec)[0] for n, lin in lins.items()}
+    want = sum(int((layers[n].codes != rtn[n]).sum()) for n in lins)
+    got = codes_moved(lr, layers)
+    assert got["codes_moved"] == want > 0 and got["fraction"] == want / (2 * 32 * 64)

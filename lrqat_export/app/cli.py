@@ -256,6 +256,10 @@ def cmd_train(args) -> int:
         print(f"trainable parameters: {c['trainable']:,} of {c['total']:,} ({100 * c['trainable'] / c['total']:.2f} %)")
     else:
         print(f"trainable parameters: {c['trainable']:,}")
+    if res.get("adapters"):
+        from .report import moved_line
+
+        print(moved_line(res["adapters"]))
     print(f"IntCheckpoint: {res['intckpt']}")
     return EXIT_OK
 

@@ -42,6 +42,13 @@ def plot_report(report: dict, history: list[dict], out: str | Path, labels: dict
     return out
 
 
+def moved_line(a: dict) -> str:
+    """One line on what LR-QAT's adapters did: the integers they moved away from clip(round(Φ0))."""
+    return (f"codes the adapters moved from the start: {a['codes_moved']:,} of {a['codes']:,} "
+            f"({100 * a['fraction']:.4f} %)" + ("; the scales did all the training (as PEQA)" if not a["codes_moved"]
+                                                else ""))
+
+
 def report_markdown(r: dict) -> str:
     """Human-readable report.md: perplexities, parity, artefact sizes, stage timings."""
     names = {"fp": "FP (float32)", "rtn": "RTN (same range search)", "lrqat_torch": "LR-QAT, fused (torch)",
@@ -61,6 +68,9 @@ def report_markdown(r: dict) -> str:
     if r.get("rtn_gap_closed") is not None:
         lines += ["", f"RTN→FP gap closed by LR-QAT: {100 * r['rtn_gap_closed']:.1f} %; trained vs fused "
                       f"IntCheckpoint logits: max |Δ| = {r['fuse_max_abs_logit_diff']}"]
+    if r.get("adapters"):
+        line = moved_line(r["adapters"])
+        lines += ["", line[0].upper() + line[1:] + "."]
     p = r.get("parity", {})
     lines += ["", "| parity | rel. gap (runtime − torch) / torch | threshold | weights == s·W_int | passed |",
               "|---|---|---|---|---|"]

@@ -139,6 +139,7 @@ def _run(job: RunJob, out: Path, recipe: str) -> dict:
         "ood": None if ood_w is None else {"data": ood_name, "windows": int(ood_w.shape[0])},
         "rtn_gap_closed": (ppl["rtn"] - ppl["lrqat_torch"]) / gap if gap > 0 else None,
         "fuse_max_abs_logit_diff": fuse_diff,
+        "adapters": res.get("adapters"),
         "parameters": counts,
         "parity": parity,
         "exports": exports,

@@ -307,6 +307,11 @@ class LRQATLinear(nn.Module):
         return torch.round(z)
 
     @torch.no_grad()
+    def start_codes(self) -> torch.Tensor:
+        """clip(round(Φ0)), int8 (out, in): the integers before training moved A·B (RTN's, or the --init's)."""
+        return torch.round(phi_up(self.phi0, self.spec, self.phi)).clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
+
+    @torch.no_grad()
     def fused_codes(self) -> torch.Tensor:
         """W_int = clip(round(Φ0 + (α/r)AB)), int8 (out, in): the integers the forward uses."""
         return self.rounded_codes().clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
@@ -489,4 +494,13 @@ def fuse_layers(lr: dict[str, LRQATLinear], config, state_dict: dict[str, torch.
         raise UserError(f"fuse: layer {wrong[0]} was trained on {lr[wrong[0]].spec.name}, expected "
                         f"{want[wrong[0]].name} under {spec.name}")
     layers = {name: m.fused_layer() for name, m in lr.items()}
+    extra = {**(extra or {}), "adapters": codes_moved(lr, layers)}
     return build_intckpt(spec, config, layers, state_dict, source, "lrqat", extra)
+
+
+def codes_moved(lr: dict[str, LRQATLinear], layers: dict[str, QuantLayer]) -> dict:
+    """How many fused integers differ from clip(round(Φ0)), the codes the run started from: what the adapters did.
+    With the scales alone training (PEQA), this is 0; BENCHMARKS.md, "What the adapters move"."""
+    moved = sum(int((layers[n].codes != m.start_codes()).sum()) for n, m in lr.items())
+    total = sum(layers[n].codes.numel() for n in lr)
+    return {"codes_moved": moved, "codes": total, "fraction": moved / total}

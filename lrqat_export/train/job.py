@@ -92,6 +92,7 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
                      **D.training_metadata(dist), "final_loss": history[-1]["loss"] if history else None},
         "parameters": counts,
     }
+    moved = None  # LR-QAT: how many integers the adapters moved (the fused manifest's "adapters")
     if m.output == "float":
         _write_float_model(model, tok, out, extra)
     else:
@@ -99,8 +100,9 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
                 else fsdp.fuse_on_main(model, source, extra, dist, spec))
         if ckpt is not None:
             write_intckpt(out, ckpt, tok, in_place=True)
+            moved = ckpt.manifest.get("adapters")
     D.barrier(dist)
-    return {"intckpt": str(out.resolve()), "parameters": counts, "history": history,
+    return {"intckpt": str(out.resolve()), "parameters": counts, "history": history, "adapters": moved,
             "timings": {"teacher_s": t_teacher - t0, "prepare_s": t_prep - t_teacher, "train_s": t_train - t_prep,
                         "fuse_s": time.perf_counter() - t_train}}
 
