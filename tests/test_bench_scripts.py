@@ -145,3 +145,14 @@ def test_quality_cell_counts_the_codes_and_scales_training_moved(tiny_llama):
     got = _moved_from(rtn, moved)
     assert got["codes_changed_fraction"] == 3 * len(moved.layers) / total
     assert got["scale_rel_change_median"] == 1.0
+
+
+def test_ab_product_bench_writes_a_row_per_shape(tmp_path):
+    from scripts.bench_ab_product import SHAPES, main
+
+    out = tmp_path / "ab.json"
+    assert main(["--repeats", "2", "--rank", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["out"], r["in"]) for r in res["rows"]] == [tuple(s) for s in SHAPES["smollm2-135m"]]
+    assert all(r["rank"] == 4 and r["ab_s"] > 0 and r["write_s"] > 0 and r["ab_gflops"] > 0 for r in res["rows"])
+    assert res["gemm_gflops"] > 0 and res["threads"] >= 1
