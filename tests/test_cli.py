@@ -22,7 +22,7 @@ def test_ptq_inspect_and_eval(tiny_llama, tmp_path, capsys):
     assert r["runtime"] == "torch" and r["kind"] == "intckpt" and r["tokens"] == 2 * 63 and r["ppl"] > 1
 
 
-def test_run_main_job_end_to_end(tiny_llama, tmp_path):
+def test_run_main_job_end_to_end(tiny_llama, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", "--model", str(tiny_llama), "--out", str(out), "--preset", "q4_0", "--steps", "3",
                "--seq-len", "32", "--max-train-windows", "16", "--eval-seq-len", "64", "--eval-windows", "2",
@@ -47,6 +47,8 @@ def test_run_main_job_end_to_end(tiny_llama, tmp_path):
     assert moved == manifest["adapters"] and 0 <= moved["codes_moved"] <= moved["codes"]
     assert moved["codes"] == sum(q.codes.numel() for q in ck.layers.values())
     assert f"{moved['codes_moved']:,} of {moved['codes']:,}" in md
+    assert main(["inspect", rep["artifacts"]["intckpt"]]) == 0
+    assert f"adapters      codes the adapters moved from the start: {moved['codes_moved']:,} of" in capsys.readouterr().out
     assert load_intckpt(rep["artifacts"]["rtn_intckpt"]).manifest["method"] == "rtn"
 
 

@@ -9,6 +9,7 @@ from converters.sniff import artifact_kind
 
 from ..core.errors import UserError
 from ..core.intckpt import load_intckpt
+from .report import moved_line
 
 
 def _grid_counts(ck) -> str:
@@ -32,6 +33,7 @@ def inspect_intckpt(path: str | Path) -> str:
                                                   f"{', K grid (super-block 256)' if ck.spec.is_k else ''}"),
         f"  source        {m.get('source', {}).get('name')} ({m.get('source', {}).get('kind')})",
         f"  quantized     {len(ck.layers)} layers",
+        *([f"  adapters      {moved_line(m['adapters'])}"] if m.get("adapters") else []),
         "",
         f"  {'tensor':<48} {'grid':>6} {'shape':>14} {'codes':>10} {'scale min..max':>24}",
     ]
