@@ -102,14 +102,12 @@ def _moved_from(rtn, ck) -> dict:
     scales (what PEQA can move is the scales only; LR-QAT's adapters change codes)."""
     import torch
 
-    changed = total = 0
-    rel = []
-    for name, q in ck.layers.items():
-        r = rtn.layers[name]
-        changed += int((q.codes != r.codes).sum())
-        total += q.codes.numel()
-        rel.append(((q.scales.float() - r.scales.float()).abs() / r.scales.float()).flatten())
-    return {"codes_changed_fraction": changed / total, "scale_rel_change_median": float(torch.cat(rel).median())}
+    from lrqat_export.methods.lrqat import codes_moved
+
+    rel = [((q.scales.float() - rtn.layers[n].scales.float()).abs() / rtn.layers[n].scales.float()).flatten()
+           for n, q in ck.layers.items()]
+    return {"codes_changed_fraction": codes_moved(lambda n: rtn.layers[n].codes, ck.layers)["fraction"],
+            "scale_rel_change_median": float(torch.cat(rel).median())}
 
 
 def run_cell(preset: str, method: str, args, work: Path, base) -> dict:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -306,15 +307,18 @@ class LRQATLinear(nn.Module):
         z = phi_up(self.phi0, self.spec, self.phi) + self.lora_scale * (self.lora_A.float() @ self.lora_B.float())
         return torch.round(z)
 
+    def _clipped(self, rounded: torch.Tensor) -> torch.Tensor:
+        return rounded.clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
+
     @torch.no_grad()
     def start_codes(self) -> torch.Tensor:
         """clip(round(Φ0)), int8 (out, in): the integers before training moved A·B (RTN's, or the --init's)."""
-        return torch.round(phi_up(self.phi0, self.spec, self.phi)).clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
+        return self._clipped(torch.round(phi_up(self.phi0, self.spec, self.phi)))
 
     @torch.no_grad()
     def fused_codes(self) -> torch.Tensor:
         """W_int = clip(round(Φ0 + (α/r)AB)), int8 (out, in): the integers the forward uses."""
-        return self.rounded_codes().clamp_(self.spec.qmin, self.spec.qmax).to(torch.int8)
+        return self._clipped(self.rounded_codes())
 
     @torch.no_grad()
     def fused_scales(self) -> torch.Tensor:
@@ -494,13 +498,15 @@ def fuse_layers(lr: dict[str, LRQATLinear], config, state_dict: dict[str, torch.
         raise UserError(f"fuse: layer {wrong[0]} was trained on {lr[wrong[0]].spec.name}, expected "
                         f"{want[wrong[0]].name} under {spec.name}")
     layers = {name: m.fused_layer() for name, m in lr.items()}
-    extra = {**(extra or {}), "adapters": codes_moved(lr, layers)}
+    # what the adapters did: the integers that left clip(round(Φ0)), the codes the run started from (0 when the
+    # scales alone trained, as PEQA; BENCHMARKS.md, "What the adapters move")
+    extra = {**(extra or {}), "adapters": codes_moved(lambda n: lr[n].start_codes(), layers)}
     return build_intckpt(spec, config, layers, state_dict, source, "lrqat", extra)
 
 
-def codes_moved(lr: dict[str, LRQATLinear], layers: dict[str, QuantLayer]) -> dict:
-    """How many fused integers differ from clip(round(Φ0)), the codes the run started from: what the adapters did.
-    With the scales alone training (PEQA), this is 0; BENCHMARKS.md, "What the adapters move"."""
-    moved = sum(int((layers[n].codes != m.start_codes()).sum()) for n, m in lr.items())
-    total = sum(layers[n].codes.numel() for n in lr)
+def codes_moved(start: Callable[[str], torch.Tensor], layers: Mapping[str, QuantLayer]) -> dict:
+    """How many of `layers`' integers differ from `start(name)`, layer by layer (one start tensor alive at a time):
+    {codes_moved, codes, fraction}."""
+    moved = sum(int((q.codes != start(n)).sum()) for n, q in layers.items())
+    total = sum(q.codes.numel() for q in layers.values())
     return {"codes_moved": moved, "codes": total, "fraction": moved / total}
