@@ -101,9 +101,13 @@ def check_cache_fits(need: int, available: int, method: str) -> None:
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x ≤ 0, stable at both ends."""
+    """log(1 − exp(x)) for x ≤ 0, stable at both ends, in value and in gradient: each branch is evaluated only on
+    its own side of −log 2 (the other side clamped to it). Evaluated everywhere, log1p(−exp(x)) is −inf near 0 and
+    its infinite gradient, multiplied by torch.where's zero, made the gradient NaN once a student put all but
+    ~1e-8 of its mass on the teacher's top-k (seen at τ 0.5)."""
     x = x.clamp(max=-1e-12)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    ln2 = math.log(2)
+    return torch.where(x > -ln2, torch.log(-torch.expm1(x.clamp(min=-ln2))), torch.log1p(-torch.exp(x.clamp(max=-ln2))))
 
 
 def topk_targets(logits: torch.Tensor, topk: int, temperature: float):
