@@ -17,6 +17,8 @@ from lrqat_export.methods.lrqat import LRQATLinear, fuse, phi_down, phi_up, prep
 from lrqat_export.train.config import TrainConfig
 from lrqat_export.train.loop import train
 
+W4PCA = QuantSpec(bits=4, group_size=-1, symmetric=False)  # per channel with zero points
+W3PC = QuantSpec(bits=3, group_size=-1, symmetric=True)
 GRIDS = ("w4pc", "q4_0", "q4_1", "w3g64", "q8_0", "w8pc", "w2g64a")
 CASES = [(g, phi) for g in GRIDS for phi in ("int8", "int4", "bf16", "fp32")
          if not (phi == "int4" and PRESETS[g].bits > 4)]
@@ -75,16 +77,21 @@ def _grads(layer, x, dy):
     return out
 
 
-@pytest.mark.parametrize("grid, phi, sparse", [("w4pc", "bf16", True), ("w4pc", "int8", False), ("w4pc", "int4", True),
-                                                ("q4_0", "int8", True), ("q4_1", "fp32", True), ("w3g64", "bf16", True),
-                                                ("w8pc", "fp32", True), ("w2g64a", "int8", True)])
-def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, monkeypatch):
+@pytest.mark.parametrize("grid, phi, sparse, events", [
+    ("w4pc", "bf16", True, True), ("w4pc", "int8", False, True), ("w4pc", "int4", True, True),
+    ("w4pc", "fp32", True, False), ("w4pca", "bf16", True, True), ("q4_0", "int8", True, True),
+    ("q4_1", "fp32", True, True), ("w3g64", "bf16", True, True), ("w8pc", "fp32", True, True),
+    ("w2g64a", "int8", True, True)])
+def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, events, monkeypatch):
     """Per channel with few clipped entries: the low-rank backward and its sparse correction; otherwise the dense
-    one. Same gradients as the eager chain's autograd, summed in another order (relative 1e-5 of the largest)."""
-    spec = PRESETS[grid]
+    one. Per channel at ≤ 5 bits the backward rebuilds Ŵ from the forward's events (`events`; off: past
+    EVENT_FRACTION, A·B again). Same gradients as the eager chain's autograd, summed in another order (relative
+    1e-5 of the largest)."""
+    spec = W4PCA if grid == "w4pca" else PRESETS[grid]
     eager, fast, t = _pair(spec, phi, seed=1, in_f=256)
     if not sparse:
         monkeypatch.setattr(fused, "SPARSE_CLIP_FRACTION", 0.0)
+    monkeypatch.setattr(fused, "EVENT_FRACTION", 1.0 if events else 0.0)  # these layers move many codes
     with torch.no_grad():  # a few clipped entries, as after a range search: one row of A keeps its size
         u = phi_up(eager.phi0, spec, phi).clamp(spec.qmin, spec.qmax)
         u[0] = torch.tensor([spec.qmin, spec.qmax]).repeat(u.shape[1] // 2)  # row 0 on the clip boundaries
@@ -101,6 +108,44 @@ def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls: both round G or y to bf16, differently
         for a, b, name in zip(_grads(eager, x, dy), _grads(fast, x, dy), ("y", "dx", "dA", "dB", "ds")):
             assert (a.float() - b.float()).abs().max() <= 2e-2 * a.float().abs().max(), name
+
+
+@pytest.mark.parametrize("grid, phi", [("w4pc", p) for p in ("int8", "int4", "bf16", "fp32")]
+                         + [("w4pca", "bf16"), ("w4pca", "int8"), ("w3pc", "fp32")])
+def test_backward_rebuilds_the_forwards_weight_from_its_events_bit_for_bit(grid, phi, monkeypatch):
+    """The forward's events (codes that left RTN's clip(⌊Φ0⌉) or clipped, on exact .5 ties and both clip
+    boundaries) rebuild Ŵ without A·B, equal to the forward's Ŵ bit for bit; the clipped entries are those where
+    the eager rounding leaves the grid."""
+    spec = W4PCA if grid == "w4pca" else W3PC if grid == "w3pc" else PRESETS[grid]
+    eager, fast, t = _pair(spec, phi, seed=2)
+    assert fused.records_events(spec, True)
+    monkeypatch.setattr(fused, "EVENT_FRACTION", 1.0)  # a quarter of these entries clip
+    args = (fast.phi0, fast.lora_A, fast.lora_B, fast.scale, fast.zero, spec, phi, fast.lora_scale, phi_up)
+    w, events = fused.weight_and_events(*args)
+    assert torch.equal(w, fused.fused_weight(*args))
+    r = torch.round(t)
+    c, c0 = r.clamp(spec.qmin, spec.qmax), torch.round(phi_up(fast.phi0, spec, phi)).clamp(spec.qmin, spec.qmax)
+    moved, clipped = (c != c0), (r != c)
+    assert moved.any() and clipped.any() and (moved & ~clipped).any()
+    pos, val = events
+    assert torch.equal(pos.long(), (moved | clipped).view(-1).nonzero().squeeze(1))
+    _, s16, zf = fused._scales(fast.scale, fast.zero, fast.lora_scale, w.device)
+    rebuilt, idx = fused.rebuilt_weight(fast.phi0, s16, zf, events, spec, phi, phi_up)
+    assert torch.equal(rebuilt, w)
+    assert torch.equal(rebuilt, eager.weight())
+    assert torch.equal(idx, clipped.nonzero())
+
+
+def test_events_are_not_kept_past_their_fraction(monkeypatch):
+    """Past EVENT_FRACTION of the weight the forward keeps no event list (nothing near weight-sized is saved)."""
+    spec = PRESETS["w4pc"]
+    _, fast, _ = _pair(spec, "bf16")
+    args = (fast.phi0, fast.lora_A, fast.lora_B, fast.scale, fast.zero, spec, "bf16", fast.lora_scale, phi_up)
+    monkeypatch.setattr(fused, "EVENT_FRACTION", 1.0)
+    assert fused.weight_and_events(*args)[1] is not None
+    monkeypatch.setattr(fused, "EVENT_FRACTION", 1e-3)
+    assert fused.weight_and_events(*args)[1] is None
+    assert not fused.records_events(PRESETS["w8pc"], True) and not fused.records_events(spec, False)
 
 
 @pytest.mark.parametrize("k", [1, 37, 700])

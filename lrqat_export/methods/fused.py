@@ -8,9 +8,14 @@ weight gradient G = dyᵀx. Here:
 
 * forward: A·B (the same fp32 matmul as `fused_codes`), then ONE compiled element-wise pass over the weight —
   upcast Φ0, add (α/r)·AB, round, clip, subtract z, scale — and the matmul in x's dtype (`common.linear`, so bf16
-  autocast behaves as in the eager layer). Saved for backward: x, Φ0, A, B, s, z and, per channel, the output y;
-  no weight-sized tensor.
-* backward: Ŵ again (one pass, plus a flag where a code was clipped), dx = dy·Ŵ, and
+  autocast behaves as in the eager layer). Saved for backward: x, Φ0, A, B, s, z and, per channel, the output y
+  and the events below; no weight-sized tensor.
+  Per channel at ≤ 5 bits the forward's pass also marks its *events* (one int8 a weight, dropped at once): the
+  entries whose code is not RTN's c0 = clip(⌊Φ0⌉) or was clipped, usually well under 1 % of them. Their positions
+  and codes are kept (5 bytes each, at most EVENT_FRACTION of the weight; past it none are kept).
+* backward: Ŵ again, dx = dy·Ŵ. With events, without A·B: RTN's Ŵ from Φ0 in one pass, then the recorded codes
+  put in by the forward's own float32 operations, so it is the forward's Ŵ bit for bit. Otherwise A·B again and one
+  pass (plus a flag where a code was clipped). Then
     - per channel (one scale a row): no weight-sized gradient at all. With S = diag(s) and the clip mask M,
           dA = (α/r)·(G∘SM)·Bᵀ = (α/r)·[ S·dyᵀ·(x·Bᵀ) − (G∘S∘(1−M))·Bᵀ ]
           dB = (α/r)·Aᵀ·(G∘SM) = (α/r)·[ (dy·S·A)ᵀ·x − Aᵀ·(G∘S∘(1−M)) ]
@@ -47,6 +52,7 @@ from .common import fp16_scales, linear
 log = logging.getLogger(__name__)
 
 SPARSE_CLIP_FRACTION = 1 / 64  # per channel: clipped entries corrected one by one up to this fraction of a weight
+EVENT_FRACTION = 1 / 64  # per channel: the forward keeps its moved or clipped entries up to this fraction (5 B each)
 CSR_DEVICES = ("cpu",)  # the correction as a sparse CSR product here (measured); gathers elsewhere
 _GATHER_ELEMENTS = 1 << 22  # tokens × clipped entries gathered at once by the gather correction
 
@@ -106,12 +112,13 @@ def _codes(phi0, ab, ls, upcast, qmin, qmax):
 
 
 def _dequant(c, s16, zf):
-    """s·(c − z), (out, in) float32; s16, zf: (out, G)."""
-    out_f, in_f = c.shape
-    g = c.reshape(out_f, s16.shape[1], -1)  # (out, G, g)
+    """(s·(c − z), c − z), each float32 (out, G, g): grouped, as every pass returns its weight-shaped outputs (`_run`
+    views them as (out, in) after the compiled call; reshaped inside, with symbolic sizes inductor cannot prove the
+    view contiguous and copies the whole weight once more). s16, zf: (out, G)."""
+    g = c.reshape(c.shape[0], s16.shape[1], -1)  # (out, G, g)
     if zf is not None:
         g = g - zf.unsqueeze(-1)
-    return (g * s16.unsqueeze(-1)).reshape(out_f, in_f), g
+    return g * s16.unsqueeze(-1), g
 
 
 def _make(kind: str, upcast, qmin: int, qmax: int):
@@ -120,8 +127,27 @@ def _make(kind: str, upcast, qmin: int, qmax: int):
 
     def weight_clipped(phi0, ab, ls, s16, zf):
         r, c = _codes(phi0, ab, ls, upcast, qmin, qmax)
-        # sign of the clipping as int8: a bool output makes inductor's C++ store scalar (7× slower on AVX2)
-        return _dequant(c, s16, zf)[0], (r - c).clamp(-1, 1).to(torch.int8)
+        w, g = _dequant(c, s16, zf)
+        # sign of the clipping as int8: a bool output makes inductor's C++ store scalar (7× slower on AVX2). Taken
+        # in the grouped (out, G, g) view that Ŵ is computed in, so inductor writes both outputs from one loop
+        # (a flat (out·in) flag was a second loop reading Φ0 and A·B again: the pass took 1.7× as long)
+        return w, (r.reshape(g.shape) - c.reshape(g.shape)).clamp(-1, 1).to(torch.int8)
+
+    def weight_events(phi0, ab, ls, s16, zf):
+        """Ŵ and, in one int8 per weight, the entries the backward cannot rebuild from Φ0 alone: 0 where the code
+        is RTN's c0 = clip(⌊Φ0⌉) and did not clip, else (c − qmin + 1) + 64·[clipped] (grids of at most 5 bits)."""
+        r, c = _codes(phi0, ab, ls, upcast, qmin, qmax)
+        w, g = _dequant(c, s16, zf)
+        c0 = torch.round(upcast(phi0)).clamp(qmin, qmax)
+        r3, c3, c03 = r.reshape(g.shape), c.reshape(g.shape), c0.reshape(g.shape)
+        event = (r3 != c3) | (c3 != c03)
+        ev = torch.where(event, c3 - qmin + 1 + 64 * (r3 != c3).float(), 0.0)
+        return w, ev.to(torch.int8)
+
+    def weight_rtn(phi0, s16, zf):
+        """Ŵ with RTN's codes c0 = clip(⌊Φ0⌉) (no A·B): the backward's Ŵ before the recorded events go in."""
+        c0 = torch.round(upcast(phi0)).clamp(qmin, qmax)
+        return _dequant(c0, s16, zf)[0]
 
     def grads(phi0, ab, ls, s16, zf, gw):
         """gw = G = dyᵀx (out, in) -> (G∘S∘M (out, in), Σ_group G·(c − z) (out, G))."""
@@ -130,9 +156,10 @@ def _make(kind: str, upcast, qmin: int, qmax: int):
         gg = gw.reshape(cz.shape)
         ds = (gg * cz).sum(-1)
         dt = torch.where((r == c).reshape(cz.shape), gg * s16.unsqueeze(-1), 0.0)
-        return dt.reshape(gw.shape), ds
+        return dt, ds
 
-    return {"weight": weight, "weight_clipped": weight_clipped, "grads": grads}[kind]
+    return {"weight": weight, "weight_clipped": weight_clipped, "weight_events": weight_events,
+            "weight_rtn": weight_rtn, "grads": grads}[kind]
 
 
 def _kernel(kind: str, spec: QuantSpec, phi: str, upcast: Callable,
@@ -154,7 +181,7 @@ def _run(kind: str, spec, phi, upcast, *args):
     dev = args[0].device
     compiled, eager, name = _kernel(kind, spec, phi, upcast, dev)
     if dev.type in _BROKEN:
-        return eager(*args)
+        return _flat(eager(*args))
     first = name not in COMPILE_SECONDS
     t0 = time.perf_counter() if first else 0.0
     try:  # element-wise fp32, no autograd
@@ -162,25 +189,40 @@ def _run(kind: str, spec, phi, upcast, *args):
             res = compiled(*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure: the same numbers from the eager function
         _disable(dev.type, f"torch.compile failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
-        return eager(*args)
+        return _flat(eager(*args))
     if first:
         COMPILE_SECONDS[name] = time.perf_counter() - t0
         log.info("fused LR-QAT kernel %s compiled in %.1f s", name, COMPILE_SECONDS[name])
-    return res
+    return _flat(res)
 
 
-def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
-    """fp32 A·B (the matmul `fused_codes` uses), α/r as a 0-dim tensor, the fp16 scales and float zeros."""
-    with torch.autocast(device_type=phi0.device.type, enabled=False):
-        ab = lora_a.detach().float() @ lora_b.detach().float()  # (out, in)
-    ls = _LORA_SCALES.get((lora_scale, phi0.device))
+def _flat(res):
+    """A pass's grouped (out, G, g) outputs as (out, in) views; per-group outputs (out, G) as they are."""
+    if isinstance(res, tuple):
+        return tuple(_flat(t) for t in res)
+    return res.flatten(1) if res.dim() == 3 else res
+
+
+def _ab(lora_a, lora_b):
+    """fp32 A·B (out, in): the matmul `fused_codes` uses."""
+    with torch.autocast(device_type=lora_a.device.type, enabled=False):
+        return lora_a.detach().float() @ lora_b.detach().float()
+
+
+def _scales(scale, zero, lora_scale, device):
+    """α/r as a 0-dim float32 tensor, the fp16 scales as float32 and the float zeros."""
+    ls = _LORA_SCALES.get((lora_scale, device))
     if ls is None:
-        ls = _LORA_SCALES[(lora_scale, phi0.device)] = torch.tensor(lora_scale, dtype=torch.float32,
-                                                                    device=phi0.device)
+        ls = _LORA_SCALES[(lora_scale, device)] = torch.tensor(lora_scale, dtype=torch.float32, device=device)
     # the value of common.fp16_ste: s_c + (fp16(s_c) − s_c) is fp16(s_c) exactly (the difference is exact)
     s16 = fp16_scales(scale).float()  # (out, G)
     zf = None if zero is None else zero.float()
-    return ab, ls, s16, zf
+    return ls, s16, zf
+
+
+def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
+    """fp32 A·B, α/r as a 0-dim tensor, the fp16 scales and float zeros."""
+    return (_ab(lora_a, lora_b), *_scales(scale, zero, lora_scale, phi0.device))
 
 
 def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, lora_scale: float,
@@ -190,30 +232,79 @@ def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, l
     return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
 
 
+def records_events(spec: QuantSpec, per_channel: bool) -> bool:
+    """Whether the forward records its events (module docstring): per channel, codes and flag in one int8."""
+    return per_channel and spec.qmax - spec.qmin < 32
+
+
+def weight_and_events(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, lora_scale: float,
+                      upcast: Callable):
+    """(Ŵ as `fused_weight`, events | None). Events: (flat positions int32/int64 (K,), int8 values (K,)) of the
+    entries whose code is not RTN's c0 = clip(⌊Φ0⌉) or clipped, value (c − qmin + 1) + 64·[clipped]; None past
+    EVENT_FRACTION of the weight (the backward then forms A·B again)."""
+    ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
+    w, ev = _run("weight_events", spec, phi, upcast, phi0, ab, ls, s16, zf)
+    del ab
+    idx = clipped_entries(ev)
+    if idx.shape[0] > EVENT_FRACTION * ev.numel():
+        return w, None
+    pos = idx[:, 0] * ev.shape[1] + idx[:, 1]
+    return w, (pos.to(torch.int32) if ev.numel() < 2 ** 31 else pos, ev.view(-1)[pos])
+
+
+def rebuilt_weight(phi0, s16, zf, events, spec: QuantSpec, phi: str, upcast: Callable):
+    """(Ŵ, (K, 2) clipped entries) from Φ0 and the forward's events, without A·B: RTN's Ŵ from one pass, then the
+    recorded codes put in with the forward's own operations, (c − z)·s in float32, so Ŵ is the forward's bit for
+    bit."""
+    pos, val = events
+    w = _run("weight_rtn", spec, phi, upcast, phi0, s16, zf)
+    in_f = w.shape[1]
+    pos = pos.long()
+    rows, cols = pos // in_f, pos % in_f
+    c = (val & 63).float() + float(spec.qmin - 1)  # exact: small integers
+    if zf is not None:
+        c = c - zf[rows, 0]
+    w[rows, cols] = c * s16[rows, 0]
+    clip = val >= 64
+    return w, torch.stack((rows[clip], cols[clip]), 1)
+
+
 class FusedLRQATLinear(torch.autograd.Function):
     """y = x·Ŵᵀ + b; gradients for x, A, B, s (module docstring)."""
 
     @staticmethod
     def forward(ctx, x, phi0, lora_a, lora_b, scale, zero, bias,  # type: ignore[override]
                 spec, phi, lora_scale, upcast):
-        w = fused_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast)
-        y = linear(x, w, bias)
         ctx.per_channel = scale.shape[1] == 1
+        events = None
+        if records_events(spec, ctx.per_channel):
+            w, events = weight_and_events(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast)
+        else:
+            w = fused_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast)
+        y = linear(x, w, bias)
         ctx.meta = (spec, phi, lora_scale, upcast, y.dtype)
-        ctx.save_for_backward(x, phi0, lora_a, lora_b, scale, zero, bias, y if ctx.per_channel else None)
+        ctx.save_for_backward(x, phi0, lora_a, lora_b, scale, zero, bias, y if ctx.per_channel else None,
+                              *(events or (None, None)))
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, phi0, lora_a, lora_b, scale, zero, bias, y = ctx.saved_tensors
+        x, phi0, lora_a, lora_b, scale, zero, bias, y, ev_pos, ev_val = ctx.saved_tensors
         spec, phi, ls_f, upcast, cdt = ctx.meta
         out_f, in_f = phi0.shape[0], lora_b.shape[1]
-        ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, ls_f)
+        ls, s16, zf = _scales(scale, zero, ls_f, phi0.device)
+        ab = None
         dy2 = dy.reshape(-1, out_f)
-        if ctx.per_channel:
+        if ev_pos is not None:  # per channel, the forward's events: Ŵ without A·B
+            w, idx = rebuilt_weight(phi0, s16, zf, (ev_pos, ev_val), spec, phi, upcast)
+        elif ctx.per_channel:
+            ab = _ab(lora_a, lora_b)
             w, clipped = _run("weight_clipped", spec, phi, upcast, phi0, ab, ls, s16, zf)
+            idx = clipped_entries(clipped)  # (K, 2): the clipped entries
+            del clipped
         else:
-            w, clipped = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf), None
+            ab = _ab(lora_a, lora_b)
+            w, idx = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf), None
         dx = None
         if ctx.needs_input_grad[0]:
             dx = (dy2.to(cdt) @ w.to(cdt)).to(x.dtype).reshape(x.shape)  # as F.linear's backward in x's dtype
@@ -221,11 +312,11 @@ class FusedLRQATLinear(torch.autograd.Function):
         a, b = lora_a.detach().float(), lora_b.detach().float()
         with torch.autocast(device_type=dy.device.type, enabled=False):
             x2, g2 = x.reshape(-1, in_f).float(), dy2.float()
-            idx = None if clipped is None else clipped_entries(clipped)  # (K, 2): the clipped entries
             if idx is not None and idx.shape[0] <= SPARSE_CLIP_FRACTION * out_f * in_f:
                 del ab
                 da, db, ds = _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls_f)
             else:
+                ab = _ab(lora_a, lora_b) if ab is None else ab
                 gw = g2.T @ x2  # (out, in): G = dyᵀx
                 dt, ds = _run("grads", spec, phi, upcast, phi0, ab, ls, s16, zf, gw)
                 del gw, ab
