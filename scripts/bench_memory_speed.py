@@ -26,6 +26,8 @@ Per configuration the child process reports:
                      (and torch.cuda.max_memory_reserved: what the caching allocator held from the card).
     step_s           median wall time of the timed steps (forward, backward, clip, AdamW).
     clipped_fraction LR-QAT: the share of codes the clamp holds after the timed steps (in `accounting`).
+    moved_fraction   LR-QAT: the share of codes A·B moved off RTN's by then (in `accounting`); with the clipped
+                     ones, the events the fused forward records so that its backward needs no A·B.
     minor_faults     page faults of each timed step (getrusage): memory the allocator handed back to the OS and
                      mapped in again, a cost the CPU step pays on every weight-sized temporary it re-allocates.
     compile_s        fused LR-QAT: seconds torch.compile spent on the first call of each kernel (in the warm-up
@@ -214,13 +216,18 @@ def child(a: dict) -> dict:
     from lrqat_export.methods import fused
     from lrqat_export.methods.lrqat import LRQATLinear
 
-    clipped, weights = 0, 0  # LR-QAT: codes the clamp holds after the timed steps (the sparse backward's work)
+    # LR-QAT after the timed steps: codes the clamp holds (the sparse backward's work) and codes A·B moved off RTN's
+    # (with the clipped ones, the events the fused forward records for its backward)
+    clipped, moved, weights = 0, 0, 0
     for m in model.modules():
         if isinstance(m, LRQATLinear) and not m.spec.is_k:
-            z = m.rounded_codes()
-            clipped += int(((z < m.spec.qmin) | (z > m.spec.qmax)).sum())
+            with torch.no_grad():
+                z = m.rounded_codes()
+                clipped += int(((z < m.spec.qmin) | (z > m.spec.qmax)).sum())
+                moved += int((m.fused_codes() != m.start_codes()).sum())
             weights += z.numel()
     acc["clipped_fraction"] = clipped / weights if weights else None
+    acc["moved_fraction"] = moved / weights if weights else None
     res = {"ok": True, "setup_s": setup_s, "step_s": statistics.median(times), "step_times": times,
            "minor_faults": faults,  # page faults of each timed step: fresh memory the allocator mapped in
            "warmup_s": warm, "compile_s": sum(fused.COMPILE_SECONDS.values()), "compiled": dict(fused.COMPILE_SECONDS),
@@ -307,8 +314,8 @@ def table(rows: list[dict], shape: str) -> str:
     sel = [r for r in rows if r["shape"] == shape]
     ref = {r["config"]: r for r in sel if r.get("ok")}
     fq, lo = ref.get("full-qat"), ref.get("lora")
-    out = [f"| config | trainable params | frozen weights GiB | grads + AdamW GiB | peak step GiB | step s | "
-           f"time ÷ full QAT | time ÷ LoRA | load 1m |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| config | trainable params | frozen weights GiB | grads + AdamW GiB | peak step GiB | step s | "
+           "time ÷ full QAT | time ÷ LoRA | load 1m |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sel:
         if not r.get("ok"):
             out.append(f"| {r['config']} | | | | **{r.get('error')}** | | | | |")

@@ -23,6 +23,10 @@ def test_memory_speed_child_runs_and_accounts_int8_below_float(tmp_path):
             < acc["lora"]["frozen_bytes"])
     assert all(a["grad_bytes"] == a["trainable_bytes"] and a["optimizer_bytes"] == 2 * a["trainable_bytes"]
                for a in acc.values())
+    # LR-QAT's share of codes moved off RTN's and held by the clamp; none for LoRA
+    assert all(0 <= acc[k]["moved_fraction"] <= 1 and 0 <= acc[k]["clipped_fraction"] <= 1
+               for k in ("lrqat-bf16", "lrqat-int8", "lrqat-int4"))
+    assert acc["lora"]["moved_fraction"] is None
 
 
 def test_memory_speed_rounds_merge_every_timed_step():
