@@ -214,20 +214,20 @@ def child(a: dict) -> dict:
     acc["optimizer_bytes"] = _tensor_bytes([v for s in opt.state.values() for v in s.values()
                                             if torch.is_tensor(v) and v.dim() > 0])
     from lrqat_export.methods import fused
-    from lrqat_export.methods.lrqat import LRQATLinear
+    from lrqat_export.methods.lrqat import LRQATLinear, codes_moved
 
     # LR-QAT after the timed steps: codes the clamp holds (the sparse backward's work) and codes A·B moved off RTN's
     # (with the clipped ones, the events the fused forward records for its backward)
-    clipped, moved, weights = 0, 0, 0
-    for m in model.modules():
-        if isinstance(m, LRQATLinear) and not m.spec.is_k:
-            with torch.no_grad():
-                z = m.rounded_codes()
-                clipped += int(((z < m.spec.qmin) | (z > m.spec.qmax)).sum())
-                moved += int((m.fused_codes() != m.start_codes()).sum())
+    lr = [m for m in model.modules() if isinstance(m, LRQATLinear) and not m.spec.is_k]
+    clipped, weights = 0, 0
+    with torch.no_grad():
+        for m in lr:
+            z = m.rounded_codes()
+            clipped += int(((z < m.spec.qmin) | (z > m.spec.qmax)).sum())
             weights += z.numel()
+        moved = codes_moved((m.fused_codes(), m.start_codes()) for m in lr)
     acc["clipped_fraction"] = clipped / weights if weights else None
-    acc["moved_fraction"] = moved / weights if weights else None
+    acc["moved_fraction"] = moved["fraction"] if weights else None
     res = {"ok": True, "setup_s": setup_s, "step_s": statistics.median(times), "step_times": times,
            "minor_faults": faults,  # page faults of each timed step: fresh memory the allocator mapped in
            "warmup_s": warm, "compile_s": sum(fused.COMPILE_SECONDS.values()), "compiled": dict(fused.COMPILE_SECONDS),

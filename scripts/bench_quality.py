@@ -106,7 +106,7 @@ def _moved_from(rtn, ck) -> dict:
 
     rel = [((q.scales.float() - rtn.layers[n].scales.float()).abs() / rtn.layers[n].scales.float()).flatten()
            for n, q in ck.layers.items()]
-    return {"codes_changed_fraction": codes_moved(lambda n: rtn.layers[n].codes, ck.layers)["fraction"],
+    return {"codes_changed_fraction": codes_moved((q.codes, rtn.layers[n].codes) for n, q in ck.layers.items())["fraction"],
             "scale_rel_change_median": float(torch.cat(rel).median())}
 
 

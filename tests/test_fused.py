@@ -236,3 +236,4 @@ def test_clipped_entries_are_nonzeros_entries(shape, density):
     flags = ((torch.rand(shape, generator=g) < density).to(torch.int8)
              * torch.where(torch.rand(shape, generator=g) < 0.5, -1, 1).to(torch.int8))
     assert torch.equal(fused.clipped_entries(flags), flags.nonzero())
+    assert torch.equal(fused.flagged_positions(flags), flags.reshape(-1).nonzero().squeeze(1))

@@ -120,12 +120,12 @@ def test_codes_moved_counts_the_integers_the_adapters_changed_from_rtn():
     torch.manual_seed(0)
     lins = {f"l{i}": torch.nn.Linear(64, 32) for i in range(2)}
     lr = {n: LRQATLinear.from_linear(lin, spec, rank=4, phi="bf16", alpha=4.0) for n, lin in lins.items()}
-    start = codes_moved(lambda n: lr[n].start_codes(), {n: m.fused_layer() for n, m in lr.items()})
+    start = codes_moved((m.fused_layer().codes, m.start_codes()) for m in lr.values())
     assert start == {"codes_moved": 0, "codes": 2 * 32 * 64, "fraction": 0.0}  # A = 0: RTN's codes
     with torch.no_grad():
         lr["l1"].lora_A.normal_(0, 1.0)
     layers = {n: m.fused_layer() for n, m in lr.items()}
     rtn = {n: rtn_quantize(lin.weight, spec)[0] for n, lin in lins.items()}
     want = sum(int((layers[n].codes != rtn[n]).sum()) for n in lins)
-    got = codes_moved(lambda n: lr[n].start_codes(), layers)
+    got = codes_moved((layers[n].codes, lr[n].start_codes()) for n in lins)
     assert got["codes_moved"] == want > 0 and got["fraction"] == want / (2 * 32 * 64)

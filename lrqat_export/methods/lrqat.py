@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Callable, Mapping
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -500,13 +500,15 @@ def fuse_layers(lr: dict[str, LRQATLinear], config, state_dict: dict[str, torch.
     layers = {name: m.fused_layer() for name, m in lr.items()}
     # what the adapters did: the integers that left clip(round(Φ0)), the codes the run started from (0 when the
     # scales alone trained, as PEQA; BENCHMARKS.md, "What the adapters move")
-    extra = {**(extra or {}), "adapters": codes_moved(lambda n: lr[n].start_codes(), layers)}
+    extra = {**(extra or {}), "adapters": codes_moved((q.codes, lr[n].start_codes()) for n, q in layers.items())}
     return build_intckpt(spec, config, layers, state_dict, source, "lrqat", extra)
 
 
-def codes_moved(start: Callable[[str], torch.Tensor], layers: Mapping[str, QuantLayer]) -> dict:
-    """How many of `layers`' integers differ from `start(name)`, layer by layer (one start tensor alive at a time):
-    {codes_moved, codes, fraction}."""
-    moved = sum(int((q.codes != start(n)).sum()) for n, q in layers.items())
-    total = sum(q.codes.numel() for q in layers.values())
-    return {"codes_moved": moved, "codes": total, "fraction": moved / total}
+def codes_moved(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """How many integers differ between each (codes, start codes) pair, summed: {codes_moved, codes, fraction}.
+    Pass a generator to keep one pair alive at a time."""
+    moved, total = 0, 0
+    for codes, start in pairs:
+        moved += int((codes != start).sum())
+        total += codes.numel()
+    return {"codes_moved": moved, "codes": total, "fraction": moved / total if total else 0.0}
