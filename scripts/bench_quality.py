@@ -33,18 +33,42 @@ METHODS = ("fp", "rtn", "gptq", "lrqat", "gptq-lrqat", "peqa", "full-qat", "qlor
 PRESET_FREE = ("fp", "lora-fp")  # one cell, shown in every preset's table
 
 
-def data_windows(tok, args):
+def data_windows(tok, args, model=None):
     from lrqat_export.core import data as D
 
     valid, test = Path(args.wikitext) / "valid.txt", Path(args.wikitext) / "test.txt"
     if not (valid.is_file() and test.is_file()):
         sys.exit(f"bench_quality: {args.wikitext}/{{valid,test}}.txt not found (--wikitext DIR)")
     train = D.windows(D.tokenize(tok, valid.read_text()), args.seq, None, "train")
+    if args.train_text == "sampled":
+        train = _sampled(train, args, model)
     ev = D.windows(D.tokenize(tok, test.read_text(), (args.eval_windows + 1) * args.eval_seq), args.eval_seq,
                    args.eval_windows, "eval")
     ood = D.windows(D.tokenize(tok, D.split_corpus(D.embedded_corpus())[1], (args.eval_windows + 1) * args.eval_seq),
                     args.eval_seq, args.eval_windows, "ood")
     return train, ev, ood
+
+
+def _sampled(train, args, model):
+    """--train-text sampled: as many windows as the budget draws (steps × batch), each the first
+    --prompt-tokens tokens of a WikiText-2 valid window (evenly spaced) continued by the float model's own samples
+    (core.data.sampled_windows, seed 0); kept in --work so every cell and rerun trains on the same tokens."""
+    import torch
+
+    from lrqat_export.core import data as D
+    from lrqat_export.core.fsio import atomic_path
+    n = args.steps * args.batch
+    f = Path(args.work) / f"sampled_n{n}_t{args.seq}_p{args.prompt_tokens}.pt"
+    if f.is_file():
+        return torch.load(f)
+    pick = torch.linspace(0, train.shape[0] - 1, n).round().long()
+    t = time.perf_counter()
+    w = D.sampled_windows(model, train[pick, : args.prompt_tokens], args.seq, seed=0, batch_size=64)
+    print(f"  sampled {n} windows of {args.seq} tokens in {time.perf_counter() - t:.0f} s", flush=True)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(f) as tmp:
+        torch.save(w, tmp)
+    return w
 
 
 def _ppl(model, ev, ood) -> dict:
@@ -268,6 +292,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seq", type=int, default=512, help="evaluation window length (default 512)")
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared/data/wikitext-2"),
                     help="directory with WikiText-2 valid.txt / test.txt (default ../shared/data/wikitext-2)")
+    ap.add_argument("--train-text", choices=["wikitext", "sampled"], default="wikitext",
+                    help="training text: WikiText-2 valid, or the float model's own continuations of its windows' "
+                         "first --prompt-tokens tokens (one window per step × batch)")
+    ap.add_argument("--prompt-tokens", type=int, default=8, help="--train-text sampled: prompt length (default 8)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
     # --- objective and recipe (every trained method under the same ones)
     ap.add_argument("--recipe", default="default", help="named per-method defaults (methods.registry.RECIPES)")
@@ -303,7 +331,8 @@ def main(argv=None) -> int:
     # the recipe is always in the name: cells measured under another recipe (the unsuffixed directories predate
     # the distillation default and hold cross-entropy cells) are never picked up as cached
     tag = (f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
-           f"_{args.objective or 'rdef'}" + (f"_{args.tag}" if args.tag else ""))
+           f"_{args.objective or 'rdef'}" + ("" if args.train_text == "wikitext" else
+                                              f"_sampled{args.prompt_tokens}") + (f"_{args.tag}" if args.tag else ""))
     cells_dir, work = out / f"cells_{tag}", Path(args.work)
     cells_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -323,7 +352,7 @@ def main(argv=None) -> int:
             from lrqat_export.core.models import load_model
 
             model, tok, src = load_model("smollm2-135m")
-            base = (model, tok, src, data_windows(tok, args))
+            base = (model, tok, src, data_windows(tok, args, model))
         t = time.perf_counter()
         r = run_cell(preset if preset != "-" else args.presets[0], m, args, work, base)
         r.update(preset=preset, loadavg_1m=os.getloadavg()[0], cell_s=time.perf_counter() - t)

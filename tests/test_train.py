@@ -204,3 +204,25 @@ def test_checkpoint_cleanup_removes_what_a_killed_writer_left(tmp_path):
     (root / "latest.json").write_text('{"step": 4, "dir": "step-00000004"}')
     remove_older(root, "step-00000004")
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-00000004"]
+
+
+def test_sampled_windows_continue_each_prompt_with_the_models_own_tokens(tiny_llama):
+    """The sampler's key-value-cache decoding is the model's: at a near-zero temperature every sampled token is the
+    argmax of the model's logits on the whole window so far (recomputed without a cache); a seed fixes the samples,
+    another seed changes them, and prompts are kept."""
+    from lrqat_export.core.data import sampled_windows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    prompts = torch.randint(0, model.config.vocab_size, (5, 3), generator=torch.Generator().manual_seed(0))
+    w = sampled_windows(model, prompts, 12, seed=0, batch_size=2, temperature=1e-4)
+    assert w.shape == (5, 12) and torch.equal(w[:, :3], prompts)
+    with torch.no_grad():
+        logits = model(input_ids=w).logits[:, 2:-1].float()  # the prediction of each sampled token
+    chosen = logits.gather(-1, w[:, 3:, None]).squeeze(-1)
+    assert (chosen >= logits.max(-1).values - 1e-4).all()  # the argmax (up to float ties)
+    a = sampled_windows(model, prompts, 12, seed=1, batch_size=2)
+    assert torch.equal(a, sampled_windows(model, prompts, 12, seed=1, batch_size=5))  # batching changes nothing
+    assert not torch.equal(a, sampled_windows(model, prompts, 12, seed=2, batch_size=2))
+    assert model.training is False
+    with pytest.raises(UserError, match="prompt length expected 1..2, got 3"):
+        sampled_windows(model, prompts, 3)

@@ -7,6 +7,7 @@ as file paths (tests and benchmarks pass WikiText-2's location in; the library r
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -97,3 +98,43 @@ def text_windows(tokenizer, paths, seq_len: int, max_windows: int | None = None,
     text = read_texts(paths)
     max_tokens = None if max_windows is None else (max_windows + 1) * seq_len
     return windows(tokenize(tokenizer, text, max_tokens), seq_len, max_windows, what)
+
+
+@torch.no_grad()
+def sampled_windows(model, prompts: torch.Tensor, seq_len: int, seed: int = 0, batch_size: int = 8,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """(N, seq_len) windows the float `model` writes itself: each row of `prompts` (N, P) continued by sampling
+    from the model's full distribution (temperature `temperature`, no top-k/top-p) up to seq_len tokens (an EOS
+    is an ordinary token). Text from the model's own distribution (LLM-QAT's data-free QAT, Liu et al. 2023)
+    lets a distilled student match the model beyond one domain's text. Deterministic for (model, prompts, seed), whatever
+    the batch_size."""
+    n, p = prompts.shape
+    check_windows(seq_len, n, "sampled windows")
+    if not 1 <= p < seq_len:
+        raise UserError(f"sampled windows: prompt length expected 1..{seq_len - 1}, got {p}")
+    if not temperature > 0:
+        raise UserError(f"sampled windows: temperature expected > 0, got {temperature}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    # one generator per window, each seeded by a draw from `seed` (torch's CPU generator keeps 32 bits of a seed):
+    # the samples do not depend on batch_size
+    row_seeds = torch.randint(0, 2 ** 31, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    gens = [torch.Generator(device="cpu").manual_seed(s) for s in row_seeds]
+    # the key-value cache's keyword: "cache" from transformers 5.3x, "past_key_values" before
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = []
+    try:
+        for k in range(0, n, batch_size):
+            ids = prompts[k:k + batch_size].to(device)
+            res, rows = model(input_ids=ids, use_cache=True), [ids]
+            for _ in range(seq_len - p):
+                probs = torch.softmax(res.logits[:, -1].float().cpu() / temperature, -1)
+                nxt = torch.cat([torch.multinomial(q, 1, generator=g)
+                                 for q, g in zip(probs, gens[k:k + batch_size])])[:, None].to(device)
+                rows.append(nxt)
+                res = model(input_ids=nxt, use_cache=True, **{key: getattr(res, key)})
+            out.append(torch.cat(rows, 1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
