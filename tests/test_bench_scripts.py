@@ -160,3 +160,19 @@ def test_ab_product_bench_writes_a_row_per_shape(tmp_path):
     assert [(r["out"], r["in"]) for r in res["rows"]] == [tuple(s) for s in SHAPES["smollm2-135m"]]
     assert all(r["rank"] == 4 and r["ab_s"] > 0 and r["write_s"] > 0 and r["ab_gflops"] > 0 for r in res["rows"])
     assert res["gemm_gflops"] > 0 and res["threads"] >= 1
+
+
+def test_reference_grid_counts_exactly_affine_16_level_blocks():
+    import torch
+
+    from scripts.bench_reference_grid import affine16_blocks
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(0, 16, (6, 4, 32), generator=g).float()
+    k[..., 0], k[..., 1] = 0, 15  # a Q4_1 block holds its own min and max
+    m, d = torch.randn(6, 4, 1, generator=g), torch.rand(6, 4, 1, generator=g) + 0.01
+    w = (m + d * k).reshape(6, 128)  # float32 m + d·k: what a Q4_1 block decodes to
+    assert affine16_blocks(w) == (24, 24)
+    w[0, 5] += 0.3 * float(d[0, 0])  # one weight off its level: its block is no longer on a grid
+    w[3] = torch.randn(128, generator=g)
+    assert affine16_blocks(w) == (24 - 1 - 4, 24)
