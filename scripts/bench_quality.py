@@ -52,18 +52,19 @@ def data_windows(tok, args, model=None):
 def _sampled(train, args, model):
     """--train-text sampled: as many windows as the budget draws (steps × batch), each the first
     --prompt-tokens tokens of a WikiText-2 valid window (evenly spaced) continued by the float model's own samples
-    (core.data.sampled_windows, seed 0); kept in --work so every cell and rerun trains on the same tokens."""
+    (core.data.sampled_windows, seed --sample-seed); kept in --work so every cell and rerun trains on the same tokens."""
     import torch
 
     from lrqat_export.core import data as D
     from lrqat_export.core.fsio import atomic_path
     n = args.steps * args.batch
-    f = Path(args.work) / f"sampled_n{n}_t{args.seq}_p{args.prompt_tokens}.pt"
+    f = Path(args.work) / f"sampled_n{n}_t{args.seq}_p{args.prompt_tokens}" \
+        f"{f'_s{args.sample_seed}' if args.sample_seed else ''}.pt"
     if f.is_file():
         return torch.load(f)
     pick = torch.linspace(0, train.shape[0] - 1, n).round().long()
     t = time.perf_counter()
-    w = D.sampled_windows(model, train[pick, : args.prompt_tokens], args.seq, seed=0, batch_size=64)
+    w = D.sampled_windows(model, train[pick, : args.prompt_tokens], args.seq, seed=args.sample_seed, batch_size=64)
     print(f"  sampled {n} windows of {args.seq} tokens in {time.perf_counter() - t:.0f} s", flush=True)
     f.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(f) as tmp:
@@ -296,6 +297,7 @@ def main(argv=None) -> int:
                     help="training text: WikiText-2 valid, or the float model's own continuations of its windows' "
                          "first --prompt-tokens tokens (one window per step × batch)")
     ap.add_argument("--prompt-tokens", type=int, default=8, help="--train-text sampled: prompt length (default 8)")
+    ap.add_argument("--sample-seed", type=int, default=0, help="--train-text sampled: the sampler's seed (default 0)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
     # --- objective and recipe (every trained method under the same ones)
     ap.add_argument("--recipe", default="default", help="named per-method defaults (methods.registry.RECIPES)")
@@ -332,7 +334,7 @@ def main(argv=None) -> int:
     # the distillation default and hold cross-entropy cells) are never picked up as cached
     tag = (f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
            f"_{args.objective or 'rdef'}" + ("" if args.train_text == "wikitext" else
-                                              f"_sampled{args.prompt_tokens}") + (f"_{args.tag}" if args.tag else ""))
+                                              f"_sampled{args.prompt_tokens}" + (f"s{args.sample_seed}" if args.sample_seed else "")) + (f"_{args.tag}" if args.tag else ""))
     cells_dir, work = out / f"cells_{tag}", Path(args.work)
     cells_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,13 @@ but our own progress bars; other projects' banners and logs go to OUT/run.log; `
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from lrqat_export.core.quiet import foreign_stderr
+
 ROOT = Path(__file__).resolve().parent.parent
-# Our progress bars (tqdm: desc, percentage, bar, counts), drawn with \r on stderr, and our own error lines.
-OURS_STDERR = re.compile(r"^\s*$|^(ppl \((torch|GPTQ loader|llama\.cpp)\)|LR-QAT|teacher pre-pass|lrqat \w+: )")
 
 
 def _run(tiny_llama, out: Path, *pre: str) -> subprocess.CompletedProcess:
@@ -22,10 +21,16 @@ def _run(tiny_llama, out: Path, *pre: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+def test_foreign_stderr_keeps_only_other_projects_lines():
+    bars = "LR-QAT:  10%|█         | 1/10\rLR-QAT:  20%|██        | 2/10\r"
+    assert foreign_stderr(bars + "\nteacher pre-pass: 100%\n\n") == []
+    assert foreign_stderr(bars + "INFO  GPT-QModel banner\nlrqat run: expected x\n") == ["INFO  GPT-QModel banner"]
+
+
 def test_a_small_run_prints_only_our_lines(tiny_llama, tmp_path):
     r = _run(tiny_llama, tmp_path / "runs" / "quiet")  # runs/ does not exist: made on the way
     assert r.returncode == 0, r.stderr[-2000:]
-    foreign = [frag for line in r.stderr.split("\n") for frag in line.split("\r") if not OURS_STDERR.match(frag)]
+    foreign = foreign_stderr(r.stderr)
     assert not foreign, f"stderr lines that are not ours: {foreign[:10]}"
     assert all(line.startswith("[lrqat run] ") for line in r.stdout.splitlines()), r.stdout[:2000]
     log = (tmp_path / "runs" / "quiet" / "run.log").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -19,12 +20,21 @@ from typing import Iterator
 OURS = ("lrqat_export", "converters")
 THIRD_PARTY = ("transformers", "torch", "torchao", "gptqmodel", "logbar", "accelerate", "optimum", "huggingface_hub",
                "safetensors", "urllib3", "filelock", "datasets", "tokenizers", "gguf", "llama_cpp", "numexpr")
+# what `lrqat run` may write on stderr without -v: blank lines, our progress bars (tqdm, redrawn with \r) and our
+# own error lines (tests/test_quiet.py, scripts/bench_first_run.py)
+OURS_STDERR = re.compile(r"^\s*$|^(ppl \((torch|GPTQ loader|llama\.cpp)\)|LR-QAT|teacher pre-pass|lrqat \w+: )")
 _state: dict = {"verbose": True, "log": None, "handlers": []}  # library use (no setup call): everything as is
 
 
 class _OursOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name.split(".")[0] in OURS or record.levelno >= logging.ERROR
+
+
+def foreign_stderr(text: str) -> list[str]:
+    """The pieces of a captured stderr (split at newlines and at tqdm's carriage returns) that are not ours
+    (OURS_STDERR): other projects' output that reached the terminal."""
+    return [frag for line in text.split("\n") for frag in line.split("\r") if not OURS_STDERR.match(frag)]
 
 
 def setup(verbose: bool = False, log_file: str | os.PathLike | None = None) -> None:
