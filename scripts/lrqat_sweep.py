@@ -3,6 +3,11 @@ evaluated on WikiText-2 test (in domain) and on the held-out embedded corpus (ou
 per configuration.
 
     python scripts/lrqat_sweep.py SMOLLM2.gguf WIKITEXT_DIR DEVICE '[{"preset": "w4pc", "lr_ab": 1e-3, "alpha": 1}]'
+
+This is the sweep behind docs/results.md's H100 table (2026-11-22): cross-entropy and the paper's settings, so a
+configuration's unset keys take the "paper" recipe (α 1, lr A/B 1e-3, lr s 1e-5, Φ0 int8) unless it names
+"recipe" and "objective" itself. The default recipe's sweeps (distillation, grid-dependent defaults) are
+`scripts/bench_quality.py --hp ... --tag ...` (BENCHMARKS.md).
 """
 import copy, json, sys, time, torch
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -32,12 +37,19 @@ for c in configs:
         rtn[c["preset"]] = perplexity(rm, ev)["ppl"]
         print("rtn", c["preset"], rtn[c["preset"]], "ood", perplexity(rm, ood)["ppl"], flush=True)
     m = copy.deepcopy(base)
-    opts = registry.resolve_options("lrqat", MethodOptions(**{k: c[k] for k in ("rank", "alpha", "phi") if k in c}))
+    recipe, objective = c.get("recipe", "paper"), c.get("objective", "ce")
+    if objective != "ce":
+        sys.exit(f"lrqat_sweep: objective {objective!r}: this script trains without a teacher; expected 'ce' "
+                 f"(distillation sweeps: scripts/bench_quality.py --hp)")
+    opts = registry.resolve_options("lrqat", MethodOptions(**{k: c[k] for k in ("rank", "alpha", "phi")
+                                                               if k in c}), recipe, spec)
+    cfg = TrainConfig(steps=c.get("steps", 300), batch_size=2, lr_ab=c.get("lr_ab"), lr_scale=c.get("lr_scale"),
+                      objective=objective).resolved("lrqat", recipe, spec)
+    torch.manual_seed(cfg.seed)
     prepare(m, spec, opts)
     t = time.time()
-    h = train(m, tr, TrainConfig(steps=c.get("steps", 300), batch_size=2, lr_ab=c.get("lr_ab"),
-              lr_scale=c.get("lr_scale"), objective="ce"), progress=False)
-    ck = fuse(m, {})
+    h = train(m, tr, cfg, progress=False, opts=opts, recipe=recipe, spec=spec)
+    ck = fuse(m, {}, spec=spec)
     fm = ck.to_torch_model().to(dev)
     p = perplexity(fm, ev)["ppl"]
     c["ood"] = round(perplexity(fm, ood)["ppl"], 3)
