@@ -15,6 +15,7 @@ import torch
 
 from .errors import UserError
 from .fsio import missing_file
+from .models import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,6 @@ def sampled_windows(model, prompts: torch.Tensor, seq_len: int, seed: int = 0, b
     if not temperature > 0:
         raise UserError(f"sampled windows: temperature expected > 0, got {temperature}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     # one generator per window, each seeded by a draw from `seed` (torch's CPU generator keeps 32 bits of a seed):
     # the samples do not depend on batch_size
     row_seeds = torch.randint(0, 2 ** 31, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -124,7 +123,7 @@ def sampled_windows(model, prompts: torch.Tensor, seq_len: int, seed: int = 0, b
     # the key-value cache's keyword: "cache" from transformers 5.3x, "past_key_values" before
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = []
-    try:
+    with eval_mode(model):
         for k in range(0, n, batch_size):
             ids = prompts[k:k + batch_size].to(device)
             res, rows = model(input_ids=ids, use_cache=True), [ids]
@@ -135,6 +134,4 @@ def sampled_windows(model, prompts: torch.Tensor, seq_len: int, seed: int = 0, b
                 rows.append(nxt)
                 res = model(input_ids=nxt, use_cache=True, **{key: getattr(res, key)})
             out.append(torch.cat(rows, 1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)

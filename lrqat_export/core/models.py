@@ -16,11 +16,13 @@ every layer above asks this module rather than keeping its own list.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -107,6 +109,17 @@ def cached_hf_copy(src: ModelSource) -> Path:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return d
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it had (also on an exception)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def load_model(model: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> tuple[nn.Module, object, ModelSource]:

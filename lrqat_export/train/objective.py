@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import UserError
+from ..core.models import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ def build_teacher_cache(model, windows: torch.Tensor, indices: list[int], topk: 
     if not temperature > 0:
         raise UserError(f"--kd-temperature: expected > 0, got {temperature}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     ids, logp, rest = {}, {}, {}
     chunks = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
     it = chunks
@@ -137,14 +136,14 @@ def build_teacher_cache(model, windows: torch.Tensor, indices: list[int], topk: 
         from tqdm import tqdm
 
         it = tqdm(chunks, desc="teacher pre-pass", unit="batch", leave=False)
-    for chunk in it:
-        x = windows[chunk].to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=x).logits[:, :-1]
-        i, lp, lr = topk_targets(logits, topk, temperature)
-        for k, w in enumerate(chunk):
-            ids[w], logp[w], rest[w] = i[k].cpu(), lp[k].cpu(), lr[k].cpu()
-    model.train(was_training)
+    with eval_mode(model):
+        for chunk in it:
+            x = windows[chunk].to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=x).logits[:, :-1]
+            i, lp, lr = topk_targets(logits, topk, temperature)
+            for k, w in enumerate(chunk):
+                ids[w], logp[w], rest[w] = i[k].cpu(), lp[k].cpu(), lr[k].cpu()
     cache = TeacherCache(ids, logp, rest, topk, temperature)
     log.info("teacher cache: %d windows, top-%d, τ %g, mean rest mass %.4f", len(indices), topk, temperature,
              cache.rest_mass)
