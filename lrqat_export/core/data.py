@@ -107,8 +107,8 @@ def sampled_windows(model, prompts: torch.Tensor, seq_len: int, seed: int = 0, b
     """(N, seq_len) windows the float `model` writes itself: each row of `prompts` (N, P) continued by sampling
     from the model's full distribution (temperature `temperature`, no top-k/top-p) up to seq_len tokens (an EOS
     is an ordinary token). Text from the model's own distribution (LLM-QAT's data-free QAT, Liu et al. 2023)
-    lets a distilled student match the model beyond one domain's text. Deterministic for (model, prompts, seed), whatever
-    the batch_size."""
+    lets a distilled student match the model beyond one domain's text. Deterministic for (model, prompts, seed),
+    whatever the batch_size."""
     n, p = prompts.shape
     check_windows(seq_len, n, "sampled windows")
     if not 1 <= p < seq_len:
