@@ -35,7 +35,8 @@ def main_job(out: Path) -> dict:
     parity = json.loads((out / "parity" / "parity.json").read_text())
     return {"wall_s": wall, "stages_s": rep["timings"], "verify_timings_s": parity["timings"],
             "eval_windows": rep["eval"]["windows"], "ppl": rep["ppl"], "ppl_ood": rep.get("ppl_ood"),
-            "rtn_gap_closed": rep["rtn_gap_closed"], "parity": rep["parity"], "stderr_lines": len(r.stderr.splitlines()),  # \r-redrawn progress bars count once per redraw
+            "rtn_gap_closed": rep["rtn_gap_closed"], "parity": rep["parity"],
+            "stderr_lines": len(r.stderr.splitlines()),  # \r-redrawn progress bars count once per redraw
             "stderr_foreign": foreign_stderr(r.stderr)}  # other projects' lines on the terminal: expected none
 
 

@@ -57,6 +57,7 @@ def _sampled(train, args, model):
 
     from lrqat_export.core import data as D
     from lrqat_export.core.fsio import atomic_path
+
     n = args.steps * args.batch
     f = Path(args.work) / f"sampled_n{n}_t{args.seq}_p{args.prompt_tokens}" \
         f"{f'_s{args.sample_seed}' if args.sample_seed else ''}.pt"
@@ -332,9 +333,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     # the recipe is always in the name: cells measured under another recipe (the unsuffixed directories predate
     # the distillation default and hold cross-entropy cells) are never picked up as cached
+    text = "" if args.train_text == "wikitext" else \
+        f"_sampled{args.prompt_tokens}" + (f"s{args.sample_seed}" if args.sample_seed else "")
     tag = (f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
-           f"_{args.objective or 'rdef'}" + ("" if args.train_text == "wikitext" else
-                                              f"_sampled{args.prompt_tokens}" + (f"s{args.sample_seed}" if args.sample_seed else "")) + (f"_{args.tag}" if args.tag else ""))
+           f"_{args.objective or 'rdef'}{text}" + (f"_{args.tag}" if args.tag else ""))
     cells_dir, work = out / f"cells_{tag}", Path(args.work)
     cells_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

