@@ -48,6 +48,20 @@ def test_optimizer_groups_and_schedule_follow_the_paper(tiny_llama):
     assert f(99) == pytest.approx(1 / 90)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_other_schedules_share_the_warmup_and_differ_after_it(schedule):
+    lin, other = (lr_lambda(TrainConfig(steps=100, schedule=s)) for s in ("linear", schedule))
+    assert [other(i) for i in range(10)] == [lin(i) for i in range(10)]  # the same 10-step warmup
+    if schedule == "constant":
+        assert {other(i) for i in range(9, 100)} == {1.0}
+    else:  # half-way through the decay both are at 0.5; cosine stays higher before it, lower after it
+        assert other(10) == 1.0 and other(55) == pytest.approx(0.5) and other(100) == 0.0
+        assert other(30) > lin(30) and other(80) < lin(80) and other(99) > 0
+        assert all(other(i) >= other(i + 1) for i in range(10, 100))
+    with pytest.raises(UserError, match="--schedule: expected one of .*'step'"):
+        TrainConfig(schedule="step")
+
+
 def test_data_order_is_a_pure_function_of_seed_and_step():
     a = [batch_indices(s, 3, 10, seed=7).tolist() for s in range(8)]
     b = [batch_indices(s, 3, 10, seed=7).tolist() for s in range(8)]

@@ -19,7 +19,7 @@ from ..core.models import DEFAULT_MODEL
 from ..core.quant import DEFAULT_PRESET, PRESETS, spec_from_args
 from ..methods import registry
 from ..methods.common import AB_INITS, PHI_CHOICES, MethodOptions
-from ..train.config import INIT_STEPS, TrainConfig
+from ..train.config import INIT_STEPS, SCHEDULES, TrainConfig
 from ..train import objective
 from ..train.objective import KD_LAYER_TARGETS, KD_TEACHERS, OBJECTIVES
 from . import jobs as J
@@ -184,6 +184,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"mix: weight of cross-entropy, 1 − it on the KL (default {TRAIN.ce_weight})")
     g.add_argument("--warmup", type=float_in(0.0, 1.0, hi_open=True), default=TRAIN.warmup_fraction,
                    help=f"warmup fraction of the steps (default {TRAIN.warmup_fraction})")
+    g.add_argument("--schedule", choices=list(SCHEDULES), default=TRAIN.schedule,
+                   help=f"learning rate after the warmup: linear or cosine decay to zero, or constant "
+                        f"(default {TRAIN.schedule}, the paper's)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the model's matmuls")
     g.add_argument("--checkpoint-layers", action="store_true",
                    help="recompute each decoder layer's activations in backward: much less activation memory, "
@@ -215,7 +218,7 @@ def _options(args) -> MethodOptions:
 
 def _train_cfg(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_ab=args.lr_ab,
-                       lr_scale=args.lr_scale, warmup_fraction=args.warmup, bf16=args.bf16, seed=args.seed,
+                       lr_scale=args.lr_scale, warmup_fraction=args.warmup, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
                        ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers, objective=args.objective,
                        kd_temperature=args.kd_temperature, kd_topk=args.kd_topk, kd_teacher=args.kd_teacher,
                        ce_weight=args.ce_weight, kd_layer=args.kd_layer, kd_layer_target=args.kd_layer_target)

@@ -13,6 +13,8 @@ from ..methods import registry
 from ..methods.common import MethodOptions
 from .objective import KD_LAYER_TARGETS, KD_TEACHERS, OBJECTIVES
 
+SCHEDULES = ("linear", "cosine", "constant")
+
 INIT_STEPS = 4  # a data-aware start (registry data_init, e.g. LR-QAT's ab_init) looks at the first 4 steps' windows
 # (all of them in a shorter run)
 
@@ -28,6 +30,7 @@ class TrainConfig:
     beta2: float = 0.95  # paper
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1  # paper: 10 % linear warmup, then linear decay
+    schedule: str = "linear"  # after the warmup: linear (paper) or cosine decay to zero, or constant
     grad_clip: float = 1.0
     bf16: bool = False  # autocast the model's matmuls to bf16 (weights are still quantized in fp32)
     seed: int = 0
@@ -57,6 +60,8 @@ class TrainConfig:
             raise UserError(f"--kd-layer: expected >= 0, got {self.kd_layer}")
         if self.kd_layer_target not in KD_LAYER_TARGETS:
             raise UserError(f"--kd-layer-target: expected one of {KD_LAYER_TARGETS}, got {self.kd_layer_target!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         if self.kd_topk < 1:
             raise UserError(f"--kd-topk: expected >= 1, got {self.kd_topk}")
         if not 0 <= self.ce_weight <= 1:

@@ -55,12 +55,17 @@ def batch_indices(step: int, batch_size: int, n_windows: int, seed: int) -> torc
 
 
 def lr_lambda(cfg: TrainConfig):
+    """The learning rate's factor at each step: linear warmup over `warmup_fraction` of the steps, then
+    `schedule`: linear decay to zero at `steps` (the paper's), cosine decay to zero, or constant."""
     warm = max(1, int(round(cfg.steps * cfg.warmup_fraction)))
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+        left = max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))  # 1 at the end of warmup, 0 at `steps`
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 - math.cos(math.pi * left))
+        return 1.0 if cfg.schedule == "constant" else left
 
     return f
 
