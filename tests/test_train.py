@@ -74,7 +74,8 @@ def test_data_order_is_a_pure_function_of_seed_and_step():
 def test_training_lowers_the_loss(tiny_llama):
     model = _prepared(tiny_llama)
     w = _windows(tiny_llama)
-    hist = train(model, w, TrainConfig(steps=30, batch_size=4, lr_ab=1e-2, lr_scale=1e-3, objective="ce"), progress=False)
+    hist = train(model, w, TrainConfig(steps=30, batch_size=4, lr_ab=1e-2, lr_scale=1e-3, objective="ce"),
+                 progress=False)
     first = sum(h["loss"] for h in hist[:5]) / 5
     last = sum(h["loss"] for h in hist[-5:]) / 5
     assert last < first - 0.05, (first, last)

@@ -218,10 +218,11 @@ def _options(args) -> MethodOptions:
 
 def _train_cfg(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr_ab=args.lr_ab,
-                       lr_scale=args.lr_scale, warmup_fraction=args.warmup, schedule=args.schedule, bf16=args.bf16, seed=args.seed,
-                       ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers, objective=args.objective,
-                       kd_temperature=args.kd_temperature, kd_topk=args.kd_topk, kd_teacher=args.kd_teacher,
-                       ce_weight=args.ce_weight, kd_layer=args.kd_layer, kd_layer_target=args.kd_layer_target)
+                       lr_scale=args.lr_scale, warmup_fraction=args.warmup, schedule=args.schedule, bf16=args.bf16,
+                       seed=args.seed, ckpt_every=args.ckpt_every, checkpoint_layers=args.checkpoint_layers,
+                       objective=args.objective, kd_temperature=args.kd_temperature, kd_topk=args.kd_topk,
+                       kd_teacher=args.kd_teacher, ce_weight=args.ce_weight, kd_layer=args.kd_layer,
+                       kd_layer_target=args.kd_layer_target)
 
 
 def _data(args) -> J.DataOptions:
