@@ -60,6 +60,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # name: LlamaConfig kwargs (random init; no download)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=384, tie_word_embeddings=True),
+    # SmolLM2's 30 layers (210 projections) at a width where the arithmetic is negligible: what a step costs in
+    # per-call overhead (Python, op dispatch, compiled-call guards) alone
+    "smollm2-narrow": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=30, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=384, tie_word_embeddings=True),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
