@@ -29,15 +29,9 @@ SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # (out, in): q/o, k
 
 def _csr_transposed(gs_t, x2, a, b, idx, ls):
     """The previous CPU route: as fused._correction_csr, but dB from the transposed sparse product."""
-    import torch
+    from lrqat_export.methods.fused import _sampled_csr
 
-    out_f, in_f = gs_t.shape[0], x2.shape[1]
-    rows, cols = idx.unbind(1)
-    crow = torch.zeros(out_f + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(rows, minlength=out_f), 0, out=crow[1:])
-    pattern = torch.sparse_csr_tensor(crow, cols.contiguous(), x2.new_zeros(idx.shape[0]), (out_f, in_f),
-                                      check_invariants=False)
-    corr = torch.sparse.sampled_addmm(pattern, gs_t, x2, beta=0.0, alpha=-ls)
+    corr = _sampled_csr(gs_t, x2, idx, ls)
     return corr @ b.T, (corr.t() @ a).T
 
 
