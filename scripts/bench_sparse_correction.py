@@ -29,9 +29,9 @@ SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # (out, in): q/o, k
 
 def _csr_transposed(gs_t, x2, a, b, idx, ls):
     """The previous CPU route: as fused._correction_csr, but dB from the transposed sparse product."""
-    from lrqat_export.methods.fused import _sampled_csr
+    from lrqat_export.methods.fused import sampled_csr
 
-    corr = _sampled_csr(gs_t, x2, idx, ls)
+    corr = sampled_csr(gs_t, x2, idx, ls)
     return corr @ b.T, (corr.t() @ a).T
 
 
