@@ -84,7 +84,7 @@ def _grads(layer, x, dy):
     ("w2g64a", "int8", True, True)])
 def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, events, monkeypatch):
     """Per channel with few clipped entries: the low-rank backward and its sparse correction; otherwise the dense
-    one. Per channel at ≤ 5 bits the backward rebuilds Ŵ from the forward's events (`events`; off: past
+    one. Per channel the backward rebuilds Ŵ from the forward's events (`events`; off: past
     EVENT_FRACTION, A·B again). Same gradients as the eager chain's autograd, summed in another order (relative
     1e-5 of the largest)."""
     spec = W4PCA if grid == "w4pca" else PRESETS[grid]
@@ -111,7 +111,8 @@ def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, events, monkey
 
 
 @pytest.mark.parametrize("grid, phi", [("w4pc", p) for p in ("int8", "int4", "bf16", "fp32")]
-                         + [("w4pca", "bf16"), ("w4pca", "int8"), ("w3pc", "fp32")])
+                         + [("w4pca", "bf16"), ("w4pca", "int8"), ("w3pc", "fp32"), ("w8pc", "bf16"),
+                            ("w8pc", "int8")])
 def test_backward_rebuilds_the_forwards_weight_from_its_events_bit_for_bit(grid, phi, monkeypatch):
     """The forward's events (codes that left RTN's clip(⌊Φ0⌉) or clipped, on exact .5 ties and both clip
     boundaries) rebuild Ŵ without A·B, equal to the forward's Ŵ bit for bit; the clipped entries are those where
@@ -127,8 +128,8 @@ def test_backward_rebuilds_the_forwards_weight_from_its_events_bit_for_bit(grid,
     c, c0 = r.clamp(spec.qmin, spec.qmax), torch.round(phi_up(fast.phi0, spec, phi)).clamp(spec.qmin, spec.qmax)
     moved, clipped = (c != c0), (r != c)
     assert moved.any() and clipped.any() and (moved & ~clipped).any()
-    pos, val = events
-    assert torch.equal(pos.long(), (moved | clipped).view(-1).nonzero().squeeze(1))
+    assert torch.equal(events.pos.long(), (moved | clipped).view(-1).nonzero().squeeze(1))
+    assert torch.equal(events.clipped, clipped.nonzero())
     _, s16, zf = fused._scales(fast.scale, fast.zero, fast.lora_scale, w.device)
     rebuilt, idx = fused.rebuilt_weight(fast.phi0, s16, zf, events, spec, phi, phi_up)
     assert torch.equal(rebuilt, w)
@@ -145,7 +146,7 @@ def test_events_are_not_kept_past_their_fraction(monkeypatch):
     assert fused.weight_and_events(*args)[1] is not None
     monkeypatch.setattr(fused, "EVENT_FRACTION", 1e-3)
     assert fused.weight_and_events(*args)[1] is None
-    assert not fused.records_events(PRESETS["w8pc"], True) and not fused.records_events(spec, False)
+    assert fused.records_events(PRESETS["w8pc"], True) and not fused.records_events(spec, False)
 
 
 @pytest.mark.parametrize("k", [1, 37, 700])

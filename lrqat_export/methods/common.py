@@ -69,7 +69,8 @@ def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x·Wᵀ + b in x's dtype (bf16 under autocast), from float32 weight and bias."""
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    same = w.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)  # then no cast (each costs a dispatch)
+    return F.linear(x, w, bias) if same else F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def maybe_checkpoint(enabled: bool, fn, *args):

@@ -8,14 +8,14 @@ weight gradient G = dyᵀx. Here:
 
 * forward: A·B (the same fp32 matmul as `fused_codes`), then ONE compiled element-wise pass over the weight —
   upcast Φ0, add (α/r)·AB, round, clip, subtract z, scale — and the matmul in x's dtype (`common.linear`, so bf16
-  autocast behaves as in the eager layer). Saved for backward: x, Φ0, A, B, s, z and, per channel, the output y
-  and the events below; no weight-sized tensor.
-  Per channel at ≤ 5 bits the forward's pass also marks its *events* (one int8 a weight, dropped at once): the
-  entries whose code is not RTN's c0 = clip(⌊Φ0⌉) or was clipped, usually well under 1 % of them. Their positions
-  and codes are kept (5 bytes each, at most EVENT_FRACTION of the weight; past it none are kept).
-* backward: Ŵ again, dx = dy·Ŵ. With events, without A·B: RTN's Ŵ from Φ0 in one pass, then the recorded codes
-  put in by the forward's own float32 operations, so it is the forward's Ŵ bit for bit. Otherwise A·B again and one
-  pass (plus a flag where a code was clipped). Then
+  autocast behaves as in the eager layer). Saved for backward: x, Φ0, A, B, the fp16 scales, z and fp16_ste's
+  mask (out × G each) and, per channel, the output y and the events below; no weight-sized tensor.
+  Per channel the forward's pass also marks its *events* (one int8 a weight, dropped at once): the entries whose
+  code is not RTN's c0 = clip(⌊Φ0⌉) or was clipped, usually well under 1 % of them. Their positions and Ŵ values
+  are kept (`Events`: 8 bytes each, 16 more for a clipped one; at most EVENT_FRACTION of the weight, past it none).
+* backward: Ŵ again, dx = dy·Ŵ. With events, without A·B: RTN's Ŵ from Φ0 in one pass, then the forward's own Ŵ
+  values put back at the events, so it is the forward's Ŵ bit for bit. Otherwise A·B again and one pass (plus a
+  flag where a code was clipped). Then
     - per channel (one scale a row): no weight-sized gradient at all. With S = diag(s) and the clip mask M,
           dA = (α/r)·(G∘SM)·Bᵀ = (α/r)·[ S·dyᵀ·(x·Bᵀ) − (G∘S∘(1−M))·Bᵀ ]
           dB = (α/r)·Aᵀ·(G∘SM) = (α/r)·[ (dy·S·A)ᵀ·x − Aᵀ·(G∘S∘(1−M)) ]
@@ -39,10 +39,11 @@ it cannot compile (no C++ compiler, no Triton) the layer keeps the eager chain, 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -61,6 +62,7 @@ _KERNELS: dict[tuple, Callable] = {}
 _LORA_SCALES: dict[tuple, torch.Tensor] = {}  # (α/r, device) -> the 0-dim float32 tensor the passes take
 _BROKEN: dict[str, str] = {}  # device type -> why torch.compile is not used there
 _CHECKED: set[str] = set()
+_CSR_SEEN: list[bool] = []  # a CSR tensor was made in this process (its beta notice is then spent)
 COMPILE_SECONDS: dict[str, float] = {}  # kernel name -> seconds of its first (compiling) call, for the benchmark
 
 
@@ -135,13 +137,12 @@ def _make(kind: str, upcast, qmin: int, qmax: int):
 
     def weight_events(phi0, ab, ls, s16, zf):
         """Ŵ and, in one int8 per weight, the entries the backward cannot rebuild from Φ0 alone: 0 where the code
-        is RTN's c0 = clip(⌊Φ0⌉) and did not clip, else (c − qmin + 1) + 64·[clipped] (grids of at most 5 bits)."""
+        is RTN's c0 = clip(⌊Φ0⌉) and did not clip, 1 where it moved from c0 inside the grid, 2 where it clipped."""
         r, c = _codes(phi0, ab, ls, upcast, qmin, qmax)
         w, g = _dequant(c, s16, zf)
         c0 = torch.round(upcast(phi0)).clamp(qmin, qmax)
         r3, c3, c03 = r.reshape(g.shape), c.reshape(g.shape), c0.reshape(g.shape)
-        event = (r3 != c3) | (c3 != c03)
-        ev = torch.where(event, c3 - qmin + 1 + 64 * (r3 != c3).float(), 0.0)
+        ev = torch.where(r3 != c3, 2.0, (c3 != c03).float())
         return w, ev.to(torch.int8)
 
     def weight_rtn(phi0, s16, zf):
@@ -184,8 +185,12 @@ def _run(kind: str, spec, phi, upcast, *args):
         return _flat(eager(*args))
     first = name not in COMPILE_SECONDS
     t0 = time.perf_counter() if first else 0.0
-    try:  # element-wise fp32, no autograd
-        with torch.autocast(device_type=dev.type, enabled=False), torch.no_grad():
+    try:  # element-wise fp32, no autograd (the contexts are entered only where they change something: each costs
+        # a few µs, and the passes run twice per projection per step)
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(dev.type):
+            with torch.autocast(device_type=dev.type, enabled=False), torch.no_grad():
+                res = compiled(*args)
+        else:
             res = compiled(*args)
     except Exception as e:  # noqa: BLE001 - any compiler failure: the same numbers from the eager function
         _disable(dev.type, f"torch.compile failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
@@ -203,21 +208,48 @@ def _flat(res):
     return res.flatten(1) if res.dim() == 3 else res
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t as float32, without a dispatch where it already is (a no-op `.float()` still costs a few µs a call)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _fp32_math(device: torch.device):
+    """A context in which matmuls run in float32: autocast off where it is on, else nothing to enter."""
+    return torch.autocast(device_type=device.type, enabled=False) if torch.is_autocast_enabled(device.type) \
+        else contextlib.nullcontext()
+
+
 def _ab(lora_a, lora_b):
     """fp32 A·B (out, in): the matmul `fused_codes` uses."""
-    with torch.autocast(device_type=lora_a.device.type, enabled=False):
-        return lora_a.detach().float() @ lora_b.detach().float()
+    with _fp32_math(lora_a.device):
+        return _f32(lora_a.detach()) @ _f32(lora_b.detach())
+
+
+def _lora_scale(lora_scale: float, device) -> torch.Tensor:
+    """α/r as a 0-dim float32 tensor on `device` (one per value and device)."""
+    ls = _LORA_SCALES.get((lora_scale, device))
+    if ls is None:
+        ls = _LORA_SCALES[(lora_scale, device)] = torch.tensor(lora_scale, dtype=torch.float32, device=device)
+    return ls
 
 
 def _scales(scale, zero, lora_scale, device):
     """α/r as a 0-dim float32 tensor, the fp16 scales as float32 and the float zeros."""
-    ls = _LORA_SCALES.get((lora_scale, device))
-    if ls is None:
-        ls = _LORA_SCALES[(lora_scale, device)] = torch.tensor(lora_scale, dtype=torch.float32, device=device)
+    ls = _lora_scale(lora_scale, device)
     # the value of common.fp16_ste: s_c + (fp16(s_c) − s_c) is fp16(s_c) exactly (the difference is exact)
     s16 = fp16_scales(scale).float()  # (out, G)
     zf = None if zero is None else zero.float()
     return ls, s16, zf
+
+
+def ds_mask(scale: torch.Tensor) -> torch.Tensor:
+    """Where common.fp16_ste passes the scale's gradient: the identity inside its clamp to fp16's range."""
+    s_c = _f32(scale.detach())
+    return (s_c >= FP16_TINY) & (s_c <= FP16_MAX)
 
 
 def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
@@ -233,39 +265,42 @@ def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, l
 
 
 def records_events(spec: QuantSpec, per_channel: bool) -> bool:
-    """Whether the forward records its events (module docstring): per channel, codes and flag in one int8."""
-    return per_channel and spec.qmax - spec.qmin < 32
+    """Whether the forward records its events (module docstring): per channel, on every grid."""
+    return per_channel
+
+
+class Events(NamedTuple):
+    """What the forward keeps of the entries the backward cannot rebuild from Φ0: those whose code is not RTN's
+    c0 = clip(⌊Φ0⌉) or was clipped."""
+    pos: torch.Tensor  # (K,) their flat row-major positions, int32 (int64 past 2³¹ weights)
+    w: torch.Tensor  # (K,) the forward's Ŵ there, float32
+    clipped: torch.Tensor  # (Kc, 2) (row, column) of the clipped ones, row-major: the backward's sparse correction
 
 
 def weight_and_events(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, lora_scale: float,
-                      upcast: Callable):
-    """(Ŵ as `fused_weight`, events | None). Events: (flat positions int32/int64 (K,), int8 values (K,)) of the
-    entries whose code is not RTN's c0 = clip(⌊Φ0⌉) or clipped, value (c − qmin + 1) + 64·[clipped]; None past
-    EVENT_FRACTION of the weight (the backward then forms A·B again)."""
-    ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
+                      upcast: Callable) -> tuple[torch.Tensor, Events | None]:
+    """(Ŵ as `fused_weight`, Events | None): None past EVENT_FRACTION of the weight (the backward then forms A·B
+    again)."""
+    return _events_pass(phi0, *_prologue(phi0, lora_a, lora_b, scale, zero, lora_scale), spec, phi, upcast)
+
+
+def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
     w, ev = _run("weight_events", spec, phi, upcast, phi0, ab, ls, s16, zf)
-    del ab
     pos = flagged_positions(ev)
     if pos.shape[0] > EVENT_FRACTION * ev.numel():
         return w, None
-    return w, (pos.to(torch.int32) if ev.numel() < 2 ** 31 else pos, ev.view(-1)[pos])
-
-
-def rebuilt_weight(phi0, s16, zf, events, spec: QuantSpec, phi: str, upcast: Callable):
-    """(Ŵ, (K, 2) clipped entries) from Φ0 and the forward's events, without A·B: RTN's Ŵ from one pass, then the
-    recorded codes put in with the forward's own operations, (c − z)·s in float32, so Ŵ is the forward's bit for
-    bit."""
-    pos, val = events
-    w = _run("weight_rtn", spec, phi, upcast, phi0, s16, zf)
+    clip = pos[ev.view(-1)[pos] == 2]
     in_f = w.shape[1]
-    pos = pos.long()
-    rows, cols = pos // in_f, pos % in_f
-    c = (val & 63).float() + float(spec.qmin - 1)  # exact: small integers
-    if zf is not None:
-        c = c - zf[rows, 0]
-    w[rows, cols] = c * s16[rows, 0]
-    clip = val >= 64
-    return w, torch.stack((rows[clip], cols[clip]), 1)
+    return w, Events(pos.to(torch.int32) if ev.numel() < 2 ** 31 else pos, w.view(-1)[pos],
+                     torch.stack((clip // in_f, clip % in_f), 1))
+
+
+def rebuilt_weight(phi0, s16, zf, events: Events, spec: QuantSpec, phi: str, upcast: Callable):
+    """(Ŵ, (K, 2) clipped entries) from Φ0 and the forward's events, without A·B: RTN's Ŵ from one pass, then the
+    forward's own Ŵ values put back at the events, so Ŵ is the forward's bit for bit."""
+    w = _run("weight_rtn", spec, phi, upcast, phi0, s16, zf)
+    w.view(-1).index_put_((events.pos,), events.w)
+    return w, events.clipped
 
 
 class FusedLRQATLinear(torch.autograd.Function):
@@ -276,26 +311,29 @@ class FusedLRQATLinear(torch.autograd.Function):
                 spec, phi, lora_scale, upcast):
         ctx.per_channel = scale.shape[1] == 1
         events = None
+        ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
         if records_events(spec, ctx.per_channel):
-            w, events = weight_and_events(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast)
+            w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
         else:
-            w = fused_weight(phi0, lora_a, lora_b, scale, zero, spec, phi, lora_scale, upcast)
+            w = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
+        del ab
         y = linear(x, w, bias)
-        ctx.meta = (spec, phi, lora_scale, upcast, y.dtype)
-        ctx.save_for_backward(x, phi0, lora_a, lora_b, scale, zero, bias, y if ctx.per_channel else None,
-                              *(events or (None, None)))
+        # the backward keeps the fp16 scales, float zeros and fp16_ste's mask (out × G each) rather than recompute
+        ctx.meta = (spec, phi, lora_scale, upcast, y.dtype, lora_a.dtype, lora_b.dtype, scale.dtype)
+        ctx.save_for_backward(x, phi0, lora_a, lora_b, s16, zf, ds_mask(scale), bias,
+                              y if ctx.per_channel else None, *(events or (None, None, None)))
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, phi0, lora_a, lora_b, scale, zero, bias, y, ev_pos, ev_val = ctx.saved_tensors
-        spec, phi, ls_f, upcast, cdt = ctx.meta
+        x, phi0, lora_a, lora_b, s16, zf, keep, bias, y, *events = ctx.saved_tensors
+        spec, phi, ls_f, upcast, cdt, a_dt, b_dt, s_dt = ctx.meta
         out_f, in_f = phi0.shape[0], lora_b.shape[1]
-        ls, s16, zf = _scales(scale, zero, ls_f, phi0.device)
+        ls = _lora_scale(ls_f, phi0.device)
         ab = None
         dy2 = dy.reshape(-1, out_f)
-        if ev_pos is not None:  # per channel, the forward's events: Ŵ without A·B
-            w, idx = rebuilt_weight(phi0, s16, zf, (ev_pos, ev_val), spec, phi, upcast)
+        if events[0] is not None:  # per channel, the forward's events: Ŵ without A·B
+            w, idx = rebuilt_weight(phi0, s16, zf, Events(*events), spec, phi, upcast)
         elif ctx.per_channel:
             ab = _ab(lora_a, lora_b)
             w, clipped = _run("weight_clipped", spec, phi, upcast, phi0, ab, ls, s16, zf)
@@ -306,11 +344,11 @@ class FusedLRQATLinear(torch.autograd.Function):
             w, idx = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf), None
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2.to(cdt) @ w.to(cdt)).to(x.dtype).reshape(x.shape)  # as F.linear's backward in x's dtype
+            dx = _as(_as(dy2, cdt) @ _as(w, cdt), x.dtype).reshape(x.shape)  # as F.linear's backward in x's dtype
         del w
-        a, b = lora_a.detach().float(), lora_b.detach().float()
-        with torch.autocast(device_type=dy.device.type, enabled=False):
-            x2, g2 = x.reshape(-1, in_f).float(), dy2.float()
+        a, b = _f32(lora_a), _f32(lora_b)
+        with _fp32_math(dy.device):
+            x2, g2 = _f32(x.reshape(-1, in_f)), _f32(dy2)
             if idx is not None and idx.shape[0] <= SPARSE_CLIP_FRACTION * out_f * in_f:
                 del ab
                 da, db, ds = _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls_f)
@@ -320,10 +358,8 @@ class FusedLRQATLinear(torch.autograd.Function):
                 dt, ds = _run("grads", spec, phi, upcast, phi0, ab, ls, s16, zf, gw)
                 del gw, ab
                 da, db = ls_f * (dt @ b.T), ls_f * (a.T @ dt)
-        s_c = scale.detach().float()
-        ds = ds * ((s_c >= FP16_TINY) & (s_c <= FP16_MAX))  # fp16_ste: identity inside its clamp
-        return (dx, None, da.to(lora_a.dtype), db.to(lora_b.dtype), ds.to(scale.dtype), None, None, None, None,
-                None, None)
+        ds = ds * keep  # fp16_ste: identity inside its clamp
+        return (dx, None, _as(da, a_dt), _as(db, b_dt), _as(ds, s_dt), None, None, None, None, None, None)
 
 
 def flagged_positions(flags: torch.Tensor) -> torch.Tensor:
@@ -350,7 +386,8 @@ def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
     idx (K, 2): the clipped (row, column) entries."""
     # (out, T): (dy·S)ᵀ; stored token-minor when the correction below reads its rows (a transposed view is 5× slower
     # to sample), a view of the (T, out) product otherwise; the matmuls take either layout
-    gs_t = (g2.T * s16).contiguous() if idx.shape[0] else (g2 * s16.T).T
+    # (written row-major by the product itself: `(g2.T * s16).contiguous()` wrote it in g2's layout, then copied it)
+    gs_t = torch.mul(g2.T, s16, out=g2.new_empty(g2.shape[1], g2.shape[0])) if idx.shape[0] else (g2 * s16.T).T
     da = ls * (gs_t @ (x2 @ b.T))  # (out, r)
     db = ls * ((a.T @ gs_t) @ x2)  # (r, in)
     if idx.shape[0]:
@@ -358,9 +395,9 @@ def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
         da_c, db_c = correction(gs_t, x2, a, b, idx, ls)
         da += da_c
         db += db_c
-    y0 = y.reshape(-1, g2.shape[1]).float()
+    y0 = _f32(y.reshape(-1, g2.shape[1]))
     if bias is not None:
-        y0 = y0 - bias.float()
+        y0 = y0 - _f32(bias)
     ds = (g2 * y0).sum(0, keepdim=True).T / s16  # (out, 1): Σ_t dy·x·(c − z)ᵀ
     return da, db, ds
 
@@ -372,8 +409,13 @@ def sampled_csr(gs_t, x2, idx, ls):
     rows, cols = idx.unbind(1)
     crow = torch.zeros(out_f + 1, dtype=torch.int64, device=idx.device)
     torch.cumsum(torch.bincount(rows, minlength=out_f), 0, out=crow[1:])
-    with warnings.catch_warnings():  # torch's notice that the CSR layout is "in beta", once a process
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+    # torch's notice that the CSR layout is "in beta" comes once a process: silenced around the first call only
+    # (catch_warnings copies the filter list, a cost on every projection of every step)
+    quiet = warnings.catch_warnings() if not _CSR_SEEN else contextlib.nullcontext()
+    with quiet:
+        if not _CSR_SEEN:
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            _CSR_SEEN.append(True)
         pattern = torch.sparse_csr_tensor(crow, cols.contiguous(), x2.new_zeros(idx.shape[0]), (out_f, in_f),
                                           check_invariants=False)  # valid by construction: row-major, unique
     return torch.sparse.sampled_addmm(pattern, gs_t, x2, beta=0.0, alpha=-ls)
