@@ -73,6 +73,25 @@ def _sampled(train, args, model):
     return w
 
 
+def dithered(model, fraction: float, seed: int = 0) -> None:
+    """--dither: add to every quantized projection's weights uniform noise of ±fraction/2 of the level spacing
+    d = (max − min)/15 of its 32-weight block, in place (seeded). The embedded model's blocks are Q4_1 blocks, exactly
+    m + d·k (BENCHMARKS "The benchmark model is already on a 4-bit grid"); the noise spreads each weight inside its
+    level's rounding bin, so at fraction 1 the model is a float model that Q4_1 rounds back to the shipped one,
+    whose weights no longer sit on any 4-bit grid. Perplexities then change: its FP cell is the reference."""
+    import torch
+
+    from lrqat_export.core.models import quantized_layer_names
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in quantized_layer_names(model):
+            w = model.get_submodule(name).weight
+            b = w.view(-1, 32)
+            d = (b.max(1, keepdim=True).values - b.min(1, keepdim=True).values) / 15
+            b += (torch.rand(b.shape, generator=g) - 0.5) * fraction * d
+
+
 def _ppl(model, ev, ood) -> dict:
     from lrqat_export.runtimes.torch_eval import perplexity
 
@@ -299,6 +318,8 @@ def main(argv=None) -> int:
                          "first --prompt-tokens tokens (one window per step × batch)")
     ap.add_argument("--prompt-tokens", type=int, default=8, help="--train-text sampled: prompt length (default 8)")
     ap.add_argument("--sample-seed", type=int, default=0, help="--train-text sampled: the sampler's seed (default 0)")
+    ap.add_argument("--dither", type=float, default=0.0, metavar="F",
+                    help="spread the model's Q4_1 weights by ±F/2 of their block's level spacing first (`dithered`)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
     # --- objective and recipe (every trained method under the same ones)
     ap.add_argument("--recipe", default="default", help="named per-method defaults (methods.registry.RECIPES)")
@@ -335,6 +356,7 @@ def main(argv=None) -> int:
     # the distillation default and hold cross-entropy cells) are never picked up as cached
     text = "" if args.train_text == "wikitext" else \
         f"_sampled{args.prompt_tokens}" + (f"s{args.sample_seed}" if args.sample_seed else "")
+    text += f"_dither{args.dither:g}" if args.dither else ""
     tag = (f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
            f"_{args.objective or 'rdef'}{text}" + (f"_{args.tag}" if args.tag else ""))
     cells_dir, work = out / f"cells_{tag}", Path(args.work)
@@ -356,6 +378,8 @@ def main(argv=None) -> int:
             from lrqat_export.core.models import load_model
 
             model, tok, src = load_model("smollm2-135m")
+            if args.dither:
+                dithered(model, args.dither)
             base = (model, tok, src, data_windows(tok, args, model))
         t = time.perf_counter()
         r = run_cell(preset if preset != "-" else args.presets[0], m, args, work, base)
