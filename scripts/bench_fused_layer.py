@@ -1,0 +1,155 @@
+"""Benchmark: where one fused LR-QAT projection's training step spends its time, against LoRA's on the same shape.
+
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_fused_layer                  # SmolLM2's four shapes, ~1 min here
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_fused_layer --shapes 128x64 --rank 8   # per-call overhead alone
+
+One LRQATLinear (w4pc by default, Φ0 bf16, the fused quantizer of methods/fused.py) and one LoRA layer (frozen
+float32 weight plus A·B of the same rank) run forward and backward on the same (1, --tokens, in) input, --steps
+times each after --warmup steps. Φ0 holds codes drawn from N(0, 2.5²) in code units, so about 0.27 % of them lie
+past the 4-bit clip range, as after the Lp range search (0.23 % on SmolLM2): the backward's clip correction runs
+as in training. A first loop times the whole steps; a second wraps the functions of methods/fused.py named in
+PARTS with timers (nested: a part includes the parts it calls) and times them per step. Prints a table, writes
+JSON (--json). Run it alone: two torch jobs on two cores time each other.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ("576x576", "192x576", "1536x576", "576x1536")  # SmolLM2-135M's projections: q/o, k/v, gate/up, down
+# (name in methods/fused.py, what it is)
+PARTS = (("FusedLRQATLinear.forward", "forward, all of it"),
+         ("_ab", "forward: fp32 A·B"),
+         ("_run", "the compiled element-wise passes (forward's and backward's), with dynamo's call"),
+         ("flagged_positions", "forward: the event scan"),
+         ("linear", "forward: x·Ŵᵀ"),
+         ("FusedLRQATLinear.backward", "backward, all of it"),
+         ("rebuilt_weight", "backward: Ŵ from Φ0 and the events (includes its pass)"),
+         ("_lowrank_grads", "backward: dA, dB, ds without G (includes the correction)"),
+         ("_correction_csr", "backward: the clipped entries' correction"),
+         ("sampled_csr", "backward: the correction's CSR pattern and sampled product"))
+
+
+def _layers(out_f: int, in_f: int, rank: int, preset: str):
+    import torch
+
+    from lrqat_export.core.quant import PRESETS
+    from lrqat_export.methods.lrqat import LRQATLinear, phi_down
+
+    g = torch.Generator().manual_seed(0)
+    spec = PRESETS[preset]
+    lay = LRQATLinear(in_f, out_f, spec, rank=rank, alpha=rank / 2, phi="bf16", fused=True)
+    with torch.no_grad():
+        lay.phi0.copy_(phi_down(torch.randn(out_f, in_f, generator=g) * 2.5, spec, "bf16"))
+        lay.lora_A.normal_(0, 0.01, generator=g)
+        lay.scale.uniform_(0.01, 0.02, generator=g)
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    a = torch.nn.Parameter(torch.zeros(out_f, rank))
+    b = torch.nn.Parameter(torch.randn(rank, in_f, generator=g) * 0.02)
+    lora_scale = 0.5
+
+    def lora(x):
+        return torch.nn.functional.linear(x, w) + lora_scale * ((x @ b.T) @ a.T)
+
+    return lay, lora, spec
+
+
+def _timed(fn, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def measure(out_f: int, in_f: int, rank: int, tokens: int, preset: str, warmup: int, steps: int) -> dict:
+    import torch
+
+    from lrqat_export.methods import fused
+
+    lay, lora, spec = _layers(out_f, in_f, rank, preset)
+    x = torch.randn(1, tokens, in_f, requires_grad=True)
+    dy = torch.randn(1, tokens, out_f)
+
+    def step(f):
+        return lambda: f(x).backward(dy)
+
+    for _ in range(warmup):
+        step(lay)()
+        step(lora)()
+    res = {"shape": f"{out_f}x{in_f}", "rank": rank, "tokens": tokens, "preset": preset,
+           "fused_step_s": _timed(step(lay), steps), "lora_step_s": _timed(step(lora), steps)}
+    with torch.no_grad():
+        r = torch.round(lay.phi0.float())
+        res["clipped_fraction"] = float(((r < spec.qmin) | (r > spec.qmax)).float().mean())
+    acc: collections.Counter = collections.Counter()
+    saved = []
+    for name, _ in PARTS:
+        owner, attr = (fused.FusedLRQATLinear, name.split(".")[1]) if "." in name else (fused, name)
+        orig = owner.__dict__[attr]
+        fn = orig.__func__ if isinstance(orig, staticmethod) else orig
+
+        def timer(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            out = _fn(*a, **k)
+            acc[_name] += time.perf_counter() - t
+            return out
+
+        functools.update_wrapper(timer, fn)
+        setattr(owner, attr, staticmethod(timer) if isinstance(orig, staticmethod) else timer)
+        saved.append((owner, attr, orig))
+    try:
+        step(lay)()
+        acc.clear()
+        res["fused_step_timed_parts_s"] = _timed(step(lay), steps)
+    finally:
+        for owner, attr, orig in saved:
+            setattr(owner, attr, orig)
+    res["parts_s"] = {name: acc[name] / steps for name, _ in PARTS}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="OUTxIN each (default SmolLM2's four)")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--preset", default="w4pc", help="a per-channel or grouped one-level grid (default w4pc)")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--json", default=str(ROOT / "docs/bench/fused_layer.json"))
+    args = ap.parse_args(argv)
+    import torch
+
+    from lrqat_export.core.fsio import write_json
+
+    rows = []
+    for shape in args.shapes:
+        out_f, _, in_f = shape.partition("x")
+        rows.append(measure(int(out_f), int(in_f), args.rank, args.tokens, args.preset, args.warmup, args.steps))
+    head = "| part | " + " | ".join(r["shape"] for r in rows) + " |"
+    lines = [f"rank {args.rank}, {args.tokens} tokens, {args.preset}, {torch.get_num_threads()} threads; "
+             "ms per forward + backward", "", head, "|---|" + "---|" * len(rows)]
+    for key, label in (("lora_step_s", "LoRA step"), ("fused_step_s", "fused step")):
+        lines.append(f"| {label} | " + " | ".join(f"{r[key] * 1e3:.2f}" for r in rows) + " |")
+    lines.append("| fused ÷ LoRA | " + " | ".join(f"{r['fused_step_s'] / r['lora_step_s']:.2f}" for r in rows) + " |")
+    lines.append("| fused step, parts timed | " + " | ".join(f"{r['fused_step_timed_parts_s'] * 1e3:.2f}"
+                                                           for r in rows) + " |")
+    for name, what in PARTS:
+        lines.append(f"| `{name}`: {what} | " + " | ".join(f"{r['parts_s'][name] * 1e3:.2f}" for r in rows) + " |")
+    print("\n".join(lines))
+    write_json(Path(args.json), {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                             "threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0]},
+                                 "args": vars(args), "parts": dict(PARTS), "rows": rows})
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
