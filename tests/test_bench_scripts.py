@@ -176,3 +176,56 @@ def test_reference_grid_counts_exactly_affine_16_level_blocks():
     w[0, 5] += 0.3 * float(d[0, 0])  # one weight off its level: its block is no longer on a grid
     w[3] = torch.randn(128, generator=g)
     assert affine16_blocks(w) == (24 - 1 - 4, 24)
+
+
+def test_dither_moves_every_weight_inside_its_blocks_rounding_bin(tiny_llama):
+    """bench_quality --dither 1: each projection weight of a model on Q4_1 blocks moves by at most half its block's
+    level spacing, no block is left on a 16-level grid, the other weights are untouched, and the same seed gives the
+    same model."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lrqat_export.core.models import quantized_layer_names
+    from scripts.bench_quality import dithered
+    from scripts.bench_reference_grid import affine16_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    names = quantized_layer_names(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every projection on Q4_1 blocks: m + d·k with its own min and max
+        for n in names:
+            w = model.get_submodule(n).weight.view(-1, 32)
+            k = torch.randint(0, 16, w.shape, generator=g).float()
+            k[:, 0], k[:, 1] = 0, 15
+            w.copy_(torch.randn(w.shape[0], 1, generator=g) + (torch.rand(w.shape[0], 1, generator=g) + 0.01) * k)
+    before = copy.deepcopy(model)
+    assert all(affine16_blocks(model.get_submodule(n).weight)[0] > 0 for n in names)
+    dithered(model, 1.0)
+    for n in names:
+        w0, w = before.get_submodule(n).weight.view(-1, 32), model.get_submodule(n).weight.view(-1, 32)
+        d = (w0.max(1, keepdim=True).values - w0.min(1, keepdim=True).values) / 15
+        assert ((w - w0).abs() <= d / 2 + 1e-6).all(), n
+        assert affine16_blocks(w)[0] == 0, n
+    assert torch.equal(model.model.embed_tokens.weight, before.model.embed_tokens.weight)
+    again = copy.deepcopy(before)
+    dithered(again, 1.0)
+    assert all(torch.equal(model.get_submodule(n).weight, again.get_submodule(n).weight) for n in names)
+
+
+def test_fused_layer_bench_times_every_part_and_restores_the_functions(tmp_path):
+    from lrqat_export.methods import fused
+    from scripts.bench_fused_layer import PARTS, main
+
+    before = {n: (fused.FusedLRQATLinear.__dict__ if "." in n else vars(fused))[n.split(".")[-1]] for n, _ in PARTS}
+    out = tmp_path / "layer.json"
+    assert main(["--shapes", "64x64", "32x64", "--rank", "4", "--warmup", "2", "--steps", "3",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shape"] for r in rows] == ["64x64", "32x64"]
+    for r in rows:
+        assert r["fused_step_s"] > 0 and r["lora_step_s"] > 0 and r["clipped_fraction"] > 0
+        assert all(r["parts_s"][n] > 0 for n, _ in PARTS), r["parts_s"]  # clipped entries: the correction ran
+    after = {n: (fused.FusedLRQATLinear.__dict__ if "." in n else vars(fused))[n.split(".")[-1]] for n, _ in PARTS}
+    assert after == before
