@@ -220,6 +220,22 @@ def test_a_failing_compiler_falls_back_to_the_same_numbers_with_one_warning(monk
     assert fused.off_reasons() == {"cpu": "torch.compile failed: RuntimeError: no C++ compiler (simulated)"}
 
 
+def test_a_dispatch_mode_runs_the_eager_passes_and_leaves_the_fused_path_on():
+    """Under a Python dispatch mode (here torch's FlopCounterMode) dynamo does not compile: that call's passes run
+    eager, with the same numbers, and the fused path is not turned off for the calls after it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    eager, fast, _ = _pair(PRESETS["w4pc"], "bf16", seed=3)
+    x = torch.randn(2, 9, 128)
+    with FlopCounterMode(display=False) as flops:
+        y = fast(x)
+    assert torch.equal(y, eager(x))
+    assert flops.get_total_flops() > 0  # the mode saw the layer's ops
+    assert fused.off_reasons() == {}
+    assert torch.equal(fast(x), eager(x))
+    assert fused.off_reasons() == {}
+
+
 def test_lrqat_train_is_fused_by_default_and_no_fused_turns_it_off():
     from lrqat_export.app import cli
 

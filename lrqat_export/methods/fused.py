@@ -46,6 +46,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..core.quant import FP16_MAX, FP16_TINY, QuantSpec
 from .common import fp16_scales, linear
@@ -181,7 +182,9 @@ def _kernel(kind: str, spec: QuantSpec, phi: str, upcast: Callable,
 def _run(kind: str, spec, phi, upcast, *args):
     dev = args[0].device
     compiled, eager, name = _kernel(kind, spec, phi, upcast, dev)
-    if dev.type in _BROKEN:
+    # a Python dispatch mode (FlopCounterMode, a profiler of ops, FakeTensorMode) is not something dynamo traces
+    # under: this call runs the eager function, the same numbers, and the compiled pass stays on for later calls
+    if dev.type in _BROKEN or _get_current_dispatch_mode() is not None:
         return _flat(eager(*args))
     first = name not in COMPILE_SECONDS
     t0 = time.perf_counter() if first else 0.0
