@@ -36,8 +36,9 @@ def _net(basis: torch.Tensor, rank: int = 4, seed: int = 0) -> _Net:
 
 
 def _batches(n=3):
+    """n steps of one micro-batch of 2 windows each, as data_aware_init takes them."""
     g = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, 50, (2, 16), generator=g), torch.arange(2)) for _ in range(n)]
+    return [[(torch.randint(0, 50, (2, 16), generator=g), torch.arange(2))] for _ in range(n)]
 
 
 def _subspace_overlap(b: torch.Tensor, basis: torch.Tensor) -> float:

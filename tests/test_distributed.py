@@ -42,7 +42,7 @@ def _common(model: Path, steps: int = STEPS) -> list[str]:
     return ["train", "--model", str(model), "--preset", "q4_0", "--rank", "4", "--alpha", "4", "--steps", str(steps),
             "--seq-len", "32", "--max-train-windows", "24", "--batch-size", "4", "--ckpt-every", "1",
             "--lr-ab", "1e-2", "--lr-scale", "1e-3",
-            "--ab-init", "lora"]  # one process and torchrun alike (the data-aware start is one process only)
+            "--ab-init", "lora"]  # the Kaiming start here; the data-aware one has its own test below
 
 
 def _launch(args: list[str], nproc: int | None) -> subprocess.Popen:
@@ -224,11 +224,24 @@ def test_other_verbs_refuse_a_torchrun_launch(tiny_llama, tmp_path, capsys, monk
     assert not (tmp_path / "o").exists()
 
 
-def test_torchrun_takes_the_kaiming_start_where_the_default_is_data_aware(tiny_llama, tmp_path):
-    """q4_0's default start of B is the gradient's row space (one process only): under torchrun an unset --ab-init
-    trains from the Kaiming start, and the checkpoint says so."""
-    args = [a for a in _common(tiny_llama, steps=2) if a not in ("--ab-init", "lora")]
-    r = _run([*args, "--out", str(tmp_path / "run")], nproc=2)
+@pytest.mark.parametrize("ab_init", [None, "act"], ids=["default-grad", "act"])
+def test_the_data_aware_start_under_torchrun_equals_one_process_bit_for_bit(tiny_llama, tmp_path, ab_init):
+    """q4_0's default start of B is the loss gradient's row space (`None`: --ab-init unset). Under torchrun each
+    rank sketches its slice of the first steps' windows and the ranks' terms are summed in one process's order:
+    2 ranks equal one process with --grad-accum 2, bit for bit, and both record the data-aware start."""
+    args = [a for a in _common(tiny_llama, steps=4) if a not in ("--ab-init", "lora")]
+    args += [] if ab_init is None else ["--ab-init", ab_init]
+    two, one = tmp_path / "two_ranks", tmp_path / "one_process"
+    r = _run([*args, "--out", str(two)], nproc=2)
     assert r.returncode == 0, r.stderr
-    manifest = json.loads((tmp_path / "run" / "lrqat_manifest.json").read_text())
-    assert manifest["training"]["lrqat"]["ab_init"] == "lora"
+    r = _run([*args, "--grad-accum", "2", "--out", str(one)], None)
+    assert r.returncode == 0, r.stderr
+    _assert_bit_identical(two, one)
+    for out in (two, one):
+        manifest = json.loads((out / "lrqat_manifest.json").read_text())
+        assert manifest["training"]["lrqat"]["ab_init"] == (ab_init or "grad")
+    # and the start moved the training: the Kaiming start gives other integers or scales
+    r = _run([*args, "--ab-init", "lora", "--grad-accum", "2", "--out", str(tmp_path / "kaiming")], None)
+    assert r.returncode == 0, r.stderr
+    ta, tk = _tensors(one), _tensors(tmp_path / "kaiming")
+    assert any(not torch.equal(ta[k], tk[k]) for k in ta)

@@ -373,10 +373,11 @@ def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntChe
     return model
 
 
-def data_aware_init(model: nn.Module, batches, mode: str, loss_fn=None, seed: int = 0) -> dict:
+def data_aware_init(model: nn.Module, steps, mode: str, loss_fn=None, seed: int = 0, gather=None) -> dict:
     """Point each layer's B (r × in) at the input directions that matter, keeping A = 0: the start is still the RTN
-    point exactly. `batches` yields (windows, their row indices) — windows the run trains on anyway, so no extra
-    tokens. One pass accumulates, per layer, a randomized range sketch Y (in × 2r):
+    point exactly. `steps` yields, for each of the first training steps, this process's micro-batches of it: lists
+    of (windows, their row indices) — windows the run trains on anyway, so no extra tokens. One pass accumulates,
+    per layer, a randomized range sketch Y (in × 2r):
 
         act    Y += Xᵀ (X Ω)     the top principal directions of the layer's inputs
         grad   Y += Xᵀ (δ Ω')    the row space of the loss gradient w.r.t. the weight, G = Σ δ xᵀ
@@ -384,7 +385,12 @@ def data_aware_init(model: nn.Module, batches, mode: str, loss_fn=None, seed: in
     X: the layer's inputs; δ: the gradient of loss_fn(windows, indices) at its output; Ω, Ω': fixed Gaussian test
     matrices. Memory is in × 2r per layer, never in × in or out × in. B's rows become Y's top-r left singular
     vectors scaled to the row norm of the Kaiming start (1/√3): the step sizes stay those of the default init, only
-    the direction of A·B's updates changes. Returns {"layers": n, "windows": m}."""
+    the direction of A·B's updates changes.
+
+    gather (under torchrun): takes this rank's terms of one layer for one step, (n, in, 2r), and returns every
+    rank's, (world·n, in, 2r), in rank order. Y then adds the same terms in the same order as one process taking
+    the whole global batch in world × as many micro-batches, so every rank, and that process, computes the same B
+    bit for bit; B is written into each rank's shard. Returns {"layers": n, "windows": m}."""
     if mode not in AB_INITS:
         raise UserError(f"ab_init: expected one of {AB_INITS}, got {mode!r}")
     layers = lrqat_layers(model)
@@ -393,31 +399,37 @@ def data_aware_init(model: nn.Module, batches, mode: str, loss_fn=None, seed: in
     if mode == "grad" and loss_fn is None:
         raise UserError("ab_init grad: expected the training loss (loss_fn), got none")
     gen = torch.Generator().manual_seed(seed)
-    sketch, omega, hooks = {}, {}, []
+    sketch, omega, terms, hooks = {}, {}, {}, []
     for name, m in layers.items():
         k = min(2 * m.rank, m.in_features)
         dev = m.phi0.device
         omega[name] = torch.randn(m.in_features if mode == "act" else m.out_features, k, generator=gen).to(dev)
         sketch[name] = torch.zeros(m.in_features, k, device=dev)
+        terms[name] = []  # this step's terms, in the order one process adds them
 
         def hook(mod, inp, out, name=name):
             x = inp[0].detach().reshape(-1, mod.in_features).float()
             if mode == "act":
-                sketch[name] += x.T @ (x @ omega[name])
+                terms[name].append(x.T @ (x @ omega[name]))
             elif out.requires_grad:
                 def grad_hook(g):  # returns None: the gradient itself is left as it is
-                    sketch[name].add_(x.T @ (g.reshape(-1, mod.out_features).float() @ omega[name]))
+                    terms[name].append(x.T @ (g.reshape(-1, mod.out_features).float() @ omega[name]))
                 out.register_hook(grad_hook)
         hooks.append(m.register_forward_hook(hook))
     n = 0
     try:
-        for mb, idx in batches:
-            n += mb.shape[0]
-            if mode == "act":
-                with torch.no_grad():
-                    model(input_ids=mb)
-            else:
-                loss_fn(mb, idx).backward()
+        for micro_batches in steps:
+            for mb, idx in micro_batches:
+                n += mb.shape[0]
+                if mode == "act":
+                    with torch.no_grad():
+                        model(input_ids=mb)
+                else:
+                    loss_fn(mb, idx).backward()
+            for name, ts in terms.items():
+                for t in (ts if gather is None else gather(torch.stack(ts)).unbind(0)):
+                    sketch[name] += t
+                ts.clear()
     finally:
         for h in hooks:
             h.remove()
@@ -427,13 +439,25 @@ def data_aware_init(model: nn.Module, batches, mode: str, loss_fn=None, seed: in
         for name, m in layers.items():
             u = torch.linalg.svd(sketch[name], full_matrices=False)[0]  # (in, k), columns by singular value
             r = min(m.rank, u.shape[1])
-            b = torch.zeros_like(m.lora_B)
+            b = _full(m.lora_B).clone()  # in < r: the Kaiming rows past r stay
             b[:r] = u[:, :r].T.to(b.dtype) / math.sqrt(3.0)
-            if r < m.rank:  # in < r: keep Kaiming rows for the rest
-                b[r:] = m.lora_B[r:]
-            m.lora_B.copy_(b)
+            _assign(m.lora_B, b)
     log.info("ab_init %s: B of %d layers from %d windows", mode, len(layers), n)
     return {"layers": len(layers), "windows": n}
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: a DTensor shard (FSDP2) gathered, a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
+    """p ← value, value whole: into this rank's shard where p is a DTensor (FSDP2), else in place."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    p.copy_(distribute_tensor(value, p.device_mesh, p.placements) if isinstance(p, DTensor) else value)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,8 @@ class Method:
     quantize: Callable[..., Any] | None = None
     calibrated: bool = False  # quantize needs calibration windows (--calib-data)
     k_grids: bool = False  # trains / quantizes on GGUF K grids and per-layer plans (q4_k, q4_k_m, ...)
-    # before the first step: (model, opts, batches, loss_fn) -> dict, a data-aware start (LR-QAT's ab_init)
+    # before the first step: (model, opts, steps, loss_fn, gather | None) -> dict, a data-aware start (LR-QAT's
+    # ab_init); steps: this rank's micro-batches of each first step; gather: every rank's terms in rank order
     data_init: Callable[..., Any] | None = None
     # (model) -> context manager in which the prepared model computes as its float source (--kd-teacher online)
     teacher_mode: Callable[..., Any] | None = None
@@ -110,8 +111,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                              ("scale", (".scale", ".kmin"), h["lr_scale"], h["weight_decay"])],
            fuse=lambda model, spec, source, opts, extra: lrqat.fuse(model, source, extra, spec), k_grids=True,
            counts=lrqat.parameter_counts,
-           data_init=lambda model, opts, batches, loss_fn: lrqat.data_aware_init(model, batches, opts.ab_init,
-                                                                                 loss_fn),
+           data_init=lambda model, opts, steps, loss_fn, gather: lrqat.data_aware_init(model, steps, opts.ab_init,
+                                                                                       loss_fn, gather=gather),
            teacher_mode=lrqat.as_teacher),
     Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
            exact=True, uses_init=True,

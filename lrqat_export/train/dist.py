@@ -154,6 +154,13 @@ def all_reduce_mean(x: float, d: Dist) -> float:
     return float(t.item()) / d.world_size
 
 
+def all_gather_cat(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's t (same shape everywhere), concatenated along dim 0 in rank order."""
+    parts = [torch.empty_like(t) for _ in range(d.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def training_metadata(d: Dist | None) -> dict:
     return {"world_size": 1 if d is None else d.world_size, "backend": None if d is None else d.backend}
 

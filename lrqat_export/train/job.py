@@ -58,11 +58,6 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     before it is prepared (teacher_targets)."""
     m = check_launch(method, dist)
     registry.check_grid(method, spec)
-    if dist is not None and opts.ab_init is None and \
-            registry.default(method, "ab_init", recipe, spec) not in (None, "lora"):
-        log.info("%s under torchrun: B starts from the Kaiming init (ab_init lora); the data-aware start is one "
-                 "process only", method)
-        opts = dataclasses.replace(opts, ab_init="lora")
     opts, cfg = registry.resolve_options(method, opts, recipe, spec), cfg.resolved(method, recipe, spec)
     out = Path(out)
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ sharded too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -175,18 +176,17 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
                    unit="step", dynamic_ncols=True)
     data_init = registry.get(method).data_init
     if step == 0 and data_init is not None and opts.ab_init not in (None, "lora"):
-        if dist is not None:
-            raise UserError(f"ab_init {opts.ab_init}: not supported under torchrun yet; expected ab_init lora")
-        # the windows of the first steps the run trains on (the teacher's cache holds exactly those)
-        first = torch.cat([batch_indices(s, cfg.batch_size, n_windows, cfg.seed)
-                           for s in range(min(INIT_STEPS, cfg.steps))])
-
         def init_loss(mb, mb_idx):
             with torch.autocast(device_type=mb.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 return objective.loss(model, mb, cfg.objective, teacher, mb_idx, cfg.ce_weight, cfg.kd_layer,
                                       cfg.kd_layer_target)
 
-        data_init(model, opts, ((train_windows[i].to(device), i) for i in first.split(micro)), init_loss)
+        # the first steps' windows (the teacher's cache holds exactly those), this rank's slice of each, in the
+        # micro-batches the steps themselves will take
+        first = ([(train_windows[i].to(device), i) for i in
+                  batch_indices(s, cfg.batch_size, n_windows, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+                  .split(micro)] for s in range(min(INIT_STEPS, cfg.steps)))
+        data_init(model, opts, first, init_loss, dist and functools.partial(D.all_gather_cat, d=dist))
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()
