@@ -178,7 +178,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         return {**res, **_ppl(model, ev, ood)}
     if method not in ("fp", "lora-fp"):
         registry.check_grid(method.removeprefix("gptq-"), spec)  # K grids: the methods that train on them only
-    rtn = ptq_rtn(model, spec, src.to_dict()) if method != "lora-fp" else None
+    rtn = ptq_rtn(model, spec, src.to_dict(), args.range_method) if method != "lora-fp" else None
     if method == "rtn":
         _keep(args, preset, method, rtn, tok)
         return {**res, **_ppl(rtn.to_torch_model(), ev, ood)}
@@ -194,7 +194,8 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         if method == "gptq":
             return {**res, **_ppl(gck.to_torch_model(), ev, ood), "wall_s": time.perf_counter() - t0}
     name, opts, cfg = method_config(method, args.steps, args.batch, args.recipe, args.objective,
-                                    args.overrides.get(method.removeprefix("gptq-")), args.kd, spec)
+                                    {"range_method": args.range_method,
+                                     **args.overrides.get(method.removeprefix("gptq-"), {})}, args.kd, spec)
     res.update(steps=args.steps, batch=args.batch, seq=args.seq, tokens=args.steps * args.batch * args.seq,
                alpha=opts.alpha, lr_ab=cfg.lr_ab, lr_scale=cfg.lr_scale, objective=cfg.objective,
                recipe=args.recipe, options={k: v for k, v in vars(opts).items()},
@@ -320,6 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-seed", type=int, default=0, help="--train-text sampled: the sampler's seed (default 0)")
     ap.add_argument("--dither", type=float, default=0.0, metavar="F",
                     help="spread the model's Q4_1 weights by ±F/2 of their block's level spacing first (`dithered`)")
+    ap.add_argument("--range-method", choices=["lp", "mse", "minmax"], default="lp",
+                    help="scale search of RTN and of every trained method's start (default lp, the tool's)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
     # --- objective and recipe (every trained method under the same ones)
     ap.add_argument("--recipe", default="default", help="named per-method defaults (methods.registry.RECIPES)")
@@ -357,6 +360,7 @@ def main(argv=None) -> int:
     text = "" if args.train_text == "wikitext" else \
         f"_sampled{args.prompt_tokens}" + (f"s{args.sample_seed}" if args.sample_seed else "")
     text += f"_dither{args.dither:g}" if args.dither else ""
+    text += f"_range{args.range_method}" if args.range_method != "lp" else ""
     tag = (f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
            f"_{args.objective or 'rdef'}{text}" + (f"_{args.tag}" if args.tag else ""))
     cells_dir, work = out / f"cells_{tag}", Path(args.work)

@@ -227,5 +227,10 @@ def test_fused_layer_bench_times_every_part_and_restores_the_functions(tmp_path)
     for r in rows:
         assert r["fused_step_s"] > 0 and r["lora_step_s"] > 0 and r["clipped_fraction"] > 0
         assert all(r["parts_s"][n] > 0 for n, _ in PARTS), r["parts_s"]  # clipped entries: the correction ran
+        f = r["floor"]  # the unavoidable work: A·B and each pass timed, the floor their sum less the calls' cost
+        assert all(f[k] > 0 for k in ("ab_s", "forward_pass_s", "backward_pass_s", "forward_call_s",
+                                      "cold_forward_pass_s", "cold_backward_pass_s", "cold_ab_s"))
+        assert f["ab_s"] <= f["floor_s"] <= f["ab_s"] + f["forward_pass_s"] + f["backward_pass_s"]
+    assert json.loads(out.read_text())["layer"] is None  # not SmolLM2's four shapes: no per-layer sum
     after = {n: (fused.FusedLRQATLinear.__dict__ if "." in n else vars(fused))[n.split(".")[-1]] for n, _ in PARTS}
     assert after == before
