@@ -66,6 +66,10 @@ SHAPES = {  # name: LlamaConfig kwargs (random init; no download)
                            num_key_value_heads=2, vocab_size=384, tie_word_embeddings=True),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # SmolLM2's depth and FFN width at hidden 512, so that every projection tiles into the 256-weight super-blocks
+    # of the K grids (SmolLM2's 576 does not: there llama.cpp's Q4_K_M plan falls back to other types)
+    "smollm2-k256": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrqat_export.core.intckpt import load_intckpt, write_intckpt
-from lrqat_export.core.quant import PRESETS, QuantSpec
+from lrqat_export.core.quant import PRESETS, QuantSpec, per_sub_block
 from lrqat_export.methods import fused
 from lrqat_export.methods.common import MethodOptions
 from lrqat_export.methods.lrqat import LRQATLinear, fuse, phi_down, phi_up, prepare
@@ -186,6 +186,68 @@ def test_fused_training_fuses_to_the_trained_logits_exactly(tiny_llama, tmp_path
         a, b = model(input_ids=ids).logits, ck.to_torch_model()(input_ids=ids).logits
     assert (a - b).abs().max().item() == 0.0
     assert not fused.off_reasons()
+
+
+K_CASES = [(g, phi) for g in ("q4_k", "q5_k", "q6_k") for phi in ("int8", "int4", "bf16", "fp32")
+           if not (phi == "int4" and PRESETS[g].bits > 4)]
+
+
+def _k_pair(grid: str, phi: str):
+    """`_pair` on a K grid (one super-block of 256): Φ0 and A·B as there (exact .5 ties, both clip boundaries),
+    fp16 super-scales d (and dmin), and sub-block scales (and mins) within half a step of d·(an integer in the
+    sub-range), so the straight-through rounding of the sub-scales rounds both ways."""
+    spec = PRESETS[grid]
+    eager, fast, t = _pair(spec, phi, seed=2, in_f=256)
+    g = torch.Generator().manual_seed(3)
+
+    def sub_values(sup, lo, hi):
+        ints = torch.randint(lo, hi + 1, eager.scale.shape, generator=g).float()
+        return per_sub_block(sup, spec) * (ints + torch.rand(ints.shape, generator=g) - 0.5)
+
+    with torch.no_grad():
+        eager.kd.copy_((torch.rand(eager.kd.shape, generator=g) * 1e-3 + 1e-4).half().float())
+        eager.scale.copy_(sub_values(eager.kd, *spec.sub_range))
+        if eager.kmin is not None:
+            eager.kdmin.copy_((torch.rand(eager.kdmin.shape, generator=g) * 1e-3 + 1e-4).half().float())
+            eager.kmin.copy_(sub_values(eager.kdmin, 0, spec.sub_range[1]))
+        fast.load_state_dict(eager.state_dict())
+    return spec, eager, fast, t
+
+
+def _k_grads(layer, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    out = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.scale.grad,
+           None if layer.kmin is None else layer.kmin.grad)
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("grid, phi", K_CASES)
+def test_fused_k_grids_equal_the_eager_layer(grid, phi):
+    """K grids through FusedLRQATLinearK: the output bit for bit the eager layer's (no grad, with grad, bf16
+    autocast), on .5 ties and both clip boundaries; the gradients of x, A, B, the sub-scales and sub-mins to float
+    tolerance (the dense route sums G in another order)."""
+    spec, eager, fast, t = _k_pair(grid, phi)
+    r = torch.round(t)
+    assert ((t - torch.floor(t)) == 0.5).sum() > 20 and (r > spec.qmax).any() and (r < spec.qmin).any()
+    x, dy = torch.randn(3, 5, 256), torch.randn(3, 5, 48)
+    with torch.no_grad():
+        assert torch.equal(fast(x), eager(x))
+    y = fast(x)
+    assert type(y.grad_fn).__name__ == "FusedLRQATLinearKBackward"
+    assert torch.equal(y, eager(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(x), eager(x))
+    assert torch.equal(fast.fused_codes(), eager.fused_codes())
+    for a, b, name in zip(_k_grads(eager, x, dy), _k_grads(fast, x, dy), ("y", "dx", "dA", "dB", "ds", "dmin")):
+        if a is None:
+            assert b is None and spec.symmetric, name
+            continue
+        assert a.shape == b.shape and a.abs().max() > 0, name
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), name
+    assert not fused.off_reasons(), "the fused path must have run compiled"
 
 
 def test_no_fused_option_keeps_the_eager_chain(tiny_llama, monkeypatch):

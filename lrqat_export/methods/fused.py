@@ -34,8 +34,12 @@ unsafe math, so nothing is contracted into an FMA or reordered. tests/test_fused
 the fixed-point Φ0 and on the clip boundaries for every φ and grid.
 
 One path per device: `torch.compile` (inductor: C++ on the CPU, Triton on CUDA) of the element-wise passes; where
-it cannot compile (no C++ compiler, no Triton) the layer keeps the eager chain, with one warning. The K-quant grids
-(a `super_block` in the spec) are not fused (`supported`).
+it cannot compile (no C++ compiler, no Triton) the layer keeps the eager chain, with one warning.
+
+K-quant grids (a `super_block` in the spec): the layer computes each sub-block's d·sc and dmin·m from its trained
+scale and min with the eager straight-through rounding (tensors of out × in/32), and `FusedLRQATLinearK` takes it
+from there: the same forward pass with Ŵ = (d·sc)·(c + offset) − dmin·m in ggml's order, and the dense backward
+(G = dyᵀx, one pass for G∘S∘M and the per-sub-block sums), as on the other grouped grids.
 """
 from __future__ import annotations
 
@@ -65,11 +69,6 @@ _BROKEN: dict[str, str] = {}  # device type -> why torch.compile is not used the
 _CHECKED: set[str] = set()
 _CSR_SEEN: list[bool] = []  # a CSR tensor was made in this process (its beta notice is then spent)
 COMPILE_SECONDS: dict[str, float] = {}  # kernel name -> seconds of its first (compiling) call, for the benchmark
-
-
-def supported(spec: QuantSpec) -> bool:
-    """Grids the fused kernel covers: every one-level grid; not the two-level K-quant grids."""
-    return not getattr(spec, "super_block", 0)
 
 
 def available(device: torch.device | str) -> bool:
@@ -124,7 +123,7 @@ def _dequant(c, s16, zf):
     return g * s16.unsqueeze(-1), g
 
 
-def _make(kind: str, upcast, qmin: int, qmax: int):
+def _make(kind: str, upcast, qmin: int, qmax: int, offset: int = 0):
     def weight(phi0, ab, ls, s16, zf):
         return _dequant(_codes(phi0, ab, ls, upcast, qmin, qmax)[1], s16, zf)[0]
 
@@ -160,20 +159,35 @@ def _make(kind: str, upcast, qmin: int, qmax: int):
         dt = torch.where((r == c).reshape(cz.shape), gg * s16.unsqueeze(-1), 0.0)
         return dt, ds
 
+    def weight_k(phi0, ab, ls, s_eff, m_eff):
+        """K grids: Ŵ = (d·sc)·(c + offset) − dmin·m per sub-block, in the eager layer's (and ggml's) order.
+        s_eff, m_eff: (out, G) the sub-blocks' d·sc and dmin·m (m_eff None: symmetric)."""
+        c = _codes(phi0, ab, ls, upcast, qmin, qmax)[1]
+        w = s_eff.unsqueeze(-1) * (c.reshape(c.shape[0], s_eff.shape[1], -1) + offset)
+        return w if m_eff is None else w - m_eff.unsqueeze(-1)
+
+    def grads_k(phi0, ab, ls, s_eff, gw):
+        """K grids: gw = G -> (G∘S∘M (out, in), Σ_sub-block G·(c + offset), −Σ_sub-block G (out, G) each)."""
+        r, c = _codes(phi0, ab, ls, upcast, qmin, qmax)
+        q = c.reshape(c.shape[0], s_eff.shape[1], -1) + offset
+        gg = gw.reshape(q.shape)
+        dt = torch.where((r == c).reshape(q.shape), gg * s_eff.unsqueeze(-1), 0.0)
+        return dt, (gg * q).sum(-1), -gg.sum(-1)
+
     return {"weight": weight, "weight_clipped": weight_clipped, "weight_events": weight_events,
-            "weight_rtn": weight_rtn, "grads": grads}[kind]
+            "weight_rtn": weight_rtn, "grads": grads, "weight_k": weight_k, "grads_k": grads_k}[kind]
 
 
 def _kernel(kind: str, spec: QuantSpec, phi: str, upcast: Callable,
             device: torch.device) -> tuple[Callable, Callable, str]:
     """(compiled, eager, name) of pass `kind` for this grid and φ; one compilation serves every shape."""
-    key = (kind, spec.bits, spec.group_size == -1, spec.symmetric, phi, device.type)
+    key = (kind, spec.bits, spec.group_size == -1, spec.symmetric, spec.is_k and spec.offset, phi, device.type)
     if key not in _KERNELS:
         # every grid and φ of a process shares a pass's code object, and dynamo counts their variants against one
         # recompile limit (8 by default): raised once, here, rather than patched around every call
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-        eager = _make(kind, lambda t: upcast(t, spec, phi), spec.qmin, spec.qmax)
+        eager = _make(kind, lambda t: upcast(t, spec, phi), spec.qmin, spec.qmax, spec.offset if spec.is_k else 0)
         name = f"{kind}/{phi}/w{spec.bits}{'pc' if spec.group_size == -1 else 'g'}/{device.type}"
         _KERNELS[key] = (torch.compile(eager, dynamic=True, fullgraph=True), eager, name)
     return _KERNELS[key]
@@ -363,6 +377,56 @@ class FusedLRQATLinear(torch.autograd.Function):
                 da, db = ls_f * (dt @ b.T), ls_f * (a.T @ dt)
         ds = ds * keep  # fp16_ste: identity inside its clamp
         return (dx, None, _as(da, a_dt), _as(db, b_dt), _as(ds, s_dt), None, None, None, None, None, None)
+
+
+class FusedLRQATLinearK(torch.autograd.Function):
+    """K grids: y = x·Ŵᵀ + b with Ŵ = s_eff·(c + offset) − m_eff per sub-block. s_eff, m_eff (out, G) are the
+    sub-blocks' d·sc and dmin·m as the eager layer computes them (`lrqat.k_sub_ste`, whose straight-through
+    gradient autograd applies outside); gradients for x, A, B, s_eff, m_eff. The dense route: G = dyᵀx."""
+
+    @staticmethod
+    def forward(ctx, x, phi0, lora_a, lora_b, s_eff, m_eff, bias,  # type: ignore[override]
+                spec, phi, lora_scale, upcast):
+        ls = _lora_scale(lora_scale, phi0.device)
+        w = _run("weight_k", spec, phi, upcast, phi0, _ab(lora_a, lora_b), ls, _f32(s_eff),
+                 None if m_eff is None else _f32(m_eff))
+        y = linear(x, w, bias)
+        ctx.meta = (spec, phi, lora_scale, upcast, y.dtype)
+        ctx.save_for_backward(x, phi0, lora_a, lora_b, s_eff, m_eff)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, phi0, lora_a, lora_b, s_eff, m_eff = ctx.saved_tensors
+        spec, phi, ls_f, upcast, cdt = ctx.meta
+        ls, in_f = _lora_scale(ls_f, phi0.device), lora_b.shape[1]
+        ab, s_f, m_f = _ab(lora_a, lora_b), _f32(s_eff), None if m_eff is None else _f32(m_eff)
+        dy2 = dy.reshape(-1, phi0.shape[0])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w = _run("weight_k", spec, phi, upcast, phi0, ab, ls, s_f, m_f)
+            dx = _as(_as(dy2, cdt) @ _as(w, cdt), x.dtype).reshape(x.shape)
+            del w
+        a, b = _f32(lora_a), _f32(lora_b)
+        with _fp32_math(dy.device):
+            gw = _f32(dy2).T @ _f32(x.reshape(-1, in_f))  # (out, in): G = dyᵀx
+            dt, ds, dm = _run("grads_k", spec, phi, upcast, phi0, ab, ls, s_f, gw)
+            del gw, ab
+            da, db = ls_f * (dt @ b.T), ls_f * (a.T @ dt)
+        return (dx, None, _as(da, lora_a.dtype), _as(db, lora_b.dtype), _as(ds, s_eff.dtype),
+                None if m_eff is None else _as(dm, m_eff.dtype), None, None, None, None, None)
+
+
+def quantized_linear_k(x, phi0, lora_a, lora_b, s_eff, m_eff, bias, spec: QuantSpec, phi: str, lora_scale: float,
+                       upcast: Callable) -> torch.Tensor:
+    """The fused K-grid y = x·Ŵᵀ + b (LRQATLinear.forward with `fused` on a K grid). s_eff, m_eff: (out, G)."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
+                                              for t in (x, lora_a, lora_b, s_eff, m_eff)):
+        ls = _lora_scale(lora_scale, phi0.device)
+        w = _run("weight_k", spec, phi, upcast, phi0, _ab(lora_a, lora_b), ls, _f32(s_eff.detach()),
+                 None if m_eff is None else _f32(m_eff.detach()))
+        return linear(x, w, bias)
+    return FusedLRQATLinearK.apply(x, phi0, lora_a, lora_b, s_eff, m_eff, bias, spec, phi, lora_scale, upcast)
 
 
 def flagged_positions(flags: torch.Tensor) -> torch.Tensor:

@@ -290,15 +290,26 @@ class LRQATLinear(nn.Module):
         if self.teacher:
             with torch.no_grad():
                 return linear(x, self.teacher_weight(), self.bias)
-        if self.fused and fused_quantizer.supported(self.spec) and fused_quantizer.available(self.phi0.device):
+        if self.fused and fused_quantizer.available(self.phi0.device):
+            if self.spec.is_k:  # the sub-blocks' d·sc and dmin·m (out × G), eager; the weight-sized rest fused
+                with torch.autocast(device_type=self.phi0.device.type, enabled=False):
+                    s_eff, m_eff = self._k_sub_values()
+                return fused_quantizer.quantized_linear_k(x, self.phi0, self.lora_A, self.lora_B, s_eff, m_eff,
+                                                          self.bias, self.spec, self.phi, self.lora_scale, phi_up)
             return fused_quantizer.quantized_linear(x, self.phi0, self.lora_A, self.lora_B, self.scale, self.zero,
                                                     self.bias, self.spec, self.phi, self.lora_scale, phi_up)
-        if self.spec.is_k:  # K grids: eager (fused.supported refuses them)
+        if self.spec.is_k:  # K grids, eager
             return maybe_checkpoint(self.checkpointing, _lrqat_forward_k, x, self.phi0, self.lora_A, self.lora_B,
                                     self.scale, self.kd, self.kmin, self.kdmin, self.bias, self.spec, self.phi,
                                     self.lora_scale)
         return maybe_checkpoint(self.checkpointing, _lrqat_forward, x, self.phi0, self.lora_A, self.lora_B, self.scale,
                                 self.zero, self.bias, self.spec, self.phi, self.lora_scale)
+
+    def _k_sub_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K grids: (d·sc, dmin·m | None), float32 (out, G), with the straight-through rounding of the sub-scales."""
+        spec = self.spec
+        m_eff = None if self.kmin is None else k_sub_ste(self.kmin, self.kdmin, spec, 0, spec.sub_range[1])
+        return k_sub_ste(self.scale, self.kd, spec, *spec.sub_range), m_eff
 
     @torch.no_grad()
     def rounded_codes(self) -> torch.Tensor:
