@@ -38,7 +38,9 @@ def _llamacpp(path: Path, ev, ood) -> dict:
             "file_mib": path.stat().st_size / 2**20}
 
 
-def main(argv=None) -> int:
+def options(argv=None) -> tuple[argparse.Namespace, set[str]]:
+    """(arguments, the names of this script's own options): every other attribute that bench_quality.run_cell and
+    data_windows read comes from bench_quality's defaults."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", default="q4_k_m", choices=["q4_k_m", "q4_k_s"])
     ap.add_argument("--steps", type=int, default=60, help="LR-QAT optimizer steps (default 60, the quality budget)")
@@ -52,8 +54,17 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "runs/bench_kquant"), help="checkpoints and GGUF files")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
-    # what bench_quality.run_cell reads besides these
-    args.objective, args.overrides, args.kd, args.calib_windows = None, {}, {}, 32
+    own = set(vars(args))  # the options its JSON records
+    # what bench_quality.run_cell and data_windows read besides these: bench_quality's own defaults
+    for key, value in vars(BQ.parser().parse_args([])).items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    args.overrides, args.kd = {}, {}
+    return args, own
+
+
+def main(argv=None) -> int:
+    args, own = options(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     args.keep = str(work)
@@ -109,7 +120,7 @@ def main(argv=None) -> int:
     print(text)
     res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_1m": os.getloadavg()[0]},
            "command": "python -m scripts.bench_kquant " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "args": {k: v for k, v in vars(args).items() if k not in ("overrides", "kd", "keep")},
+           "args": {k: v for k, v in vars(args).items() if k in own},
            "rows": rows, "table": text}
     tag = f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
     out.mkdir(parents=True, exist_ok=True)

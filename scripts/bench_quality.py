@@ -300,7 +300,8 @@ def plot(cells: dict, presets: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line; scripts/bench_kquant.py takes its defaults for what run_cell reads."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # --- grid
     ap.add_argument("--presets", nargs="+", default=["w4pc", "q4_0", "w3g64"])
@@ -337,6 +338,11 @@ def main(argv=None) -> int:
     # --- output
     ap.add_argument("--out", default=str(ROOT / "docs/bench/quality"), help="cells/, quality.json, quality.png")
     ap.add_argument("--work", default=str(ROOT / "runs/bench_quality"), help="GPTQ checkpoints (reused)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     args.steps = args.steps or (300 if args.full else 60)
     args.eval_windows = args.eval_windows or (8 if args.full else 4)

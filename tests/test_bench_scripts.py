@@ -234,3 +234,16 @@ def test_fused_layer_bench_times_every_part_and_restores_the_functions(tmp_path)
     assert json.loads(out.read_text())["layer"] is None  # not SmolLM2's four shapes: no per-layer sum
     after = {n: (fused.FusedLRQATLinear.__dict__ if "." in n else vars(fused))[n.split(".")[-1]] for n, _ in PARTS}
     assert after == before
+
+
+def test_kquant_bench_carries_every_option_bench_qualitys_cells_read():
+    """bench_kquant runs bench_quality's cells (run_cell, data_windows): its arguments hold every option of
+    bench_quality at that script's default (a new option there once broke it with an AttributeError), and its
+    JSON records only its own."""
+    from scripts import bench_kquant, bench_quality
+
+    args, own = bench_kquant.options(["--steps", "3", "--plan", "q4_k_s"])
+    assert set(vars(bench_quality.parser().parse_args([]))) <= set(vars(args))
+    assert {"plan", "steps", "work"} <= own and not {"presets", "range_method", "train_text"} & own
+    assert (args.steps, args.plan, args.range_method, args.train_text, args.dither) == (3, "q4_k_s", "lp",
+                                                                                         "wikitext", 0.0)
