@@ -240,6 +240,11 @@ def _fp32_math(device: torch.device):
         else contextlib.nullcontext()
 
 
+def _dx(dy2, w, cdt, x):
+    """dx = dy·Ŵ in the forward's compute dtype, returned in x's dtype and shape: F.linear's backward."""
+    return _as(_as(dy2, cdt) @ _as(w, cdt), x.dtype).reshape(x.shape)
+
+
 def _ab(lora_a, lora_b):
     """fp32 A·B (out, in): the matmul `fused_codes` uses."""
     with _fp32_math(lora_a.device):
@@ -361,7 +366,7 @@ class FusedLRQATLinear(torch.autograd.Function):
             w, idx = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf), None
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _as(_as(dy2, cdt) @ _as(w, cdt), x.dtype).reshape(x.shape)  # as F.linear's backward in x's dtype
+            dx = _dx(dy2, w, cdt, x)
         del w
         a, b = _f32(lora_a), _f32(lora_b)
         with _fp32_math(dy.device):
@@ -387,9 +392,8 @@ class FusedLRQATLinearK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, phi0, lora_a, lora_b, s_eff, m_eff, bias,  # type: ignore[override]
                 spec, phi, lora_scale, upcast):
-        ls = _lora_scale(lora_scale, phi0.device)
-        w = _run("weight_k", spec, phi, upcast, phi0, _ab(lora_a, lora_b), ls, _f32(s_eff),
-                 None if m_eff is None else _f32(m_eff))
+        w = _weight_k(phi0, _ab(lora_a, lora_b), _lora_scale(lora_scale, phi0.device), s_eff, m_eff, spec, phi,
+                      upcast)
         y = linear(x, w, bias)
         ctx.meta = (spec, phi, lora_scale, upcast, y.dtype)
         ctx.save_for_backward(x, phi0, lora_a, lora_b, s_eff, m_eff)
@@ -400,21 +404,27 @@ class FusedLRQATLinearK(torch.autograd.Function):
         x, phi0, lora_a, lora_b, s_eff, m_eff = ctx.saved_tensors
         spec, phi, ls_f, upcast, cdt = ctx.meta
         ls, in_f = _lora_scale(ls_f, phi0.device), lora_b.shape[1]
-        ab, s_f, m_f = _ab(lora_a, lora_b), _f32(s_eff), None if m_eff is None else _f32(m_eff)
+        ab = _ab(lora_a, lora_b)
         dy2 = dy.reshape(-1, phi0.shape[0])
         dx = None
         if ctx.needs_input_grad[0]:
-            w = _run("weight_k", spec, phi, upcast, phi0, ab, ls, s_f, m_f)
-            dx = _as(_as(dy2, cdt) @ _as(w, cdt), x.dtype).reshape(x.shape)
+            w = _weight_k(phi0, ab, ls, s_eff, m_eff, spec, phi, upcast)
+            dx = _dx(dy2, w, cdt, x)
             del w
         a, b = _f32(lora_a), _f32(lora_b)
         with _fp32_math(dy.device):
             gw = _f32(dy2).T @ _f32(x.reshape(-1, in_f))  # (out, in): G = dyᵀx
-            dt, ds, dm = _run("grads_k", spec, phi, upcast, phi0, ab, ls, s_f, gw)
+            dt, ds, dm = _run("grads_k", spec, phi, upcast, phi0, ab, ls, _f32(s_eff.detach()), gw)
             del gw, ab
             da, db = ls_f * (dt @ b.T), ls_f * (a.T @ dt)
         return (dx, None, _as(da, lora_a.dtype), _as(db, lora_b.dtype), _as(ds, s_eff.dtype),
                 None if m_eff is None else _as(dm, m_eff.dtype), None, None, None, None, None)
+
+
+def _weight_k(phi0, ab, ls, s_eff, m_eff, spec, phi, upcast):
+    """K grids: Ŵ (out, in) float32 from the `weight_k` pass; s_eff, m_eff (out, G) | None, taken without grad."""
+    return _run("weight_k", spec, phi, upcast, phi0, ab, ls, _f32(s_eff.detach()),
+                None if m_eff is None else _f32(m_eff.detach()))
 
 
 def quantized_linear_k(x, phi0, lora_a, lora_b, s_eff, m_eff, bias, spec: QuantSpec, phi: str, lora_scale: float,
@@ -422,10 +432,8 @@ def quantized_linear_k(x, phi0, lora_a, lora_b, s_eff, m_eff, bias, spec: QuantS
     """The fused K-grid y = x·Ŵᵀ + b (LRQATLinear.forward with `fused` on a K grid). s_eff, m_eff: (out, G)."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
                                               for t in (x, lora_a, lora_b, s_eff, m_eff)):
-        ls = _lora_scale(lora_scale, phi0.device)
-        w = _run("weight_k", spec, phi, upcast, phi0, _ab(lora_a, lora_b), ls, _f32(s_eff.detach()),
-                 None if m_eff is None else _f32(m_eff.detach()))
-        return linear(x, w, bias)
+        return linear(x, _weight_k(phi0, _ab(lora_a, lora_b), _lora_scale(lora_scale, phi0.device), s_eff, m_eff,
+                                   spec, phi, upcast), bias)
     return FusedLRQATLinearK.apply(x, phi0, lora_a, lora_b, s_eff, m_eff, bias, spec, phi, lora_scale, upcast)
 
 

@@ -143,13 +143,21 @@ def k_sub_ints(v: torch.Tensor, sup: torch.Tensor, spec: QuantSpec, lo: int, hi:
     return torch.round(v.detach().float() / sup_r).clamp_(lo, hi).to(torch.int8)
 
 
+def k_sub_values(scale, kd, kmin, kdmin, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(d·sc, dmin·m | None), float32 (out, G): each sub-block's scale and min as the forward multiplies them, with
+    the straight-through rounding of the sub-block integers (the eager chain and the fused K path alike)."""
+    m_eff = None if kmin is None else k_sub_ste(kmin, kdmin, spec, 0, spec.sub_range[1])
+    return k_sub_ste(scale, kd, spec, *spec.sub_range), m_eff
+
+
 def _lrqat_weight_k(phi0, lora_a, lora_b, scale, kd, kmin, kdmin, spec, phi, lora_scale):
     with torch.autocast(device_type=phi0.device.type, enabled=False):
         z_int = phi_up(phi0, spec, phi) + lora_scale * (lora_a.float() @ lora_b.float())
         q = grouped(torch.clamp(RoundSTE.apply(z_int), spec.qmin, spec.qmax) + spec.offset, spec)  # (out, G, g)
-        w = k_sub_ste(scale, kd, spec, *spec.sub_range).unsqueeze(-1) * q
-        if kmin is not None:
-            w = w - k_sub_ste(kmin, kdmin, spec, 0, spec.sub_range[1]).unsqueeze(-1)
+        s_eff, m_eff = k_sub_values(scale, kd, kmin, kdmin, spec)
+        w = s_eff.unsqueeze(-1) * q
+        if m_eff is not None:
+            w = w - m_eff.unsqueeze(-1)
         return w.reshape(phi0.shape[0], -1)
 
 
@@ -293,7 +301,7 @@ class LRQATLinear(nn.Module):
         if self.fused and fused_quantizer.available(self.phi0.device):
             if self.spec.is_k:  # the sub-blocks' d·sc and dmin·m (out × G), eager; the weight-sized rest fused
                 with torch.autocast(device_type=self.phi0.device.type, enabled=False):
-                    s_eff, m_eff = self._k_sub_values()
+                    s_eff, m_eff = k_sub_values(self.scale, self.kd, self.kmin, self.kdmin, self.spec)
                 return fused_quantizer.quantized_linear_k(x, self.phi0, self.lora_A, self.lora_B, s_eff, m_eff,
                                                           self.bias, self.spec, self.phi, self.lora_scale, phi_up)
             return fused_quantizer.quantized_linear(x, self.phi0, self.lora_A, self.lora_B, self.scale, self.zero,
@@ -304,12 +312,6 @@ class LRQATLinear(nn.Module):
                                     self.lora_scale)
         return maybe_checkpoint(self.checkpointing, _lrqat_forward, x, self.phi0, self.lora_A, self.lora_B, self.scale,
                                 self.zero, self.bias, self.spec, self.phi, self.lora_scale)
-
-    def _k_sub_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """K grids: (d·sc, dmin·m | None), float32 (out, G), with the straight-through rounding of the sub-scales."""
-        spec = self.spec
-        m_eff = None if self.kmin is None else k_sub_ste(self.kmin, self.kdmin, spec, 0, spec.sub_range[1])
-        return k_sub_ste(self.scale, self.kd, spec, *spec.sub_range), m_eff
 
     @torch.no_grad()
     def rounded_codes(self) -> torch.Tensor:

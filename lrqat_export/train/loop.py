@@ -166,6 +166,10 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
     D.check_batch(cfg.batch_size, cfg.grad_accum, world)
     per_rank = cfg.batch_size // world  # this rank's slice of the global batch
     micro = per_rank // cfg.grad_accum
+
+    def rank_slice(s: int) -> torch.Tensor:  # step s's windows that this rank trains on (the data init too)
+        return batch_indices(s, cfg.batch_size, n_windows, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+
     tokens_per_step = cfg.batch_size * seq_len
     peak_before = reset_peak_rss() if dist is not None else None
     bar = None
@@ -183,14 +187,13 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
 
         # the first steps' windows (the teacher's cache holds exactly those), this rank's slice of each, in the
         # micro-batches the steps themselves will take
-        first = ([(train_windows[i].to(device), i) for i in
-                  batch_indices(s, cfg.batch_size, n_windows, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
-                  .split(micro)] for s in range(min(INIT_STEPS, cfg.steps)))
+        first = ([(train_windows[i].to(device), i) for i in rank_slice(s).split(micro)]
+                 for s in range(min(INIT_STEPS, cfg.steps)))
         data_init(model, opts, first, init_loss, dist and functools.partial(D.all_gather_cat, d=dist))
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()
-        idx = batch_indices(step, cfg.batch_size, n_windows, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        idx = rank_slice(step)
         batch = train_windows[idx].to(device)
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
