@@ -135,7 +135,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"start of B (A starts at 0 either way, so training starts at RTN): lora = Kaiming; act = the "
                         f"top-r principal directions of each layer's inputs; grad = the row space of the loss "
                         f"gradient, both from the first {INIT_STEPS} steps' windows (default "
-                        f"{registry.default('lrqat', 'ab_init')}; lora in --recipe paper)")
+                        f"{registry.default('lrqat', 'ab_init')}, "
+                        f"{registry.default('lrqat', 'ab_init', spec=PRESETS['q4_0'])} on grouped one-level grids; "
+                        f"{registry.default('lrqat', 'ab_init', recipe='paper')} in --recipe paper)")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=opts.checkpointing,
                    help=f"recompute each layer's fake-quantized weight in backward instead of keeping weight-sized "
                         f"intermediates: less memory, slower, the same numbers (default "

@@ -286,11 +286,6 @@ def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, l
     return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
 
 
-def records_events(spec: QuantSpec, per_channel: bool) -> bool:
-    """Whether the forward records its events (module docstring): per channel, on every grid."""
-    return per_channel
-
-
 class Events(NamedTuple):
     """What the forward keeps of the entries the backward cannot rebuild from Φ0: those whose code is not RTN's
     c0 = clip(⌊Φ0⌉) or was clipped."""
@@ -334,7 +329,7 @@ class FusedLRQATLinear(torch.autograd.Function):
         ctx.per_channel = scale.shape[1] == 1
         events = None
         ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
-        if records_events(spec, ctx.per_channel):
+        if ctx.per_channel:  # the forward records its events (module docstring), on every per-channel grid
             w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
         else:
             w = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)

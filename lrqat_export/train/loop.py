@@ -13,9 +13,9 @@ bit, as an uninterrupted one. Checkpoints are written atomically (temp dir + ren
 leaves the previous complete checkpoint.
 
 Under torchrun (`dist` given, see train/dist.py and train/fsdp.py) the model is FSDP2-sharded: batch_size is the
-global batch and rank r trains on slice r of the same global windows; checkpoints are sharded DCP directories (state.json "format":
-"dcp") that any number of ranks — or one plain process — can resume from; a one-process checkpoint resumes
-sharded too.
+global batch and rank r trains on slice r of the same global windows; checkpoints are sharded DCP directories
+(state.json "format": "dcp") that any number of ranks — or one plain process — can resume from; a one-process
+checkpoint resumes sharded too.
 """
 from __future__ import annotations
 
@@ -189,7 +189,8 @@ def train(model: nn.Module, train_windows: torch.Tensor, cfg: TrainConfig, out: 
         # micro-batches the steps themselves will take
         first = ([(train_windows[i].to(device), i) for i in rank_slice(s).split(micro)]
                  for s in range(min(INIT_STEPS, cfg.steps)))
-        data_init(model, opts, first, init_loss, dist and functools.partial(D.all_gather_cat, d=dist))
+        gather = None if dist is None else functools.partial(D.all_gather_cat, d=dist)  # all ranks, rank order
+        data_init(model, opts, first, init_loss, gather)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     while step < end:
         t0 = time.perf_counter()
