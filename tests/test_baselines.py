@@ -178,3 +178,19 @@ def test_cli_train_method_writes_the_baselines_checkpoint(tiny_llama, tmp_path, 
     assert main(["train", "--method", "peqa", "--init", str(tmp_path / "peqa"), "--out", str(tmp_path / "y"),
                  *common[:2], "--preset", "w4pc", "--steps", "1"]) == 2
     assert "checkpoint spec is q4_0, expected w4pc" in capsys.readouterr().err
+
+
+def test_cli_train_init_distills_from_the_float_model_not_from_the_init(tiny_llama, tmp_path):
+    """`train --init CK` freezes CK's codes, but the distillation teacher is still the float model: started from
+    its own RTN checkpoint, PEQA's first loss is the same number as when it finds that RTN itself (the same student,
+    the same teacher). Were the teacher taken after CK's weights were loaded, it would be CK and the loss 0."""
+    from lrqat_export.app.cli import main
+
+    common = ["--model", str(tiny_llama), "--preset", "q4_0", "--steps", "1", "--seq-len", "32",
+              "--max-train-windows", "8"]
+    assert main(["ptq", *common[:4], "--out", str(tmp_path / "rtn")]) == 0
+    assert main(["train", "--method", "peqa", "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["train", "--method", "peqa", "--init", str(tmp_path / "rtn"), "--out", str(tmp_path / "b"),
+                 *common]) == 0
+    loss = [load_intckpt(tmp_path / d).manifest["training"]["final_loss"] for d in "ab"]
+    assert loss[0] > 0 and loss[1] == loss[0], loss  # before the fix: [2.1e-4, 0.0]

@@ -16,7 +16,7 @@ from ..core.fsio import check_apart, check_output_path, check_run_output, claim_
 from ..core.intckpt import is_intckpt, load_intckpt, write_intckpt
 from ..core.models import load_model, load_tokenizer
 from ..methods import registry
-from ..methods.common import load_weights_from
+from ..methods.common import check_weights_fit
 from ..runtimes.torch_eval import perplexity
 from ..train import dist as Dist
 from ..train.job import check_launch, train_method
@@ -66,14 +66,14 @@ def _train_claimed(job: TrainJob, out: Path, dist) -> dict:
         init_ck = load_intckpt(job.init)
         if init_ck.spec != job.spec:
             raise UserError(f"--init {job.init}: checkpoint spec is {init_ck.spec.name}, expected {job.spec.name}")
-        load_weights_from(model, init_ck)  # the frozen start is exactly the init checkpoint's codes
+        check_weights_fit(model, init_ck)  # train_method loads its codes after the float teacher's pre-pass
     d = job.data
     windows = D.text_windows(tok, list(d.train_data), d.seq_len, d.max_train_windows,
                              what=f"train data {', '.join(d.train_data)}")
     t_load = time.perf_counter()
     res = train_method(model, tok, src.to_dict(), windows, job.method, job.spec, job.options, job.train, out,
                        list(d.train_data), resume=job.resume, progress=job.progress, init=init_ck, dist=dist,
-                       recipe=job.recipe)
+                       recipe=job.recipe, init_weights=init_ck is not None)
     res["timings"]["load_s"] = t_load - t0
     return res
 
@@ -91,7 +91,7 @@ def ptq(job: PtqJob) -> Path:
 def _ptq(job: PtqJob, m) -> Path:
     model, tok, src = load_model(job.model, job.trust_remote_code)
     calib = None
-    if m.calibrated:
+    if m.calibrated or job.range_method == "imatrix":
         calib_data = list(job.calib_data or [D.DEFAULT_CORPUS])
         calib = D.text_windows(tok, calib_data, job.calib_seq_len, job.calib_windows,
                                what=f"calibration data {', '.join(calib_data)}")

@@ -121,18 +121,24 @@ def check_init(init, spec, names: list[str], what: str) -> None:
                         f"expected spec {spec.name} and {len(names)} layers")
 
 
-@torch.no_grad()
-def load_weights_from(model, ck: IntCheckpoint) -> None:
-    """Put s·(c − z) of `ck` into the model's projections, so a later prepare(init=ck) freezes exactly ck's codes
-    (W/s = c exactly for fp16 s: a GPTQ-initialised method starts at the GPTQ model)."""
+def check_weights_fit(model, ck: IntCheckpoint) -> None:
+    """Refuse an init checkpoint whose quantized layers are not the model's, or not of their shapes."""
     names = quantized_layer_names(model)
     if set(names) != set(ck.layers):
         raise UserError(f"init checkpoint {ck.path}: layers differ from the model's: "
                         f"{sorted(set(names) ^ set(ck.layers))[:5]}")
     for name in names:
+        shape, want = tuple(ck.layers[name].codes.shape), tuple(model.get_submodule(name).weight.shape)
+        if shape != want:
+            raise UserError(f"init checkpoint {ck.path}: layer {name} has shape {shape}, expected {want}")
+
+
+@torch.no_grad()
+def load_weights_from(model, ck: IntCheckpoint) -> None:
+    """Put s·(c − z) of `ck` into the model's projections, so a later prepare(init=ck) freezes exactly ck's codes
+    (W/s = c exactly for fp16 s: a GPTQ-initialised method starts at the GPTQ model). A distillation teacher must
+    be taken from the float model before this (train_method's init_weights)."""
+    check_weights_fit(model, ck)
+    for name in quantized_layer_names(model):
         lin = model.get_submodule(name)
-        w = ck.dequantized(name)
-        if tuple(w.shape) != tuple(lin.weight.shape):
-            raise UserError(f"init checkpoint {ck.path}: layer {name} has shape {tuple(w.shape)}, "
-                            f"expected {tuple(lin.weight.shape)}")
-        lin.weight.copy_(w.to(lin.weight.dtype))
+        lin.weight.copy_(ck.dequantized(name).to(lin.weight.dtype))

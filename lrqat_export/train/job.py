@@ -21,7 +21,7 @@ from ..core.intckpt import IntCheckpoint, write_intckpt
 from ..core.quant import QuantSpec
 from ..methods import registry
 from ..methods.baselines import merged_float_model
-from ..methods.common import MethodOptions
+from ..methods.common import MethodOptions, load_weights_from
 from . import dist as D
 from . import fsdp
 from . import objective
@@ -47,7 +47,7 @@ def check_launch(method: str, dist: D.Dist | None) -> registry.Method:
 def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, spec: QuantSpec,
                  opts: MethodOptions, cfg: TrainConfig, out: Path, train_data: list[str], resume: bool = False,
                  progress: bool = True, init: IntCheckpoint | None = None, dist: D.Dist | None = None,
-                 recipe: str = registry.DEFAULT_RECIPE) -> dict:
+                 recipe: str = registry.DEFAULT_RECIPE, init_weights: bool = False) -> dict:
     """prepare → train → fuse → IntCheckpoint written in `out` (beside out/train_state); the float control
     (output "float") writes its merged float model as a Hugging Face directory instead.
 
@@ -55,7 +55,9 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     range search (e.g. the RTN baseline). dist: shard with FSDP2 after prepare, train on this rank's slice of each
     global batch, fuse and write on rank 0 (methods with `distributed` only). recipe: the named set of defaults
     (methods.registry) that fills unset options. With a distillation objective the float model's targets are taken
-    before it is prepared (teacher_targets)."""
+    before it is prepared (teacher_targets). init_weights: then put init's dequantized weights into the model
+    (load_weights_from: the frozen start is exactly init's codes, `lrqat train --init`), after the teacher's
+    pre-pass, so the teacher stays the float model."""
     m = check_launch(method, dist)
     registry.check_grid(method, spec)
     opts, cfg = registry.resolve_options(method, opts, recipe, spec), cfg.resolved(method, recipe, spec)
@@ -63,6 +65,8 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     t0 = time.perf_counter()
     teacher = teacher_targets(model, windows, cfg, progress and (dist is None or dist.is_main), method)
     t_teacher = time.perf_counter()
+    if init is not None and init_weights:
+        load_weights_from(model, init)
     torch.manual_seed(cfg.seed)  # adapters' Kaiming init: the same run gives the same model in every process
     m.prepare(model, spec, opts, init if m.uses_init else None)
     counts = m.counts(model)
