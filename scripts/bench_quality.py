@@ -7,8 +7,10 @@ LR-QAT, PEQA, full-model QAT (LSQ), QLoRA (+merge+RTN), QA-LoRA (merged zeros) a
 
 Same data and token budget for every trained method: WikiText-2 valid (--wikitext DIR, default ../shared/data/wikitext-2, read
 in place) in windows of --seq tokens, --steps × --batch windows drawn in the same order (train.batch_indices, seed 0);
-the trained quantized methods start from the same Lp-searched RTN scales (GPTQ-init LR-QAT from GPTQ's integers).
-GPTQ calibrates on the first --calib-windows windows of the same training text. Evaluation: --eval-windows windows
+RTN is the weight-only Lp range search; the trained quantized methods start from RTN with their own default range
+search (imatrix for LR-QAT, PEQA and full QAT on single-level grids, calibrated on the first 32 training windows;
+--range-method sets one for all) (GPTQ-init LR-QAT from GPTQ's integers). GPTQ calibrates on the first
+--calib-windows windows of the same training text. Evaluation: --eval-windows windows
 of --eval-seq tokens of WikiText-2 test (in domain) and of the held-out tail of the embedded pydoc corpus (out of
 domain: training on WikiText also adapts the model to WikiText, docs/ARCHITECTURE.md "Traps"). Every quantized method is scored
 on its IntCheckpoint reloaded as a torch model (what exports); QLoRA and QA-LoRA are also scored as trained (float
@@ -155,6 +157,15 @@ def _moved_from(rtn, ck) -> dict:
             "scale_rel_change_median": float(torch.cat(rel).median())}
 
 
+def _rtn(model, spec, src, range_method: str, train_w):
+    """RTN with `range_method`; imatrix calibrates on the first IMATRIX_WINDOWS training windows, as train_method
+    does (GPTQ's --calib-windows default is the same 32)."""
+    from lrqat_export.methods.rtn import IMATRIX_WINDOWS, ptq_rtn
+
+    calib = train_w[:IMATRIX_WINDOWS] if range_method == "imatrix" else None
+    return ptq_rtn(model, spec, src.to_dict(), range_method, calib)
+
+
 def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     """One (preset, method) cell on a fresh copy of the base model. base = (model, tok, src, (train, ev, ood))."""
     import torch
@@ -165,7 +176,6 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     from lrqat_export.methods.baselines import merged_float_model
     from lrqat_export.methods.common import load_weights_from
     from lrqat_export.methods.gptq_ptq import ptq_gptq
-    from lrqat_export.methods.rtn import ptq_rtn
     from lrqat_export.train.loop import train
 
     torch.manual_seed(0)
@@ -178,7 +188,8 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         return {**res, **_ppl(model, ev, ood)}
     if method not in ("fp", "lora-fp"):
         registry.check_grid(method.removeprefix("gptq-"), spec)  # K grids: the methods that train on them only
-    rtn = ptq_rtn(model, spec, src.to_dict(), args.range_method) if method != "lora-fp" else None
+    ref = args.range_method or "lp"  # the RTN baseline: lp unless --range-method says otherwise
+    rtn = _rtn(model, spec, src, ref, train_w) if method != "lora-fp" else None
     if method == "rtn":
         _keep(args, preset, method, rtn, tok)
         return {**res, **_ppl(rtn.to_torch_model(), ev, ood)}
@@ -194,7 +205,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         if method == "gptq":
             return {**res, **_ppl(gck.to_torch_model(), ev, ood), "wall_s": time.perf_counter() - t0}
     name, opts, cfg = method_config(method, args.steps, args.batch, args.recipe, args.objective,
-                                    {"range_method": args.range_method,
+                                    {**({"range_method": args.range_method} if args.range_method else {}),
                                      **args.overrides.get(method.removeprefix("gptq-"), {})}, args.kd, spec)
     res.update(steps=args.steps, batch=args.batch, seq=args.seq, tokens=args.steps * args.batch * args.seq,
                alpha=opts.alpha, lr_ab=cfg.lr_ab, lr_scale=cfg.lr_scale, objective=cfg.objective,
@@ -209,8 +220,8 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     if method == "gptq-lrqat":
         load_weights_from(model, gck)  # Φ0 = GPTQ's codes exactly
         init = gck
-    elif m.uses_init:
-        init = rtn
+    elif m.uses_init:  # the method's start: the baseline, or RTN with the method's own range search
+        init = rtn if opts.range_method == ref else _rtn(model, spec, src, opts.range_method, train_w)
     torch.manual_seed(0)
     m.prepare(model, spec, opts, init)
     hist = train(model, train_w, cfg, progress=args.progress, method=name, opts=opts, desc=method, teacher=teacher,
@@ -224,7 +235,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         fused = ck.to_torch_model()
         res["exported_spec"] = ck.spec.name
         if rtn is not None and not ck.spec.is_k:
-            res.update(_moved_from(rtn, ck))
+            res.update(_moved_from(init if init is not None else rtn, ck))
         if m.exact:
             with torch.no_grad():
                 probe = ev[:1, :128]
@@ -322,8 +333,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sample-seed", type=int, default=0, help="--train-text sampled: the sampler's seed (default 0)")
     ap.add_argument("--dither", type=float, default=0.0, metavar="F",
                     help="spread the model's Q4_1 weights by ±F/2 of their block's level spacing first (`dithered`)")
-    ap.add_argument("--range-method", choices=["lp", "mse", "minmax"], default="lp",
-                    help="scale search of RTN and of every trained method's start (default lp, the tool's)")
+    ap.add_argument("--range-method", choices=["lp", "mse", "minmax", "imatrix"],
+                    help="scale search of RTN and of every trained method's start (default: RTN lp, each method "
+                         "its registry default, imatrix for lrqat/peqa/full-qat on single-level grids; imatrix "
+                         "calibrates on the first 32 training windows)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
     # --- objective and recipe (every trained method under the same ones)
     ap.add_argument("--recipe", default="default", help="named per-method defaults (methods.registry.RECIPES)")
@@ -366,7 +379,8 @@ def main(argv=None) -> int:
     text = "" if args.train_text == "wikitext" else \
         f"_sampled{args.prompt_tokens}" + (f"s{args.sample_seed}" if args.sample_seed else "")
     text += f"_dither{args.dither:g}" if args.dither else ""
-    text += f"_range{args.range_method}" if args.range_method != "lp" else ""
+    # lp-started cells (every cell before the imatrix default) have no suffix; the registry defaults' have rangedef
+    text += "" if args.range_method == "lp" else f"_range{args.range_method or 'def'}"
     tag = (f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
            f"_{args.objective or 'rdef'}{text}" + (f"_{args.tag}" if args.tag else ""))
     cells_dir, work = out / f"cells_{tag}", Path(args.work)

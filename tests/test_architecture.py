@@ -225,3 +225,16 @@ def test_grid_dependent_defaults_reach_every_caller():
         assert TrainConfig().resolved("peqa", spec=spec).lr_scale == registry.METHODS["peqa"].defaults["lr_scale"]
     assert registry.resolve_options("lrqat", None, "paper", PRESETS["q4_0"]).ab_init == "lora"
     assert registry.resolve_options("peqa").ab_init is None
+    # the start's range search: imatrix where the method starts from a checkpoint on a single-level grid
+    for preset in ("q4_0", "w3g64", "w4g128", "w4pc", "w8pc", "q4_k", "q4_k_m"):
+        spec = PRESETS[preset]
+        want = "imatrix" if registry.grouped_grid(spec) else "lp"
+        assert want == ("imatrix" if preset in ("q4_0", "w3g64", "w4g128") else "lp")
+        assert registry.resolve_options("lrqat", spec=spec).range_method == want, preset
+        assert method_config("lrqat", 60, 2, spec=spec)[1].range_method == want, preset
+        assert registry.resolve_options("lrqat", None, "paper", spec).range_method == "lp", preset
+    for method, want in (("peqa", "imatrix"), ("full-qat", "imatrix"), ("qlora", "lp"), ("qalora", "lp"),
+                         ("lora-fp", "lp")):
+        assert registry.resolve_options(method, spec=PRESETS["q4_0"]).range_method == want, method
+        assert registry.resolve_options(method, spec=PRESETS["w4pc"]).range_method == "lp", method
+        assert registry.METHODS[method].uses_init or want == "lp", method  # imatrix needs a start checkpoint

@@ -189,7 +189,7 @@ def test_cli_train_init_distills_from_the_float_model_not_from_the_init(tiny_lla
     common = ["--model", str(tiny_llama), "--preset", "q4_0", "--steps", "1", "--seq-len", "32",
               "--max-train-windows", "8"]
     assert main(["ptq", *common[:4], "--out", str(tmp_path / "rtn")]) == 0
-    assert main(["train", "--method", "peqa", "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["train", "--method", "peqa", "--range-method", "lp", "--out", str(tmp_path / "a"), *common]) == 0
     assert main(["train", "--method", "peqa", "--init", str(tmp_path / "rtn"), "--out", str(tmp_path / "b"),
                  *common]) == 0
     loss = [load_intckpt(tmp_path / d).manifest["training"]["final_loss"] for d in "ab"]

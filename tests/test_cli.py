@@ -112,3 +112,25 @@ def test_a_failed_write_removes_the_parents_it_created(tmp_path):
             f.write("{")
             raise RuntimeError("interrupted")
     assert not (tmp_path / "new2").exists()
+
+
+def test_imatrix_range_search_in_ptq_and_as_a_training_start(tiny_llama, tmp_path, capsys):
+    """--range-method imatrix: `ptq` calibrates RTN's scale search on its calibration windows; `train` starts from
+    the RTN found on the first training windows (PEQA keeps the start's codes, so they must be that RTN's)."""
+    import torch
+
+    common = ["--model", str(tiny_llama), "--preset", "q4_0"]
+    windows = ["--calib-data", "pydoc", "--calib-windows", "8", "--calib-seq-len", "32"]
+    assert main(["ptq", *common, "--range-method", "imatrix", *windows, "--out", str(tmp_path / "imx")]) == 0
+    assert main(["ptq", *common, "--out", str(tmp_path / "lp")]) == 0
+    imx, lp = load_intckpt(tmp_path / "imx"), load_intckpt(tmp_path / "lp")
+    assert imx.manifest["range_method"] == "imatrix" and lp.manifest["range_method"] == "lp"
+    assert any(not torch.equal(imx.layers[n].codes, q.codes) for n, q in lp.layers.items())
+    train = ["train", *common, "--method", "peqa", "--steps", "1", "--train-data", "pydoc", "--seq-len", "32",
+             "--max-train-windows", "8"]
+    assert main([*train, "--range-method", "imatrix", "--out", str(tmp_path / "peqa")]) == 0
+    peqa = load_intckpt(tmp_path / "peqa")
+    assert all(torch.equal(peqa.layers[n].codes, q.codes) for n, q in imx.layers.items())
+    assert main([*train, "--method", "qlora", "--range-method", "imatrix", "--out", str(tmp_path / "q")]) == 2
+    assert "--range-method imatrix: method qlora does not start from a range-searched" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

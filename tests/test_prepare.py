@@ -70,3 +70,42 @@ def test_unsupported_architecture_lists_the_supported_ones():
                                         "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
                                         "Gemma3ForCausalLM, Phi3ForCausalLM$"):
         prepare(model, PRESETS["q4_0"], MethodOptions(alpha=1.0, phi="int8"))
+
+
+def test_activation_importance_is_each_projections_mean_squared_input(tiny_llama):
+    from lrqat_export.methods.rtn import activation_importance
+
+    model = _load(tiny_llama)
+    ids = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    imp = activation_importance(model, ids, batch=2)
+    assert set(imp) == set(quantized_layer_names(model))
+    with torch.no_grad():  # layer 0's attention input, computed by hand: the normed embeddings
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+    want = x.float().square().reshape(-1, x.shape[-1]).mean(0)
+    attn = "model.layers.0.self_attn."
+    assert torch.allclose(imp[attn + "q_proj"], want, rtol=1e-5, atol=0)
+    assert torch.equal(imp[attn + "q_proj"], imp[attn + "k_proj"])
+    assert torch.equal(imp[attn + "k_proj"], imp[attn + "v_proj"])
+    assert imp["model.layers.0.mlp.down_proj"].shape == (model.config.intermediate_size,)
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "w4pc"])
+def test_imatrix_rtn_differs_from_lp_and_starts_lrqat_exactly(tiny_llama, preset):
+    """ptq_rtn with the imatrix search changes scales (and so codes) against lp, and an LR-QAT model started from
+    it (init, as `lrqat run` and train_method do) is, at A·B = 0, that RTN model exactly."""
+    base = _load(tiny_llama)
+    ids = torch.randint(0, base.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    spec = PRESETS[preset]
+    imx = ptq_rtn(base, spec, {"name": "tiny"}, "imatrix", ids)
+    lp = ptq_rtn(base, spec, {"name": "tiny"}, "lp")
+    assert any(not torch.equal(imx.layers[n].scales, lp.layers[n].scales) for n in lp.layers)
+    assert imx.manifest["range_method"] == "imatrix"
+    prepared = prepare(base, spec, MethodOptions(rank=4, alpha=1.0, phi="bf16"), imx)
+    probe = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(prepared(input_ids=probe).logits, imx.to_torch_model()(input_ids=probe).logits)
+
+
+def test_imatrix_rtn_without_calibration_windows_is_refused(tiny_llama):
+    with pytest.raises(UserError, match="imatrix: needs calibration windows"):
+        ptq_rtn(_load(tiny_llama), PRESETS["q4_0"], {"name": "tiny"}, "imatrix")

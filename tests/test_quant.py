@@ -93,3 +93,52 @@ def test_asymmetric_zero_points_are_integers_in_range_and_range_holds_zero():
     codes = quantize_codes(w, s, z, spec)
     assert int(codes.max()) == spec.qmax  # the max of each group maps to the top code
     assert dequantize(torch.full_like(codes, 0), s, z, spec).abs().max() < s.max() * 16
+
+
+@pytest.mark.parametrize("name", ["w4pc", "q4_0", "q4_1", "w3g64"])
+def test_imatrix_search_picks_the_candidate_with_the_least_weighted_error(name):
+    """imatrix chooses, per group, the scale with the least importance-weighted squared error; lp's and minmax's
+    choices are candidates of the same search, so neither may beat it on that objective, group by group."""
+    from lrqat_export.core.quant import grouped, imatrix_weights
+
+    spec = PRESETS[name]
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 128, generator=g) * 0.02
+    w[1, 5] = 0.3
+    imp = torch.rand(128, generator=g).pow(4) * 10  # a few input features dominate, as in real activations
+    weight = imatrix_weights(grouped(w, spec), imp)
+
+    def werr(s, z):
+        e = grouped(dequantize(quantize_codes(w, s, z, spec), s, z, spec) - w, spec)
+        return (e.square() * weight).sum(-1)
+
+    s_imx, z_imx = init_scales(w, spec, "imatrix", importance=imp)
+    assert torch.equal(s_imx, s_imx.half().float())
+    best = werr(s_imx, z_imx)
+    for other in ("lp", "minmax"):
+        assert (best <= werr(*init_scales(w, spec, other))).all()
+    assert not torch.equal(s_imx, init_scales(w, spec, "lp")[0])  # the importance changed some choice
+
+
+def test_imatrix_weights_follow_the_importance_and_the_weight():
+    from lrqat_export.core.quant import imatrix_weights
+
+    wg = torch.tensor([[[0.0, 3.0, 4.0, 0.0]]])
+    got = imatrix_weights(wg, torch.tensor([1.0, 2.0, 1.0, 0.0]))
+    sig2 = 25.0 / 4
+    want = torch.tensor([sig2 ** 0.5, 2 * (sig2 + 9) ** 0.5, (sig2 + 16) ** 0.5, 0.0])
+    assert torch.allclose(got.flatten(), want)
+
+
+def test_imatrix_search_refuses_a_missing_or_misshapen_importance_and_k_grids():
+    from lrqat_export.core.quant import init_k
+
+    w = torch.randn(8, 64)
+    with pytest.raises(UserError, match="imatrix.*importance is required"):
+        init_scales(w, PRESETS["q4_0"], "imatrix")
+    with pytest.raises(UserError, match=r"importance shape expected \(64,\), got \(32,\)"):
+        init_scales(w, PRESETS["q4_0"], "imatrix", importance=torch.ones(32))
+    with pytest.raises(UserError, match="used only by imatrix"):
+        init_scales(w, PRESETS["q4_0"], "lp", importance=torch.ones(64))
+    with pytest.raises(UserError, match="imatrix: not available on K grids"):
+        init_k(torch.randn(8, 256), PRESETS["q4_k"], "imatrix")

@@ -16,7 +16,7 @@ from converters.gguf import EMBED_CHOICES
 from ..core import quiet
 from ..core.errors import CheckFailed, UserError
 from ..core.models import DEFAULT_MODEL
-from ..core.quant import DEFAULT_PRESET, PRESETS, spec_from_args
+from ..core.quant import DEFAULT_PRESET, PRESETS, RANGE_METHODS, spec_from_args
 from ..methods import registry
 from ..methods.common import AB_INITS, PHI_CHOICES, MethodOptions
 from ..train.config import INIT_STEPS, SCHEDULES, TrainConfig
@@ -100,8 +100,12 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int_in(2, 8), help="code width, 2..8")
     g.add_argument("--group-size", type=int_in(2, also=(-1,)), help="input features per scale; -1 = per output channel")
     g.add_argument("--asym", action="store_true", help="asymmetric grid with integer zero points")
-    g.add_argument("--range-method", default=OPTS.range_method, choices=["lp", "mse", "minmax"],
-                   help="scale initialisation by range search (default lp: Lp-norm p=4 grid search, as the paper)")
+    g.add_argument("--range-method", default=OPTS.range_method, choices=list(RANGE_METHODS),
+                   help="the start's scale search: lp (Lp-norm p=4 grid search, the paper's), mse, minmax, or imatrix "
+                        "(squared error weighted by the float model's input importance, llama.cpp's imatrix, over "
+                        "the first 32 training windows or ptq's calibration windows; not on K grids). Default: "
+                        "imatrix for lrqat, peqa and full-qat on grouped grids (q4_0, w3g64, ...), lp otherwise "
+                        "(per channel, K grids, --recipe paper, other methods, ptq)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, train: bool, eval_: bool, ev: J.EvalOptions = EVAL) -> None:
@@ -274,7 +278,8 @@ def cmd_ptq(args) -> int:
     from .verbs import ptq
 
     out = ptq(J.PtqJob(out=args.out, model=args.model, method=args.method, spec=_spec(args),
-                       range_method=args.range_method, calib_data=args.calib_data and tuple(args.calib_data),
+                       range_method=args.range_method or J.PtqJob.range_method,
+                       calib_data=args.calib_data and tuple(args.calib_data),
                        calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len, overwrite=args.overwrite,
                        trust_remote_code=args.trust_remote_code))
     print(f"IntCheckpoint: {out}")
@@ -352,11 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--method", default=J.PtqJob.method,
                    help="; ".join(f"{m.name}: {m.summary}" for m in registry.METHODS.values() if not m.trains))
-    p.add_argument("--calib-data", nargs="+", help="gptq: calibration text files (default: the embedded corpus)")
+    p.add_argument("--calib-data", nargs="+", help="gptq, and rtn with --range-method imatrix: calibration text "
+                                                   "files (default: the embedded corpus)")
     p.add_argument("--calib-windows", type=POSITIVE, default=J.PtqJob.calib_windows,
-                   help=f"gptq: calibration windows (default {J.PtqJob.calib_windows})")
+                   help=f"calibration windows (default {J.PtqJob.calib_windows})")
     p.add_argument("--calib-seq-len", type=WINDOW, default=J.PtqJob.calib_seq_len,
-                   help=f"gptq: calibration window length (default {J.PtqJob.calib_seq_len})")
+                   help=f"calibration window length (default {J.PtqJob.calib_seq_len})")
     p.add_argument("--overwrite", action="store_true")
     _add_spec_args(p), _add_trust_arg(p)
     p.set_defaults(func=cmd_ptq)

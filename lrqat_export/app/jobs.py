@@ -75,7 +75,7 @@ class PtqJob:
     model: str = DEFAULT_MODEL
     method: str = "rtn"
     spec: QuantSpec = PRESETS[DEFAULT_PRESET]
-    range_method: str = MethodOptions.range_method
+    range_method: str = "lp"  # the RTN baseline's: weight-only (imatrix: calibrated on calib_data)
     calib_data: tuple[str, ...] | None = None  # gptq: calibration text (default: the embedded corpus)
     calib_windows: int = 64
     calib_seq_len: int = 256

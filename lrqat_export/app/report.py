@@ -51,7 +51,9 @@ def moved_line(a: dict) -> str:
 
 def report_markdown(r: dict) -> str:
     """Human-readable report.md: perplexities, parity, artefact sizes, stage timings."""
-    names = {"fp": "FP (float32)", "rtn": "RTN (same range search)", "lrqat_torch": "LR-QAT, fused (torch)",
+    start = r["train"]["lrqat"].get("range_method") or "lp"
+    rtn = "RTN (same range search)" if start != "imatrix" else "RTN (lp range search; LR-QAT starts from imatrix)"
+    names = {"fp": "FP (float32)", "rtn": rtn, "lrqat_torch": "LR-QAT, fused (torch)",
              "lrqat_gguf": "LR-QAT, GGUF in llama.cpp", "lrqat_gptq": "LR-QAT, GPTQ in transformers+GPTQModel"}
     e, t = r["eval"], r["train"]
     ood = r.get("ppl_ood") or {}

@@ -1,7 +1,7 @@
 """`lrqat run`: the main job. FP and RTN baselines, LR-QAT training, fuse, evaluate; one report.
 
 OUT/
-  rtn/            IntCheckpoint of the round-to-nearest baseline (same range search)
+  rtn/            IntCheckpoint of the round-to-nearest baseline (LR-QAT's range search; lp where LR-QAT's is imatrix)
   lrqat/          IntCheckpoint of the fused LR-QAT model, plus train_state/ and train_log.json
   model.gguf      GGUF export (when a GGUF type holds the grid exactly)
   gptq/           GPTQ export
@@ -102,14 +102,18 @@ def _run(job: RunJob, out: Path, recipe: str) -> dict:
 
     _say(f"RTN baseline ({spec.name})")
     t = time.perf_counter()
-    rtn_ck = ptq_rtn(model, spec, src.to_dict(), opts.range_method)
+    # the baseline is `lrqat ptq`'s RTN (weight-only search); LR-QAT starts from it, or, with the imatrix search,
+    # from the RTN that train_method calibrates on the first training windows
+    ref_range = "lp" if opts.range_method == "imatrix" else opts.range_method
+    rtn_ck = ptq_rtn(model, spec, src.to_dict(), ref_range)
     rtn_dir = write_intckpt(out / "rtn", rtn_ck, tok, overwrite=job.overwrite)
     timings["rtn_s"] = time.perf_counter() - t
     evaluate("rtn", load_intckpt(rtn_dir).to_torch_model().to(job.device))
 
     _say(f"LR-QAT: {cfg.steps} steps x {cfg.batch_size} x {data.seq_len} tokens, r={opts.rank}, phi={opts.phi}")
     res = train_method(model, tok, src.to_dict(), train_w, "lrqat", spec, opts, cfg, out / "lrqat",
-                       list(data.train_data), resume=job.resume, init=rtn_ck, recipe=recipe)
+                       list(data.train_data), resume=job.resume,
+                       init=rtn_ck if ref_range == opts.range_method else None, recipe=recipe)
     counts, history, lrqat_dir = res["parameters"], res["history"], Path(res["intckpt"])
     timings["train_s"] = res["timings"]["teacher_s"] + res["timings"]["prepare_s"] + res["timings"]["train_s"]
     t = time.perf_counter()

@@ -30,7 +30,7 @@ from .errors import UserError
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal); scales are clamped above it
 
-RANGE_METHODS = ("minmax", "mse", "lp")
+RANGE_METHODS = ("minmax", "mse", "lp", "imatrix")  # imatrix: needs per-input-channel importance (init_scales)
 
 K_SUPER = 256  # ggml's QK_K: weights per K-quant super-block
 K_GRIDS = {"q4_k": (4, 32, False), "q5_k": (5, 32, False), "q6_k": (6, 16, True)}  # name: (bits, group, symmetric)
@@ -232,11 +232,24 @@ def _candidate_params(
     return s, z
 
 
+def imatrix_weights(wg: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """Per-weight error weights of the 'imatrix' range search, (out, G, g) from grouped weights wg (out, G, g) and
+    the layer's input importance (in,) (mean squared activation per input feature, `rtn.activation_importance`):
+    importance_j · sqrt(σ²_group + w_j²), llama.cpp's weighting for its legacy types with an importance matrix
+    (ggml-quants.c, quantize_row_q4_0_impl): an error counts as much as the input it multiplies, and more on the
+    group's large weights."""
+    imp = importance.detach().float().reshape(1, wg.shape[1], wg.shape[2])
+    return imp * (wg.square().mean(dim=-1, keepdim=True) + wg.square()).sqrt()
+
+
 def init_scales(
-    w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0, n_grid: int = 40, min_ratio: float = 0.4
+    w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0, n_grid: int = 40, min_ratio: float = 0.4,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Range search for per-group scales (and zero points): 'minmax', or a grid search over clipping ratios that
-    minimises the MSE ('mse', p = 2) or the Lp norm of the quantization error ('lp', paper default p = 4).
+    minimises the MSE ('mse', p = 2), the Lp norm of the quantization error ('lp', paper default p = 4), or the
+    squared error weighted by the layer's input importance ('imatrix': `imatrix_weights`; `importance` (in,) is
+    required and is used by no other method).
 
     Returns scales (out, G) float32 holding fp16-representable values, zeros (out, G) float32 integers or None.
     Error is evaluated with the fp16-rounded scales the exported model will use.
@@ -244,11 +257,18 @@ def init_scales(
     if method not in RANGE_METHODS:
         raise UserError(f"range method: expected one of {RANGE_METHODS}, got {method!r}")
     wg = grouped(w.detach().float(), spec)  # (out, G, g)
+    if (method == "imatrix") != (importance is not None):
+        raise UserError(f"range method {method!r}: an input importance is "
+                        f"{'required' if method == 'imatrix' else 'used only by imatrix'}")
+    if importance is not None and tuple(importance.shape) != (w.shape[1],):
+        raise UserError(f"range method imatrix: importance shape expected ({w.shape[1]},), got "
+                        f"{tuple(importance.shape)}")
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (out, G)
     best_s, best_z = _candidate_params(lo, hi, 1.0, spec)
     if method == "minmax":
         return best_s, best_z
-    p = 2.0 if method == "mse" else p
+    weight = None if importance is None else imatrix_weights(wg, importance)
+    p = 2.0 if method in ("mse", "imatrix") else p
     best_err = torch.full_like(lo, float("inf"))
     for ratio in torch.linspace(1.0, min_ratio, n_grid).tolist():
         s, z = _candidate_params(lo, hi, ratio, spec)
@@ -259,7 +279,8 @@ def init_scales(
         if z is not None:
             c = c - z.unsqueeze(-1)
         e = c * s.unsqueeze(-1) - wg
-        err = (e.square_().square_() if p == 4.0 else e.abs_().pow_(p)).sum(dim=-1)  # (out, G)
+        e = e.square_().square_() if p == 4.0 else e.abs_().pow_(p)
+        err = (e if weight is None else e.mul_(weight)).sum(dim=-1)  # (out, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
@@ -269,10 +290,10 @@ def init_scales(
 
 
 def rtn_quantize(
-    w: torch.Tensor, spec: QuantSpec, method: str = "lp"
+    w: torch.Tensor, spec: QuantSpec, method: str = "lp", importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """PTQ round-to-nearest with range search: (codes int8 (out,in), scales fp16 (out,G), zeros int8 (out,G) | None)."""
-    s, z = init_scales(w, spec, method)
+    s, z = init_scales(w, spec, method, importance=importance)
     codes = quantize_codes(w, s, z, spec)
     return codes, s.to(torch.float16), None if z is None else z.to(torch.int8)
 
@@ -395,6 +416,8 @@ def init_k(w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0,
 
     Returns (d (out, S), sc (out, G), dmin (out, S) | None, m (out, G) | None), all float32 holding the exact
     stored values (fp16 values and integers)."""
+    if method == "imatrix":
+        raise UserError(f"range method imatrix: not available on K grids ({spec.name}); use lp, mse or minmax")
     if method not in RANGE_METHODS:
         raise UserError(f"range method: expected one of {RANGE_METHODS}, got {method!r}")
     p = 2.0 if method == "mse" else p

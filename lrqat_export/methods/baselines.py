@@ -257,7 +257,7 @@ def _swap(model: nn.Module, what: str, spec: QuantSpec | None, init: IntCheckpoi
 def _start(lin: nn.Linear, name: str, spec: QuantSpec, opts: MethodOptions, init: IntCheckpoint | None):
     """(scales, zeros) a quantized baseline starts from: `init`'s, or the same range search as LR-QAT's."""
     if init is None:
-        return init_scales(lin.weight.detach().float(), spec, opts.range_method)
+        return init_scales(lin.weight.detach().float(), spec, opts.builder_range)
     q = init.layers[name]
     return q.scales.float(), None if q.zeros is None else q.zeros.float()
 

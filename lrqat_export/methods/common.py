@@ -30,11 +30,20 @@ class MethodOptions:
     rank: int = 32  # adapter rank r (the paper's)
     alpha: float | None = None  # adapter scale numerator α; A·B is scaled by α/r
     phi: str | None = None  # LR-QAT frozen-weight storage (PHI_CHOICES): bf16 by default, int8 = the paper's
-    range_method: str = "lp"  # scale init: Lp-norm (p = 4) grid search (the paper's)
+    # the start's scale search (core.quant.RANGE_METHODS): None = the method's default (registry: imatrix, on the
+    # float model's inputs over the first training windows, where the method starts from a checkpoint and the grid
+    # is grouped single-level; lp, the paper's, elsewhere and in recipe "paper")
+    range_method: str | None = None
     checkpointing: bool = True  # recompute each layer's weight construction in backward
     fused: bool = True  # LR-QAT: the fused quantizer (methods/fused.py; same Ŵ, faster); False = the eager chain
     lr_weight: float | None = None  # full-qat: learning rate of the float weights
     ab_init: str | None = None  # LR-QAT: B's start — Kaiming ("lora") or data-aware ("act", "grad"; AB_INITS)
+
+    @property
+    def builder_range(self) -> str:
+        """The range search a layer builder runs when no start checkpoint is given: the option, or the weight-only
+        Lp search where it is unset (a builder has no data; train_method finds the imatrix start itself)."""
+        return self.range_method or "lp"
 
     def require(self, *names: str, method: str = "method") -> None:
         """Refuse unresolved (None) fields: low-level builders take every hyperparameter explicitly."""

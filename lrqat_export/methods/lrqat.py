@@ -378,7 +378,7 @@ def prepare(model: nn.Module, spec: QuantSpec, opts: MethodOptions, init: IntChe
         lin = model.get_submodule(name)
         q = None if init is None else init.layers[name]
         set_module(model, name, LRQATLinear.from_linear(
-            lin, specs[name], rank=opts.rank, alpha=opts.alpha, phi=opts.phi, range_method=opts.range_method,
+            lin, specs[name], rank=opts.rank, alpha=opts.alpha, phi=opts.phi, range_method=opts.builder_range,
             checkpointing=opts.checkpointing, name=name, init=None if q is None else init_fields(q, specs[name]),
             fused=opts.fused))
     log.info("prepared %d layers with %s, r=%d, alpha=%g, phi=%s, %s quantizer", len(names), spec.name, opts.rank,

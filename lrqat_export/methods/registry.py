@@ -11,7 +11,8 @@ its paper's values and cross-entropy):
 
     method     trains                    defaults (alpha, lr_ab, lr_scale, lr_weight)   output         exact export
     lrqat      A, B, s (inside ⌊·⌉)      16, 3e-3, 1e-4, Φ0 bf16                        IntCheckpoint  yes
-                                         (grouped grids: lr_scale 3e-4, ab_init grad)
+                                         (grouped grids: lr_scale 3e-4, ab_init grad,
+                                          the imatrix start, as for full-qat and peqa)
                                          (paper: 1, 1e-3, 1e-5, Φ0 int8)
     full-qat   W, s (LSQ)                lr_scale 1e-5, lr_weight 5e-5 (the paper's)    IntCheckpoint  yes
     peqa       s                         lr_scale 3e-4 (paper recipe: 1e-4)             IntCheckpoint  yes
@@ -37,7 +38,7 @@ ParamGroup = tuple[str, tuple[str, ...], float, float]
 FULL_QAT_WD_W = 0.1  # the paper: weight decay 0.1 on the full-model weights
 GROUPED_LR_SCALE = 3e-4  # LR-QAT's scale lr on grouped one-level grids (the default recipe)
 # the per-method defaults
-HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective", "phi", "ab_init")
+HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective", "phi", "ab_init", "range_method")
 # A recipe is a named set of per-method defaults. "default" is `Method.defaults`, then `Method.grid_defaults(spec)`
 # where a default depends on the grid; every other recipe overrides some of them (`Method.recipes[name]`).
 # "paper": each method's own paper's settings, trained on cross-entropy.
@@ -76,7 +77,7 @@ class Method:
 
 def _fuse_baseline(name: str):
     def fuse(model, spec, source, opts, extra):
-        return baselines.fuse_baseline(model, name, spec, source, opts.range_method, METHODS[name].exact, extra)
+        return baselines.fuse_baseline(model, name, spec, source, opts.builder_range, METHODS[name].exact, extra)
 
     return fuse
 
@@ -85,9 +86,22 @@ def _ab(h) -> list[ParamGroup]:
     return [("ab", ("lora_A", "lora_B"), h["lr_ab"], h["weight_decay"])]
 
 
+def grouped_grid(spec) -> bool:
+    """A single-level grid with a scale per group of input features (q4_0, w3g64, ...): not per channel, not K."""
+    return spec.group_size != -1 and not spec.super_block
+
+
+# the default recipe's start on grouped grids, for every method that starts from a checkpoint (one start for all)
+_IMATRIX_START = {"range_method": "imatrix"}
+
+
+def _start_on(spec) -> dict:
+    return dict(_IMATRIX_START) if grouped_grid(spec) else {}
+
+
 # QLoRA's α and lr
 _LORA = {"alpha": 16.0, "lr_ab": 2e-4, "lr_scale": 1e-5, "lr_weight": None, "objective": "kl", "phi": None,
-         "ab_init": None}
+         "ab_init": None, "range_method": "lp"}
 _LORA_PAPER = {"paper": {"alpha": 16.0, "lr_ab": 2e-4, "objective": "ce"}}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -100,10 +114,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            # 61.7 % of the w4pc out-of-domain gap); --phi int8 halves the frozen weights' memory
            # grouped one-level grids (q4_0, w3g64, ...): their many scales learn faster, and B starts in the row
            # space of the first steps' loss gradient (BENCHMARKS.md, the sweep: runs GE, GS2, GP)
+           # on grouped grids the start is RTN with llama.cpp's imatrix-weighted scale search on the float model's
+           # inputs (BENCHMARKS.md, "The imatrix start": w3g64 18.38 → 15.00 out of domain; per channel it cost in
+           # domain, and K grids have no imatrix search yet: both keep the weight-only Lp search)
            defaults={"alpha": 16.0, "lr_ab": 3e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "kl",
-                     "phi": "bf16", "ab_init": "lora"},
-           grid_defaults=lambda spec: ({"lr_scale": GROUPED_LR_SCALE, "ab_init": "grad"}
-                                       if spec.group_size != -1 and not spec.super_block else {}),
+                     "phi": "bf16", "ab_init": "lora", "range_method": "lp"},
+           grid_defaults=lambda spec: ({"lr_scale": GROUPED_LR_SCALE, "ab_init": "grad", **_IMATRIX_START}
+                                       if grouped_grid(spec) else {}),
            recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce", "phi": "int8",
                               "ab_init": "lora"}},
            prepare=lrqat.prepare,
@@ -117,15 +134,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("full-qat", "full-model QAT (LSQ): all weights and scales trained", trains=True, output="intckpt",
            exact=True, uses_init=True,
            defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "kl",
-                     "phi": None, "ab_init": None},
-           recipes={"paper": {"lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "ce"}},
+                     "phi": None, "ab_init": None, "range_method": "lp"},
+           grid_defaults=_start_on, recipes={"paper": {"lr_scale": 1e-5, "lr_weight": 5e-5, "objective": "ce"}},
            prepare=baselines.prepare_full_qat, fuse=_fuse_baseline("full-qat"),
            groups=lambda h: [("weight", (".weight",), h["lr_weight"], FULL_QAT_WD_W),
                              ("scale", (".scale",), h["lr_scale"], 0.0)]),
     Method("peqa", "PEQA: frozen RTN codes, scales trained", trains=True, output="intckpt", exact=True,
            uses_init=True,
            defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 3e-4, "lr_weight": None, "objective": "kl",
-                     "phi": None, "ab_init": None},
+                     "phi": None, "ab_init": None, "range_method": "lp"},
+           grid_defaults=_start_on,
            recipes={"paper": {"lr_scale": 1e-4, "objective": "ce"}},  # 1e-4: our earlier choice (no paper value)
            prepare=baselines.prepare_peqa, fuse=_fuse_baseline("peqa"),
            groups=lambda h: [("scale", (".scale",), h["lr_scale"], 0.0)]),
@@ -138,7 +156,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            exact=False, defaults=_LORA, recipes=_LORA_PAPER, prepare=baselines.prepare_lora_fp, groups=_ab),
     Method("rtn", "round to nearest after the range search", trains=False, output="intckpt", exact=True, k_grids=True,
            quantize=lambda model, tok, spec, source, range_method, calib: rtn.ptq_rtn(model, spec, source,
-                                                                                       range_method)),
+                                                                                       range_method, calib)),
     Method("gptq", "GPTQ by GPTQModel on CPU, symmetric grids, calibrated on --calib-data", trains=False,
            output="intckpt", exact=True, calibrated=True,
            quantize=lambda model, tok, spec, source, range_method, calib: gptq_ptq.ptq_gptq(model, tok, spec, source,
@@ -186,7 +204,7 @@ def resolve_options(name: str, opts: MethodOptions | None = None, recipe: str = 
                     spec=None) -> MethodOptions:
     """`opts` with every unset (None) per-method field filled with the method's default in `recipe` (on `spec`)."""
     d, opts = defaults(name, recipe, spec), opts or MethodOptions()
-    fill = {k: d.get(k) for k in ("alpha", "lr_weight", "phi", "ab_init") if getattr(opts, k) is None}
+    fill = {k: d.get(k) for k in ("alpha", "lr_weight", "phi", "ab_init", "range_method") if getattr(opts, k) is None}
     return dataclasses.replace(opts, **fill)
 
 

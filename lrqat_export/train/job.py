@@ -22,6 +22,7 @@ from ..core.quant import QuantSpec
 from ..methods import registry
 from ..methods.baselines import merged_float_model
 from ..methods.common import MethodOptions, load_weights_from
+from ..methods.rtn import IMATRIX_WINDOWS, ptq_rtn
 from . import dist as D
 from . import fsdp
 from . import objective
@@ -42,6 +43,17 @@ def check_launch(method: str, dist: D.Dist | None) -> registry.Method:
                         f"{', '.join(n for n, x in registry.METHODS.items() if x.distributed)} is supported; run the "
                         f"baselines in one process")
     return m
+
+
+def imatrix_start(model, spec: QuantSpec, source: dict, windows: torch.Tensor, method: str,
+                  uses_init: bool) -> IntCheckpoint:
+    """--range-method imatrix in a training run: the RTN start whose scales were searched with the float model's
+    input importance over the first IMATRIX_WINDOWS training windows (methods.rtn); every method that starts from
+    an IntCheckpoint starts from it."""
+    if not uses_init:
+        raise UserError(f"--range-method imatrix: method {method} does not start from a range-searched "
+                        f"checkpoint; use lp, mse or minmax")
+    return ptq_rtn(model, spec, source, "imatrix", windows[:IMATRIX_WINDOWS])
 
 
 def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, spec: QuantSpec,
@@ -67,6 +79,8 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     t_teacher = time.perf_counter()
     if init is not None and init_weights:
         load_weights_from(model, init)
+    if init is None and opts.range_method == "imatrix":
+        init = imatrix_start(model, spec, source, windows, method, m.uses_init)
     torch.manual_seed(cfg.seed)  # adapters' Kaiming init: the same run gives the same model in every process
     m.prepare(model, spec, opts, init if m.uses_init else None)
     counts = m.counts(model)
