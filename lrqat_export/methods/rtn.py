@@ -30,10 +30,11 @@ def activation_importance(model: nn.Module, windows: torch.Tensor, batch: int = 
         return pre
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    device = next(model.parameters()).device  # the windows stay where they are (CPU); each batch goes to the model
     try:
         with torch.no_grad():
             for i in range(0, len(windows), batch):
-                model(input_ids=windows[i:i + batch])
+                model(input_ids=windows[i:i + batch].to(device))
                 tokens[0] += windows[i:i + batch].numel()
     finally:
         for h in handles:
