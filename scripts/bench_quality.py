@@ -8,7 +8,7 @@ LR-QAT, PEQA, full-model QAT (LSQ), QLoRA (+merge+RTN), QA-LoRA (merged zeros) a
 Same data and token budget for every trained method: WikiText-2 valid (--wikitext DIR, default ../shared/data/wikitext-2, read
 in place) in windows of --seq tokens, --steps × --batch windows drawn in the same order (train.batch_indices, seed 0);
 RTN is the weight-only Lp range search; the trained quantized methods start from RTN with their own default range
-search (imatrix for LR-QAT, PEQA and full QAT on single-level grids, calibrated on the first 32 training windows;
+search (imatrix for LR-QAT, PEQA and full QAT on grouped grids, calibrated on the first 32 training windows;
 --range-method sets one for all) (GPTQ-init LR-QAT from GPTQ's integers). GPTQ calibrates on the first
 --calib-windows windows of the same training text. Evaluation: --eval-windows windows
 of --eval-seq tokens of WikiText-2 test (in domain) and of the held-out tail of the embedded pydoc corpus (out of
@@ -157,15 +157,6 @@ def _moved_from(rtn, ck) -> dict:
             "scale_rel_change_median": float(torch.cat(rel).median())}
 
 
-def _rtn(model, spec, src, range_method: str, train_w):
-    """RTN with `range_method`; imatrix calibrates on the first IMATRIX_WINDOWS training windows, as train_method
-    does (GPTQ's --calib-windows default is the same 32)."""
-    from lrqat_export.methods.rtn import IMATRIX_WINDOWS, ptq_rtn
-
-    calib = train_w[:IMATRIX_WINDOWS] if range_method == "imatrix" else None
-    return ptq_rtn(model, spec, src.to_dict(), range_method, calib)
-
-
 def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     """One (preset, method) cell on a fresh copy of the base model. base = (model, tok, src, (train, ev, ood))."""
     import torch
@@ -176,6 +167,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     from lrqat_export.methods.baselines import merged_float_model
     from lrqat_export.methods.common import load_weights_from
     from lrqat_export.methods.gptq_ptq import ptq_gptq
+    from lrqat_export.methods.rtn import rtn_start
     from lrqat_export.train.loop import train
 
     torch.manual_seed(0)
@@ -189,7 +181,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
     if method not in ("fp", "lora-fp"):
         registry.check_grid(method.removeprefix("gptq-"), spec)  # K grids: the methods that train on them only
     ref = args.range_method or "lp"  # the RTN baseline: lp unless --range-method says otherwise
-    rtn = _rtn(model, spec, src, ref, train_w) if method != "lora-fp" else None
+    rtn = rtn_start(model, spec, src.to_dict(), ref, train_w) if method != "lora-fp" else None
     if method == "rtn":
         _keep(args, preset, method, rtn, tok)
         return {**res, **_ppl(rtn.to_torch_model(), ev, ood)}
@@ -221,7 +213,7 @@ def run_cell(preset: str, method: str, args, work: Path, base) -> dict:
         load_weights_from(model, gck)  # Φ0 = GPTQ's codes exactly
         init = gck
     elif m.uses_init:  # the method's start: the baseline, or RTN with the method's own range search
-        init = rtn if opts.range_method == ref else _rtn(model, spec, src, opts.range_method, train_w)
+        init = rtn if opts.range_method == ref else rtn_start(model, spec, src.to_dict(), opts.range_method, train_w)
     torch.manual_seed(0)
     m.prepare(model, spec, opts, init)
     hist = train(model, train_w, cfg, progress=args.progress, method=name, opts=opts, desc=method, teacher=teacher,
@@ -335,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
                     help="spread the model's Q4_1 weights by ±F/2 of their block's level spacing first (`dithered`)")
     ap.add_argument("--range-method", choices=["lp", "mse", "minmax", "imatrix"],
                     help="scale search of RTN and of every trained method's start (default: RTN lp, each method "
-                         "its registry default, imatrix for lrqat/peqa/full-qat on single-level grids; imatrix "
+                         "its registry default, imatrix for lrqat/peqa/full-qat on grouped grids; imatrix "
                          "calibrates on the first 32 training windows)")
     ap.add_argument("--full", action="store_true", help="300 steps and 8 evaluation windows (docs/results.md's run)")
     # --- objective and recipe (every trained method under the same ones)

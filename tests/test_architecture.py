@@ -225,7 +225,7 @@ def test_grid_dependent_defaults_reach_every_caller():
         assert TrainConfig().resolved("peqa", spec=spec).lr_scale == registry.METHODS["peqa"].defaults["lr_scale"]
     assert registry.resolve_options("lrqat", None, "paper", PRESETS["q4_0"]).ab_init == "lora"
     assert registry.resolve_options("peqa").ab_init is None
-    # the start's range search: imatrix where the method starts from a checkpoint on a single-level grid
+    # the start's range search: imatrix where the method starts from a checkpoint on a grouped grid
     for preset in ("q4_0", "w3g64", "w4g128", "w4pc", "w8pc", "q4_k", "q4_k_m"):
         spec = PRESETS[preset]
         want = "imatrix" if registry.grouped_grid(spec) else "lp"

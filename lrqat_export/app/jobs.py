@@ -76,7 +76,7 @@ class PtqJob:
     method: str = "rtn"
     spec: QuantSpec = PRESETS[DEFAULT_PRESET]
     range_method: str = "lp"  # the RTN baseline's: weight-only (imatrix: calibrated on calib_data)
-    calib_data: tuple[str, ...] | None = None  # gptq: calibration text (default: the embedded corpus)
+    calib_data: tuple[str, ...] | None = None  # gptq, imatrix rtn: calibration text (default: the embedded corpus)
     calib_windows: int = 64
     calib_seq_len: int = 256
     overwrite: bool = False

@@ -1,4 +1,5 @@
-"""Round-to-nearest PTQ: the baseline every method starts from (same range search), as an IntCheckpoint."""
+"""Round-to-nearest PTQ as an IntCheckpoint: the baseline, and the start of every method that starts from a
+checkpoint (weight-only range search, or the imatrix search on calibration windows)."""
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,10 @@ def activation_importance(model: nn.Module, windows: torch.Tensor, batch: int = 
     """The 'imatrix' range search's importance: for each quantized projection, the mean squared input per input
     feature, float32 (in,), over every token of `windows` (n, seq) token ids run through the float model in
     batches of `batch` (no gradients; the model is not changed). llama.cpp's importance matrix, in process."""
+    if not len(windows):
+        raise UserError("range method imatrix: the importance needs calibration windows; got none")
     names = quantized_layer_names(model) if names is None else names
     sums: dict[str, torch.Tensor] = {}
-    tokens = [0]
 
     def hook(name):
         def pre(_mod, args):
@@ -35,13 +37,10 @@ def activation_importance(model: nn.Module, windows: torch.Tensor, batch: int = 
         with torch.no_grad():
             for i in range(0, len(windows), batch):
                 model(input_ids=windows[i:i + batch].to(device))
-                tokens[0] += windows[i:i + batch].numel()
     finally:
         for h in handles:
             h.remove()
-    if not tokens[0]:
-        raise UserError("range method imatrix: the importance needs calibration windows; got none")
-    return {n: sums[n] / tokens[0] for n in names}
+    return {n: sums[n] / windows.numel() for n in names}
 
 
 def rtn_layer(lin: nn.Linear, spec: QuantSpec, range_method: str = "lp",
@@ -71,3 +70,11 @@ def ptq_rtn(model: nn.Module, spec: QuantSpec, source: dict, range_method: str =
               for name in names}
     return build_intckpt(spec, model.config, layers, model.state_dict(), source, "rtn",
                          {"range_method": range_method})
+
+
+def rtn_start(model: nn.Module, spec: QuantSpec, source: dict, range_method: str,
+              windows: torch.Tensor) -> IntCheckpoint:
+    """A training run's RTN start with `range_method`: imatrix calibrates on its first IMATRIX_WINDOWS training
+    `windows` (train_method, scripts/bench_quality.py), the other searches need no data."""
+    return ptq_rtn(model, spec, source, range_method,
+                   windows[:IMATRIX_WINDOWS] if range_method == "imatrix" else None)

@@ -22,7 +22,7 @@ from ..core.quant import QuantSpec
 from ..methods import registry
 from ..methods.baselines import merged_float_model
 from ..methods.common import MethodOptions, load_weights_from
-from ..methods.rtn import IMATRIX_WINDOWS, ptq_rtn
+from ..methods.rtn import rtn_start
 from . import dist as D
 from . import fsdp
 from . import objective
@@ -53,7 +53,7 @@ def imatrix_start(model, spec: QuantSpec, source: dict, windows: torch.Tensor, m
     if not uses_init:
         raise UserError(f"--range-method imatrix: method {method} does not start from a range-searched "
                         f"checkpoint; use lp, mse or minmax")
-    return ptq_rtn(model, spec, source, "imatrix", windows[:IMATRIX_WINDOWS])
+    return rtn_start(model, spec, source, "imatrix", windows)
 
 
 def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, spec: QuantSpec,
