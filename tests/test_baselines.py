@@ -194,3 +194,28 @@ def test_cli_train_init_distills_from_the_float_model_not_from_the_init(tiny_lla
                  *common]) == 0
     loss = [load_intckpt(tmp_path / d).manifest["training"]["final_loss"] for d in "ab"]
     assert loss[0] > 0 and loss[1] == loss[0], loss  # before the fix: [2.1e-4, 0.0]
+
+
+def test_cli_train_init_refuses_the_online_teacher(tiny_llama, tmp_path, capsys):
+    """With --init the frozen Φ0 holds the init's codes, so `--kd-teacher online` (the model's own Φ0 as teacher)
+    would distil from the init, not the float model: refused by name before anything is loaded or written. The
+    cache teacher with --init, and the online teacher without --init, both run."""
+    from lrqat_export.app.cli import EXIT_INPUT, main
+
+    common = ["--model", str(tiny_llama), "--preset", "q4_0", "--steps", "1", "--seq-len", "32",
+              "--max-train-windows", "8"]
+    assert main(["ptq", *common[:4], "--out", str(tmp_path / "rtn")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "online_init"
+    assert main(["train", "--method", "lrqat", "--init", str(tmp_path / "rtn"), "--kd-teacher", "online",
+                 "--out", str(out), *common]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "--kd-teacher online with --init" in err and "--kd-teacher cache" in err, err
+    assert not out.exists()
+    assert main(["train", "--method", "lrqat", "--init", str(tmp_path / "rtn"), "--out", str(tmp_path / "cache"),
+                 *common]) == 0
+    assert main(["train", "--method", "lrqat", "--kd-teacher", "online", "--out", str(tmp_path / "online"),
+                 *common]) == 0
+    # --objective ce has no teacher: --init with --kd-teacher online is then harmless and runs
+    assert main(["train", "--method", "lrqat", "--init", str(tmp_path / "rtn"), "--kd-teacher", "online",
+                 "--objective", "ce", "--out", str(tmp_path / "ce"), *common]) == 0

@@ -19,7 +19,7 @@ from ..methods import registry
 from ..methods.common import check_weights_fit
 from ..runtimes.torch_eval import perplexity
 from ..train import dist as Dist
-from ..train.job import check_launch, train_method
+from ..train.job import check_launch, check_teacher_with_init, train_method
 from ..train.state import CKPT_DIR, latest_checkpoint
 from .jobs import EvalJob, EvalOptions, ExportGGUFJob, ExportGPTQJob, PtqJob, TrainJob
 
@@ -32,6 +32,7 @@ def train(job: TrainJob) -> dict:
     dist = Dist.from_env(job.device, job.dist_backend)
     check_launch(job.method, dist)
     cfg = job.train.resolved(job.method, registry.check_recipe(job.recipe), job.spec)
+    check_teacher_with_init(cfg, job.init is not None)
     Dist.check_batch(cfg.batch_size, cfg.grad_accum, 1 if dist is None else dist.world_size)
     with Dist.session(dist):
         res = _train(job, dist)

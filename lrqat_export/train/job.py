@@ -73,6 +73,7 @@ def train_method(model, tok, source: dict, windows: torch.Tensor, method: str, s
     m = check_launch(method, dist)
     registry.check_grid(method, spec)
     opts, cfg = registry.resolve_options(method, opts, recipe, spec), cfg.resolved(method, recipe, spec)
+    check_teacher_with_init(cfg, init is not None and init_weights)
     out = Path(out)
     t0 = time.perf_counter()
     teacher = teacher_targets(model, windows, cfg, progress and (dist is None or dist.is_main), method)
@@ -135,6 +136,16 @@ def teacher_targets(model, windows: torch.Tensor, cfg: TrainConfig, progress: bo
                                    method)
     return objective.build_teacher_cache(model, windows, drawn, cfg.kd_topk, cfg.kd_temperature, cfg.bf16,
                                          progress)
+
+
+def check_teacher_with_init(cfg: TrainConfig, init_weights: bool) -> None:
+    """Refuse the online teacher when the frozen start is replaced by an --init checkpoint's weights: the online
+    teacher is the prepared model's own Φ0, which then holds the init's codes, so the run would distil from the
+    init model (KL 0 at the start) instead of the float one. cfg: resolved (its objective set)."""
+    if init_weights and cfg.objective != "ce" and cfg.kd_teacher == "online":
+        raise UserError("--kd-teacher online with --init: expected the float model as the teacher, but the online "
+                        "teacher is the model's own frozen weights, which --init replaces by the init's codes; "
+                        "use --kd-teacher cache (the float model's pre-pass runs before --init is loaded)")
 
 
 def online_teacher(model, method: str, cfg: TrainConfig) -> objective.OnlineTeacher:
