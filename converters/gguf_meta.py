@@ -271,10 +271,11 @@ def add_provenance(w: gguf.GGUFWriter, ck: IntCheckpoint, file_type: int, qtype_
     w.add_string("lrqat.method", str(m.get("method")))
     w.add_string("lrqat.gguf_type", qtype_name)
     if src is not None:
-        _copy_fields(w, src, lambda k: k in GENERAL_COPY)
+        copy_fields(w, src, lambda k: k in GENERAL_COPY)
 
 
-def _copy_fields(w: gguf.GGUFWriter, src: gguf.GGUFReader, keep) -> list[str]:
+def copy_fields(w: gguf.GGUFWriter, src: gguf.GGUFReader, keep) -> list[str]:
+    """The metadata keys of `src` for which keep(key) is true, written to `w` with their types; returns them."""
     copied = []
     for k, f in src.fields.items():
         if not keep(k):
@@ -338,7 +339,7 @@ def source_gguf(ck: IntCheckpoint) -> gguf.GGUFReader | None:
 def add_tokenizer(w: gguf.GGUFWriter, ck: IntCheckpoint, src: gguf.GGUFReader | None) -> int:
     """Tokenizer keys from the source GGUF, else from the IntCheckpoint's HF tokenizer files. Returns n_vocab."""
     if src is not None:
-        copied = _copy_fields(w, src, lambda k: k.startswith("tokenizer."))
+        copied = copy_fields(w, src, lambda k: k.startswith("tokenizer."))
         if "tokenizer.ggml.tokens" not in copied:
             raise UserError(f"source GGUF {src.data.filename}: expected tokenizer.ggml.tokens, not found")
         return len(src.fields["tokenizer.ggml.tokens"].data)

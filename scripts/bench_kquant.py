@@ -4,10 +4,14 @@ domain, with their file sizes.
 
     PYTHONPATH=. nice -n 10 .venv/bin/python -m scripts.bench_kquant                  # SmolLM2, 60 steps (CPU)
     PYTHONPATH=. .venv/bin/python -m scripts.bench_kquant --plan q4_k_s --steps 300
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_kquant --range-method imatrix   # RTN and LR-QAT's start: imatrix
 
 Rows (SmolLM2-135M, the embedded default):
     fp (F32 GGUF)            our all-F32 export of the float model (converters.gguf.export_float_gguf), in llama.cpp
     llama.cpp Q4_K_M         llama_model_quantize (llama-cpp-python, in process) on that F32 file: the anchor
+    llama.cpp Q4_K_M + imatrix  the same types, each tensor through llama.cpp's ggml_quantize_chunk with an
+                             importance matrix of the float model's inputs on the first 32 training windows (what
+                             `llama-imatrix` + `llama-quantize --imatrix` make; runtimes.llamacpp.llama_quantize_imatrix)
     RTN Q4_K_M (ours)        our range search on the plan's grids (each layer on llama.cpp's type for it), exported
     LR-QAT Q4_K_M (ours)     LR-QAT trained on those grids (registry defaults, the quality benchmark's budget:
                              --steps × --batch windows of --seq tokens of WikiText-2 valid), fused, exported
@@ -49,6 +53,9 @@ def options(argv=None) -> tuple[argparse.Namespace, set[str]]:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--eval-seq", type=int, default=512)
     ap.add_argument("--recipe", default="default")
+    ap.add_argument("--range-method", default=None, choices=["lp", "mse", "minmax", "imatrix"],
+                    help="the range search of our RTN row and of LR-QAT's start (default: lp for RTN, the method's "
+                         "default for LR-QAT); imatrix calibrates on the first training windows")
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared/data/wikitext-2"))
     ap.add_argument("--out", default=str(ROOT / "docs/bench/kquant"))
     ap.add_argument("--work", default=str(ROOT / "runs/bench_kquant"), help="checkpoints and GGUF files")
@@ -74,7 +81,8 @@ def main(argv=None) -> int:
     from lrqat_export.core.fsio import write_json
     from lrqat_export.core.intckpt import load_intckpt
     from lrqat_export.core.models import load_model
-    from lrqat_export.runtimes.llamacpp import llama_quantize
+    from lrqat_export.methods.rtn import IMATRIX_WINDOWS, activation_importance
+    from lrqat_export.runtimes.llamacpp import llama_quantize, llama_quantize_imatrix
     from lrqat_export.runtimes.torch_eval import perplexity
 
     quiet.setup()  # llama.cpp's quantizer prints a line per tensor; keep the table readable
@@ -105,6 +113,17 @@ def main(argv=None) -> int:
                         "s": time.perf_counter() - t}
         if method == "lrqat":
             rows[method]["fuse_max_abs_logit_diff"] = cell.get("fuse_max_abs_logit_diff")
+    # the anchor a llama.cpp user with calibration data makes: `llama-imatrix` on the same text our imatrix start
+    # uses (the first IMATRIX_WINDOWS training windows), then `llama-quantize --imatrix` (llama.cpp's own code)
+    t = time.perf_counter()
+    to_gguf = G.tensor_name_map(load_intckpt(work / f"{args.plan}__rtn"))
+    imp = activation_importance(model, base[3][0][:IMATRIX_WINDOWS])
+    imx = llama_quantize_imatrix(f32, theirs, work / f"llamacpp-{args.plan}-imatrix.gguf",
+                                 {to_gguf[f"{n}.weight"]: v.numpy() for n, v in imp.items()})
+    rows["llamacpp_imatrix"] = {"label": f"llama.cpp {args.plan.upper()} + imatrix (ggml_quantize_chunk)",
+                                **_llamacpp(imx, ev, ood), "imatrix_windows": IMATRIX_WINDOWS,
+                                "s": time.perf_counter() - t}
+    rows = {k: rows[k] for k in ("fp", "llamacpp", "llamacpp_imatrix", "rtn", "lrqat")}
     fp, ref = rows["fp"], rows["llamacpp"]
     lines = [f"SmolLM2-135M, {args.plan.upper()}: llama.cpp perplexity on {args.eval_windows}×{args.eval_seq} tokens "
              f"(WikiText-2 test | pydoc tail, out of domain); LR-QAT {args.steps} steps × {args.batch} × {args.seq}",
@@ -123,6 +142,7 @@ def main(argv=None) -> int:
            "args": {k: v for k, v in vars(args).items() if k in own},
            "rows": rows, "table": text}
     tag = f"s{args.steps}_b{args.batch}_t{args.seq}_e{args.eval_windows}x{args.eval_seq}_{args.recipe}"
+    tag += f"_range{args.range_method}" if args.range_method else ""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"kquant_{args.plan}_{tag}.json", res)
     print(f"wrote {out / f'kquant_{args.plan}_{tag}.json'}")

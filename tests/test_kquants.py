@@ -134,6 +134,40 @@ def test_plan_is_llama_cpp_own_type_choice_for_every_tensor(k_models, tmp_path, 
 
 
 @pytest.mark.llamacpp
+def test_llamacpp_imatrix_quantize_is_llama_model_quantize_without_imatrix_and_weighs_with_it(k_models, tmp_path):
+    """The anchor `llama-quantize --imatrix` gives, built in process: without an imatrix, ggml_quantize on every
+    tensor of the F32 file reproduces llama_model_quantize's Q4_K_M file byte for byte (same quantizer, same types,
+    same metadata); with the float model's input importance the K and legacy blocks change, and llama.cpp runs the
+    file, lower in perplexity than the plain one on the windows the importance was measured on (deterministic:
+    1309 against 1389 on this random model)."""
+    from lrqat_export.methods.rtn import activation_importance
+    from lrqat_export.runtimes.llamacpp import llama_quantize, llama_quantize_imatrix
+
+    model, tok = _load(k_models["qwen2"]), load_tokenizer(k_models["qwen2"])
+    f32 = G.export_float_gguf(model, tok, _src(k_models["qwen2"]), tmp_path / "f32.gguf")
+    theirs = llama_quantize(f32, tmp_path / "q4_k_m.gguf", "q4_k_m")
+    plain = llama_quantize_imatrix(f32, theirs, tmp_path / "plain.gguf", {})
+    a, b = gguf.GGUFReader(theirs), gguf.GGUFReader(plain)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.tensor_type == tb.tensor_type and np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), ta.name
+    assert {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.")} == {
+        k: f.contents() for k, f in b.fields.items() if not k.startswith("GGUF.")}
+
+    ids = torch.tensor(corpus_ids(tok, 64)).reshape(2, 32)
+    imp = activation_importance(model, ids)
+    to_gguf = G.tensor_name_map(ptq_rtn(model, PRESETS["q4_k_m"], _src(k_models["qwen2"])))
+    weighted = llama_quantize_imatrix(f32, theirs, tmp_path / "imx.gguf",
+                                      {to_gguf[f"{n}.weight"]: v.numpy() for n, v in imp.items()})
+    c = {t.name: t for t in gguf.GGUFReader(weighted).tensors}
+    changed = {QT(t.tensor_type).name for t in a.tensors
+               if not np.array_equal(np.asarray(t.data), np.asarray(c[t.name].data))}
+    assert {"Q4_K", "Q5_0"} <= changed, changed
+    ppl = [perplexity_gguf(p, ids)["ppl"] for p in (theirs, weighted)]
+    assert ppl[1] < ppl[0], ppl
+
+
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("arch, preset", [("llama", "q4_k"), ("llama", "q5_k"), ("llama", "q6_k"),
                                           ("llama", "q4_k_m"), ("llama", "q4_k_s"), ("qwen2", "q4_k_m")])
 def test_k_checkpoint_reads_back_bit_for_bit_and_transformers_and_llamacpp_agree(k_models, tmp_path, arch, preset):
@@ -210,6 +244,28 @@ def test_lrqat_k_start_is_the_rtn_model_exactly(k_models):
     lrqat.prepare(model, PRESETS["q4_k_m"], MethodOptions(rank=4, alpha=16.0, phi="int8"))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "qwen2"])
+def test_imatrix_k_plan_rtn_starts_lrqat_exactly_and_reads_back_from_gguf(k_models, model_name, tmp_path):
+    """The imatrix search on a K plan: every layer (Q4_K, Q6_K and the legacy fallbacks) is searched with the
+    float model's input importance, so some K layer's sub-block scales differ from lp's; LR-QAT prepared from it
+    is that RTN model logit for logit (A·B = 0), and its GGUF reads back bit for bit."""
+    model = _load(k_models[model_name])
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    spec = PRESETS["q4_k_m"]
+    imx = ptq_rtn(model, spec, _src(k_models[model_name]), "imatrix", ids)
+    lp = ptq_rtn(model, spec, _src(k_models[model_name]), "lp")
+    k_layers = [n for n, q in imx.layers.items() if q.sub_scales is not None]
+    assert k_layers and any(not torch.equal(imx.layers[n].sub_scales, lp.layers[n].sub_scales) for n in k_layers)
+    assert imx.manifest["range_method"] == "imatrix"
+    probe = torch.arange(40).unsqueeze(0)
+    ref = imx.to_torch_model()
+    lrqat.prepare(model, spec, MethodOptions(rank=4, alpha=16.0, phi="bf16"), imx)
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, ref(probe).logits)
+    ck_dir = write_intckpt(tmp_path / "imx", imx, load_tokenizer(k_models[model_name]))
+    assert G.verify_gguf(G.export_gguf(ck_dir, tmp_path / "imx.gguf"), ck_dir)["exact"]
 
 
 def test_gptq_export_refuses_a_k_plan_naming_the_layer(k_models, tmp_path):

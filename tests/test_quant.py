@@ -130,7 +130,7 @@ def test_imatrix_weights_follow_the_importance_and_the_weight():
     assert torch.allclose(got.flatten(), want)
 
 
-def test_imatrix_search_refuses_a_missing_or_misshapen_importance_and_k_grids():
+def test_imatrix_search_refuses_a_missing_or_misshapen_importance():
     from lrqat_export.core.quant import init_k
 
     w = torch.randn(8, 64)
@@ -140,5 +140,39 @@ def test_imatrix_search_refuses_a_missing_or_misshapen_importance_and_k_grids():
         init_scales(w, PRESETS["q4_0"], "imatrix", importance=torch.ones(32))
     with pytest.raises(UserError, match="used only by imatrix"):
         init_scales(w, PRESETS["q4_0"], "lp", importance=torch.ones(64))
-    with pytest.raises(UserError, match="imatrix: not available on K grids"):
+    with pytest.raises(UserError, match="imatrix.*importance is required"):
         init_k(torch.randn(8, 256), PRESETS["q4_k"], "imatrix")
+    with pytest.raises(UserError, match=r"importance shape expected \(256,\), got \(64,\)"):
+        init_k(torch.randn(8, 256), PRESETS["q4_k"], "imatrix", importance=torch.ones(64))
+    with pytest.raises(UserError, match="used only by imatrix"):
+        init_k(torch.randn(8, 256), PRESETS["q4_k"], "lp", importance=torch.ones(256))
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k"])
+def test_imatrix_k_search_lowers_the_weighted_error_of_the_k_grid(name):
+    """On K grids the imatrix search (sub-block candidates and the ±1 integer pass judged by the importance-weighted
+    squared error) gives stored values of the K format (fp16 super-block scales, integer sub-block values in range)
+    whose weighted error, summed over the layer, is below lp's and minmax's, and differs from lp's choice."""
+    from lrqat_export.core.quant import dequantize_k, grouped, imatrix_weights, init_k, quantize_codes_k
+
+    spec = PRESETS[name]
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 512, generator=g) * 0.02
+    w[3, 17] = 0.25
+    imp = torch.rand(512, generator=g).pow(4) * 10
+    weight = imatrix_weights(grouped(w, spec), imp)
+
+    def werr(d, sc, dmin, m):
+        codes = quantize_codes_k(w, d, sc, dmin, m, spec)
+        return float((grouped(dequantize_k(codes, d, sc, dmin, m, spec) - w, spec).square() * weight).sum())
+
+    imx = init_k(w, spec, "imatrix", importance=imp)
+    d, sc, dmin, m = imx
+    assert torch.equal(d, d.half().float()) and torch.equal(sc, sc.round())
+    lo, hi = spec.sub_range
+    assert sc.min() >= lo and sc.max() <= hi
+    if m is not None:
+        assert torch.equal(dmin, dmin.half().float()) and torch.equal(m, m.round()) and m.min() >= 0
+    err = {k: werr(*init_k(w, spec, k)) for k in ("lp", "minmax")}
+    assert werr(*imx) < min(err.values()), (werr(*imx), err)
+    assert not torch.equal(sc, init_k(w, spec, "lp")[1])

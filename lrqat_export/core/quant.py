@@ -242,6 +242,16 @@ def imatrix_weights(wg: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     return imp * (wg.square().mean(dim=-1, keepdim=True) + wg.square()).sqrt()
 
 
+def _check_importance(method: str, importance: torch.Tensor | None, in_features: int) -> None:
+    """The imatrix search needs the layer's input importance (in,); no other range method takes one."""
+    if (method == "imatrix") != (importance is not None):
+        raise UserError(f"range method {method!r}: an input importance is "
+                        f"{'required' if method == 'imatrix' else 'used only by imatrix'}")
+    if importance is not None and tuple(importance.shape) != (in_features,):
+        raise UserError(f"range method imatrix: importance shape expected ({in_features},), got "
+                        f"{tuple(importance.shape)}")
+
+
 def init_scales(
     w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0, n_grid: int = 40, min_ratio: float = 0.4,
     importance: torch.Tensor | None = None,
@@ -256,13 +266,8 @@ def init_scales(
     """
     if method not in RANGE_METHODS:
         raise UserError(f"range method: expected one of {RANGE_METHODS}, got {method!r}")
+    _check_importance(method, importance, w.shape[1])
     wg = grouped(w.detach().float(), spec)  # (out, G, g)
-    if (method == "imatrix") != (importance is not None):
-        raise UserError(f"range method {method!r}: an input importance is "
-                        f"{'required' if method == 'imatrix' else 'used only by imatrix'}")
-    if importance is not None and tuple(importance.shape) != (w.shape[1],):
-        raise UserError(f"range method imatrix: importance shape expected ({w.shape[1]},), got "
-                        f"{tuple(importance.shape)}")
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (out, G)
     best_s, best_z = _candidate_params(lo, hi, 1.0, spec)
     if method == "minmax":
@@ -398,30 +403,38 @@ def k_code_units(w: torch.Tensor, d1: torch.Tensor, m1: torch.Tensor | None, spe
     return (x / d1.unsqueeze(-1) - spec.offset).reshape(w.shape)
 
 
-def _k_error(wg: torch.Tensor, d1: torch.Tensor, m1: torch.Tensor | None, spec: QuantSpec, p: float) -> torch.Tensor:
-    """Σ |ŵ − w|^p per sub-block (out, G) for sub-block scale d1 (and min m1), codes by round-to-nearest."""
+def _k_error(wg: torch.Tensor, d1: torch.Tensor, m1: torch.Tensor | None, spec: QuantSpec, p: float,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ |ŵ − w|^p per sub-block (out, G) for sub-block scale d1 (and min m1), codes by round-to-nearest; with
+    `weight` (out, G, g), Σ weight·(ŵ − w)² (the imatrix search)."""
     x = wg + (m1.unsqueeze(-1) if m1 is not None else 0.0)
     q = torch.round(x / d1.unsqueeze(-1) - spec.offset).clamp_(spec.qmin, spec.qmax) + spec.offset
     e = q * d1.unsqueeze(-1) - (m1.unsqueeze(-1) if m1 is not None else 0.0) - wg
+    if weight is not None:
+        return e.square_().mul_(weight).sum(-1)
     return e.square_().square_().sum(-1) if p == 4.0 else e.abs_().pow_(p).sum(-1)
 
 
 def init_k(w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0, n_grid: int = 24,
-           min_ratio: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+           min_ratio: float = 0.5, importance: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Range initialisation of a K grid, in the spirit of llama.cpp's make_qkx2_quants / make_qx_quants: per
     sub-block, a search over clipping ratios for the float scale (and min, the sub-block's minimum clamped to ≤ 0
-    as ggml does) minimising the Lp error (p = 4; 'mse': p = 2; 'minmax': no search); then the super-block scales
+    as ggml does) minimising the Lp error (p = 4; 'mse': p = 2; 'minmax': no search; 'imatrix': the squared error
+    weighted by `imatrix_weights` of the layer's input importance (in,), required by it and used by no other
+    method, as llama.cpp's K quantizers weigh it with an importance matrix); then the super-block scales
     d = max sc_float / sc_max (dmin likewise) rounded to fp16, the sub-block integers by rounding, and a last pass
-    that tries each integer ±1 (scale and min jointly) against the error of the codes they give.
+    that tries each integer ±1 (scale and min jointly) against the error of the codes they give (the same
+    weighted error under 'imatrix').
 
     Returns (d (out, S), sc (out, G), dmin (out, S) | None, m (out, G) | None), all float32 holding the exact
     stored values (fp16 values and integers)."""
-    if method == "imatrix":
-        raise UserError(f"range method imatrix: not available on K grids ({spec.name}); use lp, mse or minmax")
     if method not in RANGE_METHODS:
         raise UserError(f"range method: expected one of {RANGE_METHODS}, got {method!r}")
-    p = 2.0 if method == "mse" else p
+    _check_importance(method, importance, w.shape[1])
+    p = 2.0 if method in ("mse", "imatrix") else p
     wg = grouped(w.detach().float(), spec)  # (out, G, g)
+    weight = None if importance is None else imatrix_weights(wg, importance)
     lo, hi = wg.amin(-1).clamp(max=0.0), wg.amax(-1).clamp(min=0.0)
     levels = spec.qmax - spec.qmin
 
@@ -435,7 +448,7 @@ def init_k(w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0,
         best_err = torch.full_like(lo, float("inf"))
         for ratio in torch.linspace(1.0, min_ratio, n_grid).tolist():
             s, m = params(ratio)
-            err = _k_error(wg, s.clamp(min=FP16_TINY), m, spec, p)
+            err = _k_error(wg, s.clamp(min=FP16_TINY), m, spec, p, weight)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s = torch.where(better, s, best_s)
@@ -455,13 +468,15 @@ def init_k(w: torch.Tensor, spec: QuantSpec, method: str = "lp", p: float = 4.0,
     if m is not None:
         m = torch.round(best_m / per_sub_block(dmin, spec)).clamp_(0, hi_i)  # a min may be 0
     # integer refinement: each sub-block's (sc, m) ± 1, judged by the error of the codes they give
-    best_err = _k_error(wg, sub_value(d, sc, spec), None if m is None else sub_value(dmin, m, spec), spec, p)
+    best_err = _k_error(wg, sub_value(d, sc, spec), None if m is None else sub_value(dmin, m, spec), spec, p,
+                        weight)
     steps = [(a, b) for a in (-1, 0, 1) for b in ((-1, 0, 1) if m is not None else (0,)) if (a, b) != (0, 0)]
     sc0, m0 = sc.clone(), None if m is None else m.clone()
     for a, b in steps:
         sc_t = (sc0 + a).clamp(lo_i, hi_i)
         m_t = None if m0 is None else (m0 + b).clamp(0, hi_i)
-        err = _k_error(wg, sub_value(d, sc_t, spec), None if m_t is None else sub_value(dmin, m_t, spec), spec, p)
+        err = _k_error(wg, sub_value(d, sc_t, spec), None if m_t is None else sub_value(dmin, m_t, spec), spec, p,
+                       weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         sc = torch.where(better, sc_t, sc)

@@ -48,7 +48,7 @@ def rtn_layer(lin: nn.Linear, spec: QuantSpec, range_method: str = "lp",
     """One projection rounded to nearest on its grid after the range search (K grids: init_k)."""
     w = lin.weight.detach().float()
     if spec.is_k:
-        d, sc, dmin, m = init_k(w, spec, range_method)
+        d, sc, dmin, m = init_k(w, spec, range_method, importance=importance)
         codes = quantize_codes_k(w, d, sc, dmin, m, spec)
         return QuantLayer(codes, d.to(torch.float16), None, frozen_bias(lin), sc.to(torch.int8),
                           None if dmin is None else dmin.to(torch.float16), None if m is None else m.to(torch.int8))

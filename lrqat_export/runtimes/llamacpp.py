@@ -138,3 +138,89 @@ def llama_quantize(src: str | Path, out: str | Path, ftype: str = "q4_k_m", n_th
         raise UserError(f"llama.cpp quantize {src} → {ftype}: llama_model_quantize returned {rc}")
     tmp.replace(out)
     return out
+
+
+def _ggml_base():
+    """llama.cpp's libggml-base (shipped inside llama-cpp-python), with ggml_quantize_chunk's signature."""
+    import ctypes
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    f = lib.ggml_quantize_chunk
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_void_p]
+    f.restype = ctypes.c_size_t
+    return lib
+
+
+def ggml_quantize(rows: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """One tensor through llama.cpp's own quantizer (ggml_quantize_chunk, in process, the code `llama-quantize`
+    runs): float32 (rows, n) → the type's blocks, uint8 (rows, bytes per row). imatrix (n,): the mean squared input
+    of each input feature (what `llama-imatrix` collects); the K and legacy quantizers then weigh each weight's
+    error by it, as `llama-quantize --imatrix` does."""
+    import ctypes
+
+    import gguf
+
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise UserError(f"ggml quantize: expected a 2-d float32 tensor (rows, n), got shape {rows.shape}")
+    n_rows, n = rows.shape
+    block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    if n % block:
+        raise UserError(f"ggml quantize: row length {n} is not a multiple of {gguf.GGMLQuantizationType(qtype).name}'s "
+                        f"block of {block}")
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n,):
+            raise UserError(f"ggml quantize: imatrix shape expected ({n},), got {imatrix.shape}")
+    out = np.zeros((n_rows, n // block * type_bytes), dtype=np.uint8)
+    written = _ggml_base().ggml_quantize_chunk(
+        int(qtype), rows.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), 0, n_rows, n,
+        None if imatrix is None else imatrix.ctypes.data_as(ctypes.c_void_p))
+    if written != out.nbytes:
+        raise UserError(f"ggml quantize: expected {out.nbytes} bytes, llama.cpp wrote {written}")
+    return out
+
+
+def llama_quantize_imatrix(src: str | Path, like: str | Path, out: str | Path, imatrix: dict[str, np.ndarray]
+                           ) -> Path:
+    """What `llama-imatrix` + `llama-quantize --imatrix` make, in process: every tensor of the float GGUF `src`
+    quantized by llama.cpp's own code (ggml_quantize) to the type llama.cpp chose for it in `like` (its
+    llama_model_quantize of the same file, e.g. Q4_K_M), with the importance `imatrix[gguf tensor name]` of its
+    input features where one is given; float tensors and every metadata key are copied from `like`. (The
+    llama_model_quantize API takes its imatrix as a C++ map, out of reach of ctypes.) Written to a temp name,
+    renamed."""
+    import gguf
+
+    from converters.gguf_meta import copy_fields, open_gguf
+
+    src_r, like_r = open_gguf(src), open_gguf(like)
+    floats = {t.name: t for t in src_r.tensors}
+    unknown = sorted(set(imatrix) - {t.name for t in like_r.tensors})
+    if unknown:
+        raise UserError(f"llama.cpp imatrix quantize: imatrix names tensors {unknown[:5]} that {like} does not hold")
+    arch = bytes(like_r.fields["general.architecture"].parts[-1]).decode()
+    w = gguf.GGUFWriter(None, arch)
+    copy_fields(w, like_r, lambda k: not k.startswith("GGUF.") and k != "general.architecture")
+    for t in like_r.tensors:
+        qt = gguf.GGMLQuantizationType(int(t.tensor_type))
+        if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor(t.name, np.array(t.data))
+            continue
+        if t.name not in floats or floats[t.name].tensor_type != gguf.GGMLQuantizationType.F32:
+            raise UserError(f"llama.cpp imatrix quantize: {src} has no F32 tensor {t.name}")
+        x = np.array(floats[t.name].data, dtype=np.float32)
+        w.add_tensor(t.name, ggml_quantize(x.reshape(x.shape[0], -1), int(qt), imatrix.get(t.name)), raw_dtype=qt)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.lrqat-tmp")
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
