@@ -115,8 +115,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            # grouped one-level grids (q4_0, w3g64, ...): their many scales learn faster, and B starts in the row
            # space of the first steps' loss gradient (BENCHMARKS.md, the sweep: runs GE, GS2, GP)
            # on grouped grids the start is RTN with llama.cpp's imatrix-weighted scale search on the float model's
-           # inputs (BENCHMARKS.md, "The imatrix start": w3g64 18.38 → 15.00 out of domain; per channel it cost in
-           # domain, and K grids have no imatrix search yet: both keep the weight-only Lp search)
+           # inputs (BENCHMARKS.md, "The imatrix start": w3g64 18.38 → 15.00 out of domain); per channel it cost in
+           # domain and on K plans it left trained LR-QAT level (Q4_K_M 8.955 → 8.930 out of domain, 24.43 → 24.47
+           # in), so both keep the weight-only Lp search
            defaults={"alpha": 16.0, "lr_ab": 3e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "kl",
                      "phi": "bf16", "ab_init": "lora", "range_method": "lp"},
            grid_defaults=lambda spec: ({"lr_scale": GROUPED_LR_SCALE, "ab_init": "grad", **_IMATRIX_START}
