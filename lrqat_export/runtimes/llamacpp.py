@@ -8,6 +8,7 @@ by ~0.3 %), logits for every position, KV cache cleared between windows (reset +
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -140,6 +141,7 @@ def llama_quantize(src: str | Path, out: str | Path, ftype: str = "q4_k_m", n_th
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _ggml_base():
     """llama.cpp's libggml-base (shipped inside llama-cpp-python), with ggml_quantize_chunk's signature."""
     import ctypes
