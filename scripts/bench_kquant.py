@@ -10,8 +10,9 @@ Rows (SmolLM2-135M, the embedded default):
     fp (F32 GGUF)            our all-F32 export of the float model (converters.gguf.export_float_gguf), in llama.cpp
     llama.cpp Q4_K_M         llama_model_quantize (llama-cpp-python, in process) on that F32 file: the anchor
     llama.cpp Q4_K_M + imatrix  the same types, each tensor through llama.cpp's ggml_quantize_chunk with an
-                             importance matrix of the float model's inputs on the first 32 training windows (what
-                             `llama-imatrix` + `llama-quantize --imatrix` make; runtimes.llamacpp.llama_quantize_imatrix)
+                             importance matrix of the float model's inputs on the first 32 training windows
+                             (what `llama-imatrix` + `llama-quantize --imatrix` make;
+                             runtimes.llamacpp.llama_quantize_imatrix)
     RTN Q4_K_M (ours)        our range search on the plan's grids (each layer on llama.cpp's type for it), exported
     LR-QAT Q4_K_M (ours)     LR-QAT trained on those grids (registry defaults, the quality benchmark's budget:
                              --steps × --batch windows of --seq tokens of WikiText-2 valid), fused, exported
