@@ -244,6 +244,8 @@ def test_kquant_bench_carries_every_option_bench_qualitys_cells_read():
 
     args, own = bench_kquant.options(["--steps", "3", "--plan", "q4_k_s"])
     assert set(vars(bench_quality.parser().parse_args([]))) <= set(vars(args))
-    assert {"plan", "steps", "work"} <= own and not {"presets", "range_method", "train_text"} & own
+    assert {"plan", "steps", "work", "range_method"} <= own and not {"presets", "train_text"} & own
     assert (args.steps, args.plan, args.range_method, args.train_text, args.dither) == (3, "q4_k_s", None,
                                                                                          "wikitext", 0.0)
+    # its own --range-method reaches the cells (RTN's search and LR-QAT's start read args.range_method)
+    assert bench_kquant.options(["--range-method", "imatrix"])[0].range_method == "imatrix"
