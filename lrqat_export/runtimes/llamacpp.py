@@ -19,7 +19,7 @@ import torch
 
 from ..core import quiet
 from ..core.errors import UserError
-from ..core.fsio import missing_file
+from ..core.fsio import atomic_path, missing_file
 from .torch_eval import nll_from_logits
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,8 @@ def llama_quantize_imatrix(src: str | Path, like: str | Path, out: str | Path, i
     quantized by llama.cpp's own code (ggml_quantize) to the type llama.cpp chose for it in `like` (its
     llama_model_quantize of the same file, e.g. Q4_K_M), with the importance `imatrix[gguf tensor name]` of its
     input features where one is given; float tensors and every metadata key are copied from `like`. (The
-    llama_model_quantize API takes its imatrix as a C++ map, out of reach of ctypes.) Written to a temp name,
-    renamed."""
+    llama_model_quantize API takes its imatrix as a C++ map, out of reach of ctypes.) Written atomically
+    (core.fsio.atomic_path)."""
     import gguf
 
     from converters.gguf_meta import copy_fields, open_gguf
@@ -215,14 +215,9 @@ def llama_quantize_imatrix(src: str | Path, like: str | Path, out: str | Path, i
             raise UserError(f"llama.cpp imatrix quantize: {src} has no F32 tensor {t.name}")
         x = np.array(floats[t.name].data, dtype=np.float32)
         w.add_tensor(t.name, ggml_quantize(x.reshape(x.shape[0], -1), int(qt), imatrix.get(t.name)), raw_dtype=qt)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.lrqat-tmp")
-    try:
+    with atomic_path(out) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out)
