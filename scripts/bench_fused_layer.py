@@ -2,13 +2,15 @@
 
     PYTHONPATH=. .venv/bin/python -m scripts.bench_fused_layer                  # SmolLM2's four shapes, ~1 min here
     PYTHONPATH=. .venv/bin/python -m scripts.bench_fused_layer --shapes 128x64 --rank 8   # per-call overhead alone
+    PYTHONPATH=. .venv/bin/python -m scripts.bench_fused_layer --route compiled  # without the native CPU kernel
 
 One LRQATLinear (w4pc by default, Φ0 bf16, the fused quantizer of methods/fused.py) and one LoRA layer (frozen
 float32 weight plus A·B of the same rank) run forward and backward on the same (1, --tokens, in) input, --steps
 times each after --warmup steps. Φ0 holds codes drawn from N(0, 2.5²) in code units, so about 0.27 % of them lie
 past the 4-bit clip range, as after the Lp range search (0.23 % on SmolLM2): the backward's clip correction runs
-as in training. A first loop times the whole steps; a second wraps the functions of methods/fused.py named in
-PARTS with timers (nested: a part includes the parts it calls) and times them per step. Prints a table, writes
+as in training. --route picks the CPU route: the native kernel (methods/fused_native.py, the default) or the
+torch.compile'd passes alone. A first loop times the whole steps; a second wraps the functions of methods/fused.py
+(and fused_native.py) named in PARTS with timers (nested: a part includes the parts it calls) and times them per step. Prints a table, writes
 JSON (--json). Run it alone: two torch jobs on two cores time each other.
 """
 from __future__ import annotations
@@ -26,17 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ("576x576", "192x576", "1536x576", "576x1536")  # SmolLM2-135M's projections: q/o, k/v, gate/up, down
 PER_LAYER = {"576x576": 2, "192x576": 2, "1536x576": 2, "576x1536": 1}  # how many of each a decoder layer has
 ALLOWED = 1.3  # issue 18's CPU target at 1 × 128: the fused step at most 1.3× LoRA's
-# (name in methods/fused.py, what it is)
-PARTS = (("FusedLRQATLinear.forward", "forward, all of it"),
-         ("_ab", "forward: fp32 A·B"),
-         ("_run", "the compiled element-wise passes (forward's and backward's), with dynamo's call"),
-         ("flagged_positions", "forward: the event scan"),
-         ("linear", "forward: x·Ŵᵀ"),
-         ("FusedLRQATLinear.backward", "backward, all of it"),
-         ("rebuilt_weight", "backward: Ŵ from Φ0 and the events (includes its pass)"),
-         ("_lowrank_grads", "backward: dA, dB, ds without G (includes the correction)"),
-         ("_correction_csr", "backward: the clipped entries' correction"),
-         ("sampled_csr", "backward: the correction's CSR pattern and sampled product"))
+# (name in methods/fused.py, or fused_native.NAME in methods/fused_native.py; what it is; the CPU route it belongs to:
+# "both", "native" (the C kernel, the default) or "compiled" (LRQAT_FUSED_NATIVE=0))
+PARTS = (("FusedLRQATLinear.forward", "forward, all of it", "both"),
+         ("_ab", "forward: fp32 A·B", "both"),
+         ("fused_native.forward", "forward: the native pass, its events collected in the same loop", "native"),
+         ("_run", "the compiled element-wise passes (forward's and backward's), with dynamo's call", "compiled"),
+         ("flagged_positions", "forward: the event scan", "compiled"),
+         ("linear", "forward: x·Ŵᵀ", "both"),
+         ("FusedLRQATLinear.backward", "backward, all of it", "both"),
+         ("rebuilt_weight", "backward: Ŵ from Φ0 and the events (includes its pass)", "both"),
+         ("_lowrank_grads", "backward: dA, dB, ds without G (includes the correction)", "both"),
+         ("fused_native.clip_correction", "backward: the clipped entries' correction, native", "native"),
+         ("_correction_csr", "backward: the clipped entries' correction", "compiled"),
+         ("sampled_csr", "backward: the correction's CSR pattern and sampled product", "compiled"))
+ROUTES = ("native", "compiled")
 
 
 def _layers(out_f: int, in_f: int, rank: int, preset: str):
@@ -78,10 +84,17 @@ def floor(lay, steps: int, copies: int = 8) -> dict:
 
     import torch
 
-    from lrqat_export.methods import fused
+    from lrqat_export.methods import fused, fused_native
     from lrqat_export.methods.lrqat import phi_up
 
     def passes(phi0, ab, ls, s16, zf):
+        nat = fused_native.storage(lay.phi, phi0, lay.spec, phi_up) if fused_native.lib() is not None else None
+        if nat is not None:  # the native route's passes: the forward's with its events, the rebuild without any
+            none = torch.empty(0, dtype=torch.int32), torch.empty(0)
+            return {"forward_pass_s": lambda: fused_native.forward(phi0, *nat, ab, float(ls), s16, zf, lay.spec.qmin,
+                                                                   lay.spec.qmax, True, phi0.numel()),
+                    "backward_pass_s": lambda: fused_native.rebuild(phi0, *nat, s16, zf, lay.spec.qmin,
+                                                                    lay.spec.qmax, *none)}
         return {"forward_pass_s": lambda: fused._run("weight", lay.spec, lay.phi, phi_up, phi0, ab, ls, s16, zf),
                 "backward_pass_s": lambda: fused._run("weight_rtn", lay.spec, lay.phi, phi_up, phi0, s16, zf)}
 
@@ -111,7 +124,7 @@ def floor(lay, steps: int, copies: int = 8) -> dict:
 def measure(out_f: int, in_f: int, rank: int, tokens: int, preset: str, warmup: int, steps: int) -> dict:
     import torch
 
-    from lrqat_export.methods import fused
+    from lrqat_export.methods import fused, fused_native
 
     lay, lora, spec = _layers(out_f, in_f, rank, preset)
     x = torch.randn(1, tokens, in_f, requires_grad=True)
@@ -130,8 +143,9 @@ def measure(out_f: int, in_f: int, rank: int, tokens: int, preset: str, warmup: 
         res["clipped_fraction"] = float(((r < spec.qmin) | (r > spec.qmax)).float().mean())
     acc: collections.Counter = collections.Counter()
     saved = []
-    for name, _ in PARTS:
-        owner, attr = (fused.FusedLRQATLinear, name.split(".")[1]) if "." in name else (fused, name)
+    for name, _, _ in PARTS:
+        owner, attr = ((fused_native if name.startswith("fused_native.") else fused.FusedLRQATLinear,
+                        name.split(".")[1]) if "." in name else (fused, name))
         orig = owner.__dict__[attr]
         fn = orig.__func__ if isinstance(orig, staticmethod) else orig
 
@@ -151,7 +165,7 @@ def measure(out_f: int, in_f: int, rank: int, tokens: int, preset: str, warmup: 
     finally:
         for owner, attr, orig in saved:
             setattr(owner, attr, orig)
-    res["parts_s"] = {name: acc[name] / steps for name, _ in PARTS}
+    res["parts_s"] = {name: acc[name] / steps for name, _, _ in PARTS}
     res["floor"] = floor(lay, steps)
     return res
 
@@ -164,9 +178,17 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="w4pc", help="a per-channel or grouped one-level grid (default w4pc)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--route", choices=ROUTES, default="native",
+                    help="the CPU route: the native kernel (the default) or the compiled passes alone")
     ap.add_argument("--json", default=str(ROOT / "docs/bench/fused_layer.json"))
     args = ap.parse_args(argv)
     import torch
+
+    from lrqat_export.methods import fused_native
+
+    fused_native.reset(enabled=args.route == "native")
+    if args.route == "native" and fused_native.lib() is None:
+        raise SystemExit(f"--route native: the native kernel did not build ({fused_native.why_off()})")
 
     from lrqat_export.core.fsio import write_json
 
@@ -175,14 +197,16 @@ def main(argv=None) -> int:
         out_f, _, in_f = shape.partition("x")
         rows.append(measure(int(out_f), int(in_f), args.rank, args.tokens, args.preset, args.warmup, args.steps))
     head = "| part | " + " | ".join(r["shape"] for r in rows) + " |"
-    lines = [f"rank {args.rank}, {args.tokens} tokens, {args.preset}, {torch.get_num_threads()} threads; "
-             "ms per forward + backward", "", head, "|---|" + "---|" * len(rows)]
+    lines = [f"rank {args.rank}, {args.tokens} tokens, {args.preset}, {torch.get_num_threads()} threads, "
+             f"{args.route} route; ms per forward + backward", "", head, "|---|" + "---|" * len(rows)]
     for key, label in (("lora_step_s", "LoRA step"), ("fused_step_s", "fused step")):
         lines.append(f"| {label} | " + " | ".join(f"{r[key] * 1e3:.2f}" for r in rows) + " |")
     lines.append("| fused ÷ LoRA | " + " | ".join(f"{r['fused_step_s'] / r['lora_step_s']:.2f}" for r in rows) + " |")
     lines.append("| fused step, parts timed | " + " | ".join(f"{r['fused_step_timed_parts_s'] * 1e3:.2f}"
                                                            for r in rows) + " |")
-    for name, what in PARTS:
+    for name, what, route in PARTS:
+        if route not in ("both", args.route):
+            continue
         lines.append(f"| `{name}`: {what} | " + " | ".join(f"{r['parts_s'][name] * 1e3:.2f}" for r in rows) + " |")
     lines += ["", "| the unavoidable work, each timed alone | " + " | ".join(r["shape"] for r in rows) + " |",
               "|---|" + "---|" * len(rows)]
@@ -210,7 +234,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     write_json(Path(args.json), {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                              "threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0]},
-                                 "args": vars(args), "parts": dict(PARTS), "rows": rows, "layer": summary})
+                                 "args": vars(args), "parts": {n: w for n, w, _ in PARTS}, "rows": rows, "layer": summary})
     print(f"wrote {args.json}")
     return 0
 

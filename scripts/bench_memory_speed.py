@@ -10,6 +10,8 @@ Configurations (all: same AdamW/clipping as `lrqat train`, weights random-init f
 from a min-max range search — the range method does not change memory):
     lrqat-bf16     LR-QAT, Φ0 bf16, r=32, fused quantizer (the tool's default: methods/fused.py)
     lrqat-bf16-eager  the same with the eager, checkpointed quantizer chain (`lrqat train --no-fused`)
+    lrqat-bf16-compiled  the fused quantizer without its native CPU kernel (methods/fused_native.py): the
+                   torch.compile'd passes and torch's sparse correction (LRQAT_FUSED_NATIVE=0)
     lrqat-int8     LR-QAT, Φ0 int8 fixed point (Q4.4), r=32, fused quantizer (the paper's Φ0)
     lrqat-int8-eager  the same, eager and checkpointed
     lrqat-int4     LR-QAT, Φ0 double-packed (two nibbles a byte), fused quantizer
@@ -75,8 +77,8 @@ SHAPES = {  # name: LlamaConfig kwargs (random init; no download)
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
-CONFIGS = ("lrqat-bf16", "lrqat-bf16-eager", "lrqat-int8", "lrqat-int8-eager", "lrqat-int4", "full-qat",
-           "full-qat-ckpt", "peqa", "qlora", "lora")
+CONFIGS = ("lrqat-bf16", "lrqat-bf16-eager", "lrqat-bf16-compiled", "lrqat-int8", "lrqat-int8-eager", "lrqat-int4",
+           "full-qat", "full-qat-ckpt", "peqa", "qlora", "lora")
 GiB = 2**30
 
 
@@ -112,6 +114,10 @@ def _build(shape: str, config: str, preset: str, rank: int, device: str, base_dt
     # that clip: none under minmax, some under lp, whose backward the fused quantizer corrects one by one), full
     # QAT without checkpointing
     spec = PRESETS[preset]
+    if config.endswith("-compiled"):  # the fused path with its compiled passes only
+        from lrqat_export.methods import fused_native
+
+        fused_native.reset(enabled=False)
     opts = registry.resolve_options(method, MethodOptions(
         rank=rank, phi=config.split("-")[1] if method == "lrqat" else None, range_method=range_method,
         checkpointing=config != "full-qat", fused=not config.endswith("-eager")), spec=spec)
@@ -221,7 +227,7 @@ def child(a: dict) -> dict:
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     acc["optimizer_bytes"] = _tensor_bytes([v for s in opt.state.values() for v in s.values()
                                             if torch.is_tensor(v) and v.dim() > 0])
-    from lrqat_export.methods import fused
+    from lrqat_export.methods import fused, fused_native
     from lrqat_export.methods.lrqat import LRQATLinear, codes_moved
 
     # LR-QAT after the timed steps: codes the clamp holds (the sparse backward's work) and codes A·B moved off RTN's
@@ -240,6 +246,8 @@ def child(a: dict) -> dict:
            "minor_faults": faults,  # page faults of each timed step: fresh memory the allocator mapped in
            "warmup_s": warm, "compile_s": sum(fused.COMPILE_SECONDS.values()), "compiled": dict(fused.COMPILE_SECONDS),
            "fused_off": fused.off_reasons(),
+           "native": fused_native.lib() is not None and a["config"].startswith("lrqat"),
+           "native_off": fused_native.why_off(),
            "rss_setup_bytes": rss_setup, "peak_step_bytes": _status_bytes("VmHWM"), "accounting": acc,
            "loss": float(loss), "loadavg_1m": os.getloadavg()[0], "objective": a.get("objective", "ce"),
            "prepass": prepass}

@@ -214,25 +214,35 @@ def test_dither_moves_every_weight_inside_its_blocks_rounding_bin(tiny_llama):
     assert all(torch.equal(model.get_submodule(n).weight, again.get_submodule(n).weight) for n in names)
 
 
-def test_fused_layer_bench_times_every_part_and_restores_the_functions(tmp_path):
-    from lrqat_export.methods import fused
+@pytest.mark.parametrize("route", ["native", "compiled"])
+def test_fused_layer_bench_times_every_part_and_restores_the_functions(tmp_path, monkeypatch, route):
+    from lrqat_export.methods import fused, fused_native
     from scripts.bench_fused_layer import PARTS, main
 
-    before = {n: (fused.FusedLRQATLinear.__dict__ if "." in n else vars(fused))[n.split(".")[-1]] for n, _ in PARTS}
+    monkeypatch.setattr(fused_native, "_STATE", {})  # main() picks the route: restored after the test
+    monkeypatch.delenv(fused_native.ENV_OFF, raising=False)
+
+    def owner(n):
+        return vars(fused_native) if n.startswith("fused_native.") else \
+            fused.FusedLRQATLinear.__dict__ if "." in n else vars(fused)
+
+    before = {n: owner(n)[n.split(".")[-1]] for n, _, _ in PARTS}
     out = tmp_path / "layer.json"
-    assert main(["--shapes", "64x64", "32x64", "--rank", "4", "--warmup", "2", "--steps", "3",
+    assert main(["--shapes", "64x64", "32x64", "--rank", "4", "--warmup", "2", "--steps", "3", "--route", route,
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["shape"] for r in rows] == ["64x64", "32x64"]
     for r in rows:
         assert r["fused_step_s"] > 0 and r["lora_step_s"] > 0 and r["clipped_fraction"] > 0
-        assert all(r["parts_s"][n] > 0 for n, _ in PARTS), r["parts_s"]  # clipped entries: the correction ran
+        ran = {n for n, _, rt in PARTS if rt in ("both", route)}  # clipped entries: the correction ran
+        assert all(r["parts_s"][n] > 0 for n in ran), r["parts_s"]
+        assert all(r["parts_s"][n] == 0 for n, _, _ in PARTS if n not in ran), r["parts_s"]  # the other route's
         f = r["floor"]  # the unavoidable work: A·B and each pass timed, the floor their sum less the calls' cost
         assert all(f[k] > 0 for k in ("ab_s", "forward_pass_s", "backward_pass_s", "forward_call_s",
                                       "cold_forward_pass_s", "cold_backward_pass_s", "cold_ab_s"))
         assert f["ab_s"] <= f["floor_s"] <= f["ab_s"] + f["forward_pass_s"] + f["backward_pass_s"]
     assert json.loads(out.read_text())["layer"] is None  # not SmolLM2's four shapes: no per-layer sum
-    after = {n: (fused.FusedLRQATLinear.__dict__ if "." in n else vars(fused))[n.split(".")[-1]] for n, _ in PARTS}
+    after = {n: owner(n)[n.split(".")[-1]] for n, _, _ in PARTS}
     assert after == before
 
 

@@ -4,6 +4,7 @@ fused training, the flag, and the eager fallback when torch.compile fails."""
 from __future__ import annotations
 
 import logging
+import subprocess
 
 import pytest
 import torch
@@ -11,17 +12,38 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lrqat_export.core.intckpt import load_intckpt, write_intckpt
 from lrqat_export.core.quant import PRESETS, QuantSpec, per_sub_block
-from lrqat_export.methods import fused
+from lrqat_export.methods import fused, fused_native
 from lrqat_export.methods.common import MethodOptions
 from lrqat_export.methods.lrqat import LRQATLinear, fuse, phi_down, phi_up, prepare
 from lrqat_export.train.config import TrainConfig
 from lrqat_export.train.loop import train
 
+subprocess_run = subprocess.run
 W4PCA = QuantSpec(bits=4, group_size=-1, symmetric=False)  # per channel with zero points
 W3PC = QuantSpec(bits=3, group_size=-1, symmetric=True)
 GRIDS = ("w4pc", "q4_0", "q4_1", "w3g64", "q8_0", "w8pc", "w2g64a")
 CASES = [(g, phi) for g in GRIDS for phi in ("int8", "int4", "bf16", "fp32")
          if not (phi == "int4" and PRESETS[g].bits > 4)]
+
+
+@pytest.fixture(params=["native", "compiled"])
+def backend(request, monkeypatch):
+    """The CPU's two fused routes: the native kernel (fused_native, the default where a C compiler works) and the
+    torch.compile'd passes with torch's sparse correction (where it does not, or LRQAT_FUSED_NATIVE=0). Returns the
+    number of native kernel calls so far, as a one-element list the test can read."""
+    monkeypatch.setattr(fused_native, "_STATE", {})
+    calls = [0]
+    if request.param == "compiled":
+        monkeypatch.setenv(fused_native.ENV_OFF, "0")
+        return request.param, calls
+    monkeypatch.delenv(fused_native.ENV_OFF, raising=False)
+    assert fused_native.lib() is not None, f"the native kernel must build here: {fused_native.why_off()}"
+    for name in ("forward", "rebuild", "clip_correction"):
+        def counted(*a, _f=getattr(fused_native, name), **k):
+            calls[0] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(fused_native, name, counted)
+    return request.param, calls
 
 
 def _pair(spec: QuantSpec, phi: str, seed: int = 0, out_f: int = 48, in_f: int = 128, rank: int = 4):
@@ -48,7 +70,7 @@ def _pair(spec: QuantSpec, phi: str, seed: int = 0, out_f: int = 48, in_f: int =
 
 
 @pytest.mark.parametrize("grid, phi", CASES)
-def test_fused_weight_and_output_equal_the_eager_layer_bit_for_bit(grid, phi):
+def test_fused_weight_and_output_equal_the_eager_layer_bit_for_bit(grid, phi, backend):
     spec = PRESETS[grid]
     eager, fast, t = _pair(spec, phi)
     assert ((t - torch.floor(t)) == 0.5).sum() > 20, "the inputs must hold exact .5 ties"
@@ -66,6 +88,8 @@ def test_fused_weight_and_output_equal_the_eager_layer_bit_for_bit(grid, phi):
         assert torch.equal(fast(x), eager(x))
     assert torch.equal(fast.fused_codes(), eager.fused_codes())
     assert not fused.off_reasons(), "the fused path must have run compiled"
+    route, calls = backend
+    assert (calls[0] > 0) == (route == "native" and phi in fused_native.KINDS), "the route under test must have run"
 
 
 def _grads(layer, x, dy):
@@ -82,7 +106,7 @@ def _grads(layer, x, dy):
     ("w4pc", "fp32", True, False), ("w4pca", "bf16", True, True), ("q4_0", "int8", True, True),
     ("q4_1", "fp32", True, True), ("w3g64", "bf16", True, True), ("w8pc", "fp32", True, True),
     ("w2g64a", "int8", True, True)])
-def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, events, monkeypatch):
+def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, events, monkeypatch, backend):
     """Per channel with few clipped entries: the low-rank backward and its sparse correction; otherwise the dense
     one. Per channel the backward rebuilds Ŵ from the forward's events (`events`; off: past
     EVENT_FRACTION, A·B again). Same gradients as the eager chain's autograd, summed in another order (relative
@@ -113,7 +137,7 @@ def test_fused_gradients_equal_eager_autograds(grid, phi, sparse, events, monkey
 @pytest.mark.parametrize("grid, phi", [("w4pc", p) for p in ("int8", "int4", "bf16", "fp32")]
                          + [("w4pca", "bf16"), ("w4pca", "int8"), ("w3pc", "fp32"), ("w8pc", "bf16"),
                             ("w8pc", "int8")])
-def test_backward_rebuilds_the_forwards_weight_from_its_events_bit_for_bit(grid, phi, monkeypatch):
+def test_backward_rebuilds_the_forwards_weight_from_its_events_bit_for_bit(grid, phi, monkeypatch, backend):
     """The forward's events (codes that left RTN's clip(⌊Φ0⌉) or clipped, on exact .5 ties and both clip
     boundaries) rebuild Ŵ without A·B, equal to the forward's Ŵ bit for bit; the clipped entries are those where
     the eager rounding leaves the grid."""
@@ -134,9 +158,12 @@ def test_backward_rebuilds_the_forwards_weight_from_its_events_bit_for_bit(grid,
     assert torch.equal(rebuilt, w)
     assert torch.equal(rebuilt, eager.weight())
     assert torch.equal(idx, clipped.nonzero())
+    route, calls = backend
+    assert (calls[0] > 0) == (route == "native" and phi in fused_native.KINDS), "the route under test must have run"
+    assert events.pos.dtype == torch.int32 and events.clipped.dtype == torch.int64
 
 
-def test_events_are_not_kept_past_their_fraction(monkeypatch):
+def test_events_are_not_kept_past_their_fraction(monkeypatch, backend):
     """Past EVENT_FRACTION of the weight the forward keeps no event list (nothing near weight-sized is saved)."""
     spec = PRESETS["w4pc"]
     _, fast, _ = _pair(spec, "bf16")
@@ -161,7 +188,13 @@ def test_clip_corrections_agree(k, monkeypatch):
     mask.view(-1)[flat] = 1.0
     dense = -0.5 * (gs_t @ x2) * mask
     monkeypatch.setattr(fused, "_GATHER_ELEMENTS", 256 * t)
-    for route in (fused._correction_csr, fused._correction_gather):
+    def native(gs_t, x2, a, b, idx, ls):
+        da, db = torch.zeros_like(a), torch.zeros_like(b)
+        fused_native.clip_correction(gs_t, x2, a, b, idx, ls, da, db)
+        return da, db
+
+    assert fused_native.lib() is not None, fused_native.why_off()
+    for route in (fused._correction_csr, fused._correction_gather, native):
         da, db = route(gs_t, x2, a, b, idx, 0.5)
         assert (da - dense @ b.T).abs().max() <= 1e-5 * da.abs().max(), route.__name__
         assert (db - a.T @ dense).abs().max() <= 1e-5 * db.abs().max(), route.__name__
@@ -269,6 +302,8 @@ def test_a_failing_compiler_falls_back_to_the_same_numbers_with_one_warning(monk
     monkeypatch.setattr(fused, "_KERNELS", {})
     monkeypatch.setattr(fused, "_BROKEN", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fused_native, "_STATE", {})
+    monkeypatch.setenv(fused_native.ENV_OFF, "0")  # no native kernel either: the eager chain is what is left
     eager, fast, _ = _pair(PRESETS["q4_0"], "int8")
     x = torch.randn(2, 128)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
@@ -278,6 +313,51 @@ def test_a_failing_compiler_falls_back_to_the_same_numbers_with_one_warning(monk
         "fused LR-QAT quantizer off on cpu (torch.compile failed: RuntimeError: no C++ compiler (simulated)): the "
         "eager quantizer runs instead, same numbers, slower"]
     assert fused.off_reasons() == {"cpu": "torch.compile failed: RuntimeError: no C++ compiler (simulated)"}
+
+
+def test_a_native_kernel_that_does_not_build_leaves_the_compiled_passes_with_one_warning(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """A C file the compiler rejects (a stand-in for a machine whose compiler fails): one warning naming the
+    failure, no library and no temporary file left in the cache, and the compiled passes give the same numbers."""
+    bad = tmp_path / "fused_native.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(fused_native, "SOURCE", bad)
+    monkeypatch.setattr(fused_native, "_STATE", {})
+    monkeypatch.delenv(fused_native.ENV_OFF, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    eager, fast, _ = _pair(PRESETS["w4pc"], "bf16", seed=4)
+    x = torch.randn(2, 7, 128)
+    with caplog.at_level(logging.WARNING, logger=fused_native.__name__):
+        assert torch.equal(fast(x), eager(x))
+        assert torch.equal(fast(x), eager(x))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "native CPU kernel of the fused quantizer not built" in warned[0], warned
+    assert "failed" in fused_native.why_off()
+    assert fused_native.lib() is None and not fused.off_reasons()
+    assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / "lrqat-export",
+                                                      tmp_path / "cache" / "lrqat-export" / "native"]
+
+
+def test_the_native_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    """A fresh cache gets one library, named by the source's hash, and no temporary file; a second process (here:
+    the state forgotten) loads it without compiling again."""
+    monkeypatch.setattr(fused_native, "_STATE", {})
+    monkeypatch.delenv(fused_native.ENV_OFF, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert fused_native.lib() is not None, fused_native.why_off()
+    built = sorted((tmp_path / "lrqat-export" / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so", built
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(fused_native, "_STATE", {})
+
+    def no_compile(cmd, **k):
+        assert "-o" not in cmd, f"compiled again: {cmd}"
+        return subprocess_run(cmd, **k)
+
+    monkeypatch.setattr(fused_native.subprocess, "run", no_compile)
+    assert fused_native.lib() is not None, fused_native.why_off()
+    assert sorted((tmp_path / "lrqat-export" / "native").iterdir()) == built
+    assert built[0].stat().st_mtime_ns == stamp
 
 
 def test_a_dispatch_mode_runs_the_eager_passes_and_leaves_the_fused_path_on():

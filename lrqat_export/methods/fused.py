@@ -33,8 +33,14 @@ multiply; no reduction), A·B is the same matmul call, and inductor compiles wit
 unsafe math, so nothing is contracted into an FMA or reordered. tests/test_fused.py checks it on exact .5 ties of
 the fixed-point Φ0 and on the clip boundaries for every φ and grid.
 
-One path per device: `torch.compile` (inductor: C++ on the CPU, Triton on CUDA) of the element-wise passes; where
-it cannot compile (no C++ compiler, no Triton) the layer keeps the eager chain, with one warning.
+One path per device: on the CPU the native kernel (`fused_native`: fused_native.c, built once per machine by the
+system C compiler, called through ctypes) computes the forward's pass and its events in one loop, the backward's
+rebuild, and the clipped entries' correction, for Φ0 in fp32, bf16 and int8 (int4's packed nibbles stay compiled);
+everything else is `torch.compile` of the element-wise passes (inductor: C++ on the CPU, Triton on CUDA). Without
+the native kernel (no working C compiler, or LRQAT_FUSED_NATIVE=0) the compiled passes do its work, with one log
+line; where torch.compile cannot compile either (no C++ compiler, no Triton) the layer keeps the eager chain, with
+one warning. All routes give the same Ŵ bit for bit (tests/test_fused.py runs the exactness tests on both CPU
+routes).
 
 K-quant grids (a `super_block` in the spec): the layer computes each sub-block's d·sc and dmin·m from its trained
 scale and min with the eager straight-through rounding (tensors of out × in/32), and `FusedLRQATLinearK` takes it
@@ -53,6 +59,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..core.quant import FP16_MAX, FP16_TINY, QuantSpec
+from . import fused_native
 from .common import fp16_scales, linear
 
 log = logging.getLogger(__name__)
@@ -283,6 +290,9 @@ def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, l
                  upcast: Callable) -> torch.Tensor:
     """Ŵ (out, in) float32 from the fused pass, without gradient: the eager layer's `weight()` bit for bit."""
     ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
+    nat = _native(phi0, spec, phi, upcast)
+    if nat is not None:
+        return fused_native.forward(phi0, *nat, ab, lora_scale, s16, zf, spec.qmin, spec.qmax, False, 0)[0]
     return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
 
 
@@ -301,7 +311,21 @@ def weight_and_events(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: s
     return _events_pass(phi0, *_prologue(phi0, lora_a, lora_b, scale, zero, lora_scale), spec, phi, upcast)
 
 
+def _native(phi0, spec: QuantSpec, phi: str, upcast: Callable) -> tuple[int, float] | None:
+    """(Φ0's kind, divisor) where the native CPU kernel (fused_native) computes this layer's passes, else None:
+    off the CPU, under a Python dispatch mode (it reads raw memory), for int4's packed Φ0, or where it was not
+    built."""
+    if phi0.device.type != "cpu" or _get_current_dispatch_mode() is not None or fused_native.lib() is None:
+        return None
+    return fused_native.storage(phi, phi0, spec, upcast)
+
+
 def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
+    nat = _native(phi0, spec, phi, upcast)
+    if nat is not None:  # Ŵ and the events from one C loop: no flags to scan, no gathers
+        w, ev = fused_native.forward(phi0, *nat, ab, float(ls), s16, zf, spec.qmin, spec.qmax, True,
+                                     EVENT_FRACTION * phi0.numel())
+        return w, None if ev is None else Events(*ev)
     w, ev = _run("weight_events", spec, phi, upcast, phi0, ab, ls, s16, zf)
     pos = flagged_positions(ev)
     if pos.shape[0] > EVENT_FRACTION * ev.numel():
@@ -315,6 +339,9 @@ def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
 def rebuilt_weight(phi0, s16, zf, events: Events, spec: QuantSpec, phi: str, upcast: Callable):
     """(Ŵ, (K, 2) clipped entries) from Φ0 and the forward's events, without A·B: RTN's Ŵ from one pass, then the
     forward's own Ŵ values put back at the events, so Ŵ is the forward's bit for bit."""
+    nat = _native(phi0, spec, phi, upcast)
+    if nat is not None:
+        return fused_native.rebuild(phi0, *nat, s16, zf, spec.qmin, spec.qmax, events.pos, events.w), events.clipped
     w = _run("weight_rtn", spec, phi, upcast, phi0, s16, zf)
     w.view(-1).index_put_((events.pos,), events.w)
     return w, events.clipped
@@ -329,8 +356,11 @@ class FusedLRQATLinear(torch.autograd.Function):
         ctx.per_channel = scale.shape[1] == 1
         events = None
         ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
+        nat = None if ctx.per_channel else _native(phi0, spec, phi, upcast)
         if ctx.per_channel:  # the forward records its events (module docstring), on every per-channel grid
             w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
+        elif nat is not None:
+            w = fused_native.forward(phi0, *nat, ab, lora_scale, s16, zf, spec.qmin, spec.qmax, False, 0)[0]
         else:
             w = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
         del ab
@@ -460,7 +490,10 @@ def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
     gs_t = torch.mul(g2.T, s16, out=g2.new_empty(g2.shape[1], g2.shape[0])) if idx.shape[0] else (g2 * s16.T).T
     da = ls * (gs_t @ (x2 @ b.T))  # (out, r)
     db = ls * ((a.T @ gs_t) @ x2)  # (r, in)
-    if idx.shape[0]:
+    if idx.shape[0] and x2.device.type == "cpu" and fused_native.lib() is not None \
+            and _get_current_dispatch_mode() is None:  # one C loop over the K entries
+        fused_native.clip_correction(gs_t, x2.contiguous(), a.contiguous(), b.contiguous(), idx, ls, da, db)
+    elif idx.shape[0]:
         correction = _correction_csr if x2.device.type in CSR_DEVICES else _correction_gather
         da_c, db_c = correction(gs_t, x2, a, b, idx, ls)
         da += da_c

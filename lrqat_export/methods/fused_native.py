@@ -1,0 +1,196 @@
+"""The fused quantizer's native CPU kernel: fused_native.c built once per machine and called through ctypes.
+
+What it replaces in methods/fused.py, per projection and step, on the CPU:
+* the forward's compiled pass plus the scan of its int8 event flags and the gathers that made the `Events`
+  (one C loop writes Ŵ and collects the events as it goes);
+* the backward's compiled RTN pass plus the `index_put_` of the events (one loop);
+* the clipped entries' correction of dA and dB: the CSR pattern, `sampled_addmm`, the sparse product and the
+  scatter (one loop over the K entries).
+Each call costs a few µs through ctypes, where a compiled pass went through dynamo's wrapper and guards (about
+0.1 ms) and the correction's torch ops had about 0.4 ms of fixed cost (BENCHMARKS.md, issue 18).
+
+Exactness is the compiled pass's: the same IEEE float32 operations per weight, in the same order, compiled with
+-ffp-contract=off and without fast math (fused_native.c); tests/test_fused.py compares Ŵ with the eager layer's bit
+for bit on exact .5 ties and both clip boundaries.
+
+The library is compiled by the system C compiler (`$CC`, else cc / gcc: the compiler inductor's C++ backend needs
+too) with -march=native and OpenMP, into the user's cache (`$XDG_CACHE_HOME`, else ~/.cache, `lrqat-export/native/`),
+named by a hash of the source, the flags, the compiler and the CPU's feature flags; written to a temporary name and
+renamed, so concurrent first runs cannot load a half-written file. Where no compiler works, or
+`LRQAT_FUSED_NATIVE=0` is set, `lib()` is None and fused.py runs its compiled passes instead (one log line says
+why).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused_native.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+ENV_OFF = "LRQAT_FUSED_NATIVE"  # "0": never build or use the native kernel
+KINDS = {"fp32": 0, "bf16": 1, "int8": 2}  # Φ0 storages the kernel reads (int4's packed nibbles stay compiled)
+
+_STATE: dict[str, object] = {}  # "lib": the loaded CDLL | None; "why": why it is None
+_FRAC: dict[tuple, float] = {}  # (bits, φ) -> the divisor 2^frac of the fixed-point upcast (upcast(spec, φ))
+
+_P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "lrq_forward": (_P, [_P, _I32, _F, _P, _F, _P, _P, _I64, _I64, _I64, _F, _F, _P, _I32, _I64, _P, _I32]),
+    "lrq_take": (None, [_P, _P, _I32, _P, _P, _I64]),
+    "lrq_rebuild": (None, [_P, _I32, _F, _P, _P, _I64, _I64, _I64, _F, _F, _P, _P, _I32, _P, _I64, _I32]),
+    "lrq_clip_correction": (_I32, [_P, _P, _I64, _I64, _P, _P, _I64, _P, _I64, _F, _P, _P, _I32]),
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lrqat-export" / "native"
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"fused_native_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                             timeout=600)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(res.stderr.strip().splitlines() or [''])[-1][:200]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use; None where it cannot be (why: `why_off()`) or is turned off."""
+    if "lib" not in _STATE:
+        _STATE["lib"] = None
+        if os.environ.get(ENV_OFF, "1") == "0":
+            _STATE["why"] = f"{ENV_OFF}=0"
+        else:
+            try:
+                so = ctypes.CDLL(str(_build()))
+                for name, (res, args) in _SIGNATURES.items():
+                    fn = getattr(so, name)
+                    fn.restype, fn.argtypes = res, args
+                _STATE["lib"] = so
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _STATE["why"] = f"{type(e).__name__}: {e}"
+                log.warning("native CPU kernel of the fused quantizer not built (%s): its compiled passes run "
+                            "instead, same numbers", _STATE["why"])
+    return _STATE["lib"]  # type: ignore[return-value]
+
+
+def why_off() -> str | None:
+    return _STATE.get("why")  # type: ignore[return-value]
+
+
+def reset(enabled: bool | None = None) -> None:
+    """Forget the loaded kernel (tests, benchmarks); `enabled` False sets LRQAT_FUSED_NATIVE=0, True clears it."""
+    _STATE.clear()
+    if enabled is False:
+        os.environ[ENV_OFF] = "0"
+    elif enabled is True:
+        os.environ.pop(ENV_OFF, None)
+
+
+def storage(phi: str, phi0: torch.Tensor, spec, upcast) -> tuple[int, float] | None:
+    """(kind, divisor) of Φ0's storage for the kernel, or None where it does not read it. The fixed-point divisor
+    2^frac is read off the upcast itself (the value it gives an int8 1), so it is the eager layer's by construction."""
+    kind = KINDS.get(phi)
+    if kind is None or phi0.device.type != "cpu" or not phi0.is_contiguous():
+        return None
+    if kind != 2:
+        return kind, 1.0
+    key = (spec.bits, phi)
+    if key not in _FRAC:
+        _FRAC[key] = 1.0 / float(upcast(torch.ones(1, 1, dtype=torch.int8), spec, phi))
+    return kind, _FRAC[key]
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def forward(phi0, kind: int, div: float, ab, ls: float, s16, zf, qmin: int, qmax: int, events: bool,
+            limit: float):
+    """(Ŵ (out, in) float32, events | None) from one pass; events = (pos int32 | int64, Ŵ there, (Kc, 2) clipped
+    (row, column) int64), exactly sized; None without events or past `limit` of them. s16, zf: (out, G) float32,
+    contiguous."""
+    out_f, in_f = phi0.shape
+    w = torch.empty(out_f, in_f)
+    counts = (ctypes.c_int64 * 3)()
+    h = lib().lrq_forward(_ptr(phi0), kind, div, _ptr(ab), ls, _ptr(s16), _ptr(zf), out_f, in_f,
+                          in_f // s16.shape[1], qmin, qmax, _ptr(w), int(events), int(limit), counts,
+                          torch.get_num_threads())
+    n, nclip, status = counts
+    if not events or status:
+        lib().lrq_take(h, None, 0, None, None, in_f)
+        if status == 2:
+            raise MemoryError("fused_native: out of memory collecting the forward's events")
+        return w, None
+    pos64 = phi0.numel() >= 2 ** 31
+    pos = torch.empty(n, dtype=torch.int64 if pos64 else torch.int32)
+    vals, clip = torch.empty(n), torch.empty(nclip, 2, dtype=torch.int64)
+    lib().lrq_take(h, _ptr(pos), int(pos64), _ptr(vals), _ptr(clip), in_f)
+    return w, (pos, vals, clip)
+
+
+def rebuild(phi0, kind: int, div: float, s16, zf, qmin: int, qmax: int, pos, vals) -> torch.Tensor:
+    """RTN's Ŵ from Φ0 with the forward's values put back at its events: the forward's Ŵ bit for bit."""
+    out_f, in_f = phi0.shape
+    w = torch.empty(out_f, in_f)
+    lib().lrq_rebuild(_ptr(phi0), kind, div, _ptr(s16), _ptr(zf), out_f, in_f, in_f // s16.shape[1], qmin, qmax,
+                      _ptr(w), _ptr(pos), int(pos.dtype == torch.int64), _ptr(vals), pos.shape[0],
+                      torch.get_num_threads())
+    return w
+
+
+def clip_correction(gs_t, x2, a, b, idx, ls: float, da, db) -> None:
+    """da += the clipped entries' part of dA, db += theirs of dB, in place (fused._correction_csr's values).
+    gs_t (out, T), x2 (T, in), a (out, r), b (r, in), da (out, r), db (r, in): contiguous float32; idx (K, 2)
+    int64."""
+    rc = idx.contiguous()
+    res = lib().lrq_clip_correction(_ptr(gs_t), _ptr(x2), x2.shape[0], x2.shape[1], _ptr(a), _ptr(b), a.shape[1],
+                                    _ptr(rc), rc.shape[0], -ls, _ptr(da), _ptr(db), torch.get_num_threads())
+    if res != 0:
+        raise MemoryError("fused_native: out of memory in the clip correction")
