@@ -289,11 +289,7 @@ def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
 def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, lora_scale: float,
                  upcast: Callable) -> torch.Tensor:
     """Ŵ (out, in) float32 from the fused pass, without gradient: the eager layer's `weight()` bit for bit."""
-    ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
-    nat = _native(phi0, spec, phi, upcast)
-    if nat is not None:
-        return fused_native.forward(phi0, *nat, ab, lora_scale, s16, zf, spec.qmin, spec.qmax, False, 0)[0]
-    return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
+    return _weight_pass(phi0, *_prologue(phi0, lora_a, lora_b, scale, zero, lora_scale), spec, phi, upcast)
 
 
 class Events(NamedTuple):
@@ -318,6 +314,14 @@ def _native(phi0, spec: QuantSpec, phi: str, upcast: Callable) -> tuple[int, flo
     if phi0.device.type != "cpu" or _get_current_dispatch_mode() is not None or fused_native.lib() is None:
         return None
     return fused_native.storage(phi, phi0, spec, upcast)
+
+
+def _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
+    """Ŵ from one pass over the weight: the native kernel's where it runs, else the compiled one's."""
+    nat = _native(phi0, spec, phi, upcast)
+    if nat is not None:
+        return fused_native.forward(phi0, *nat, ab, float(ls), s16, zf, spec.qmin, spec.qmax, False, 0)[0]
+    return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
 
 
 def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
@@ -356,13 +360,10 @@ class FusedLRQATLinear(torch.autograd.Function):
         ctx.per_channel = scale.shape[1] == 1
         events = None
         ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
-        nat = None if ctx.per_channel else _native(phi0, spec, phi, upcast)
         if ctx.per_channel:  # the forward records its events (module docstring), on every per-channel grid
             w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
-        elif nat is not None:
-            w = fused_native.forward(phi0, *nat, ab, lora_scale, s16, zf, spec.qmin, spec.qmax, False, 0)[0]
         else:
-            w = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
+            w = _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
         del ab
         y = linear(x, w, bias)
         # the backward keeps the fp16 scales, float zeros and fp16_ste's mask (out × G each) rather than recompute
@@ -388,7 +389,7 @@ class FusedLRQATLinear(torch.autograd.Function):
             del clipped
         else:
             ab = _ab(lora_a, lora_b)
-            w, idx = _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf), None
+            w, idx = _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast), None
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _dx(dy2, w, cdt, x)
