@@ -123,7 +123,8 @@ def test_cli_ab_init_reaches_the_checkpoint(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("extra, ab_init, lr_scale", [
-    (["--preset", "q4_0"], "grad", registry.GROUPED_LR_SCALE),  # the default recipe on a grouped grid
+    (["--preset", "q4_0"], "grad", registry.GROUP32_LR_SCALE),  # the default recipe on a grouped grid, groups of 32
+    (["--preset", "w3g64"], "grad", registry.GROUPED_LR_SCALE),  # larger groups
     (["--preset", "w4pc"], "lora", 1e-4),  # per channel: the Kaiming start
     (["--preset", "q4_0", "--recipe", "paper"], "lora", 1e-5),  # the paper's Kaiming start and scale lr
     (["--preset", "q4_0", "--ab-init", "lora", "--lr-scale", "2e-4"], "lora", 2e-4),  # the user's values win
@@ -162,7 +163,8 @@ def test_direct_train_call_takes_the_grid_defaults_of_the_prepared_model(tiny_ll
         return real(model, cfg, groups)
 
     monkeypatch.setattr(loop, "make_optimizer", spy)
-    for preset, lr_scale in (("q4_0", registry.GROUPED_LR_SCALE), ("w4pc", 1e-4)):
+    for preset, lr_scale in (("q4_0", registry.GROUP32_LR_SCALE), ("w3g64", registry.GROUPED_LR_SCALE),
+                             ("w4pc", 1e-4)):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
         prepare(model, PRESETS[preset], MethodOptions(rank=4, alpha=4.0, ab_init="lora", phi="int8"))
         assert loop.model_spec(model) == PRESETS[preset]

@@ -203,26 +203,29 @@ def test_every_method_is_complete_and_the_cli_offers_exactly_the_registry():
 
 
 def test_grid_dependent_defaults_reach_every_caller():
-    """LR-QAT's default scale lr depends on the grid (grouped 3e-4, per channel and K grids 1e-4); the registry, the
-    TrainConfig, the benchmark and the paper recipe agree."""
+    """LR-QAT's default scale lr depends on the grid (grouped 3e-4, 2e-4 with groups of 32, per channel and K grids
+    1e-4), PEQA's too on grouped grids; the registry, the TrainConfig, the benchmark and the paper recipe agree."""
     sys.path.insert(0, str(ROOT))
     from lrqat_export.core.quant import PRESETS
     from lrqat_export.methods import registry
     from lrqat_export.train.config import TrainConfig
     from scripts.bench_quality import method_config
 
-    grouped = registry.GROUPED_LR_SCALE
-    want = {"q4_0": grouped, "w3g64": grouped, "w4g128": grouped, "w4pc": 1e-4, "w8pc": 1e-4, "q4_k": 1e-4,
-            "q4_k_m": 1e-4}
-    assert grouped != 1e-4
+    grouped, g32 = registry.GROUPED_LR_SCALE, registry.GROUP32_LR_SCALE
+    want = {"q4_0": g32, "q4_1": g32, "w3g64": grouped, "w4g128": grouped, "w4pc": 1e-4, "w8pc": 1e-4,
+            "q4_k": 1e-4, "q4_k_m": 1e-4}
+    assert len({grouped, g32, 1e-4}) == 3
     for preset, lr in want.items():
         spec = PRESETS[preset]
-        assert registry.resolve_options("lrqat", spec=spec).ab_init == ("grad" if lr == grouped else "lora")
+        assert registry.resolve_options("lrqat", spec=spec).ab_init == ("grad" if lr != 1e-4 else "lora")
         assert registry.default("lrqat", "lr_scale", spec=spec) == lr, preset
         assert TrainConfig().resolved("lrqat", spec=spec).lr_scale == lr, preset
         assert method_config("lrqat", 60, 2, spec=spec)[2].lr_scale == lr, preset
         assert TrainConfig().resolved("lrqat", "paper", spec).lr_scale == 1e-5, preset  # a recipe overrides the grid
-        assert TrainConfig().resolved("peqa", spec=spec).lr_scale == registry.METHODS["peqa"].defaults["lr_scale"]
+        peqa = lr if lr != 1e-4 else registry.METHODS["peqa"].defaults["lr_scale"]  # LR-QAT's on grouped grids
+        assert TrainConfig().resolved("peqa", spec=spec).lr_scale == peqa, preset
+        assert method_config("peqa", 60, 2, spec=spec)[2].lr_scale == peqa, preset
+        assert TrainConfig().resolved("peqa", "paper", spec).lr_scale == 1e-4, preset
     assert registry.resolve_options("lrqat", None, "paper", PRESETS["q4_0"]).ab_init == "lora"
     assert registry.resolve_options("peqa").ab_init is None
     # the start's range search: imatrix where the method starts from a checkpoint on a grouped grid

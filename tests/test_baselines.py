@@ -17,6 +17,7 @@ from lrqat_export.core.quant import PRESETS, QuantSpec, rtn_quantize
 from lrqat_export.methods.baselines import (fuse_baseline, merged_float_model, nf4_dequantize, nf4_levels,
                                             nf4_quantize, prepare_baseline)
 from lrqat_export.methods.common import MethodOptions, trainable_parameters
+from lrqat_export.methods import registry
 from lrqat_export.methods.registry import METHODS, param_groups
 from lrqat_export.train.config import TrainConfig
 from lrqat_export.train.loop import make_optimizer, train
@@ -170,7 +171,8 @@ def test_cli_train_method_writes_the_baselines_checkpoint(tiny_llama, tmp_path, 
     assert main(["train", "--method", "peqa", "--out", str(tmp_path / "peqa"), *common]) == 0
     ck = load_intckpt(tmp_path / "peqa")
     assert ck.manifest["method"] == "peqa" and ck.manifest["exact"] is True
-    assert ck.manifest["training"]["config"]["lr_scale"] == METHODS["peqa"].defaults["lr_scale"]  # PEQA's default
+    # PEQA's default on q4_0: LR-QAT's grouped-grid scale lr (groups of 32)
+    assert ck.manifest["training"]["config"]["lr_scale"] == registry.grouped_lr_scale(PRESETS["q4_0"]) == 2e-4
     assert main(["train", "--method", "lora-fp", "--out", str(tmp_path / "lora"), *common]) == 0
     assert (tmp_path / "lora" / "config.json").is_file() and not (tmp_path / "lora" / "lrqat_manifest.json").exists()
     assert main(["ptq", "--model", str(tiny_llama), "--method", "awq", "--out", str(tmp_path / "x")]) == 2
