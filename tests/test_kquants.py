@@ -39,14 +39,17 @@ from lrqat_export.runtimes.llamacpp import perplexity_gguf
 from lrqat_export.runtimes.torch_eval import perplexity
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_llamacpp import MEAN_REL, corpus_ids, logit_gap  # noqa: E402
+from test_llamacpp import MEAN_REL, corpus_ids, logit_gaps  # noqa: E402
 
 K_NAMES = ("q4_k", "q5_k", "q6_k")
 # llama.cpp quantizes activations to Q8_K (one scale per 256 values, not per 32 as Q8_0) before a K-quant dot
 # product, so single logits move further than with the legacy types (measured up to ~0.45 std on these models, mean
 # ≤ 0.02); the mean bound, which separates a right file from a wrong one (test_llamacpp.py: ~0.4 without the Q/K
-# permutation), stays MEAN_REL
+# permutation), stays MEAN_REL. On a CPU with AVX-512 (llama.cpp's other dot-product kernels) one position of 128
+# in the trained q5_k file moved 0.89 std while the others stayed ≤ 0.32: an activation on a Q8_K rounding boundary
+# moves a whole position, so the bound holds for all positions but one in a hundred (K_OUTLIER_SHARE)
 K_MAX_REL = 0.6
+K_OUTLIER_SHARE = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +235,10 @@ def test_lrqat_on_a_k_plan_fuses_exactly_and_runs_in_llamacpp(k_models, tmp_path
     out = G.export_gguf(ck_dir, tmp_path / "m.gguf")
     assert G.verify_gguf(out, ck_dir)["exact"]
     ref = G.reference_model(ck_dir, G.file_embed_types(out))
-    mean, worst = logit_gap(out, ref, corpus_ids(tok, 128))
-    assert mean < MEAN_REL and worst < K_MAX_REL, (mean, worst)
+    mean, per_position = logit_gaps(out, ref, corpus_ids(tok, 128))
+    over = int((per_position >= K_MAX_REL).sum())
+    assert mean < MEAN_REL and over <= K_OUTLIER_SHARE * per_position.size, (mean, sorted(per_position)[-3:])
+    assert float(np.median(per_position)) < K_MAX_REL / 4, float(np.median(per_position))
 
 
 def test_lrqat_k_start_is_the_rtn_model_exactly(k_models):
