@@ -10,8 +10,8 @@ times each after --warmup steps. Φ0 holds codes drawn from N(0, 2.5²) in code 
 past the 4-bit clip range, as after the Lp range search (0.23 % on SmolLM2): the backward's clip correction runs
 as in training. --route picks the CPU route: the native kernel (methods/fused_native.py, the default) or the
 torch.compile'd passes alone. A first loop times the whole steps; a second wraps the functions of methods/fused.py
-(and fused_native.py) named in PARTS with timers (nested: a part includes the parts it calls) and times them per step. Prints a table, writes
-JSON (--json). Run it alone: two torch jobs on two cores time each other.
+(and fused_native.py) named in PARTS with timers (nested: a part includes the parts it calls) and times them per
+step. Prints a table, writes JSON (--json). Run it alone: two torch jobs on two cores time each other.
 """
 from __future__ import annotations
 
@@ -88,13 +88,13 @@ def floor(lay, steps: int, copies: int = 8) -> dict:
     from lrqat_export.methods.lrqat import phi_up
 
     def passes(phi0, ab, ls, s16, zf):
-        nat = fused_native.storage(lay.phi, phi0, lay.spec, phi_up) if fused_native.lib() is not None else None
+        nat = fused._native(phi0, lay.spec, lay.phi, phi_up)  # the route the layer itself takes
         if nat is not None:  # the native route's passes: the forward's with its events, the rebuild without any
             none = torch.empty(0, dtype=torch.int32), torch.empty(0)
-            return {"forward_pass_s": lambda: fused_native.forward(phi0, *nat, ab, float(ls), s16, zf, lay.spec.qmin,
-                                                                   lay.spec.qmax, True, phi0.numel()),
-                    "backward_pass_s": lambda: fused_native.rebuild(phi0, *nat, s16, zf, lay.spec.qmin,
-                                                                    lay.spec.qmax, *none)}
+            q = lay.spec.qmin, lay.spec.qmax
+            return {"forward_pass_s": lambda: fused_native.forward(phi0, *nat, ab, float(ls), s16, zf, *q, True,
+                                                                   phi0.numel()),
+                    "backward_pass_s": lambda: fused_native.rebuild(phi0, *nat, s16, zf, *q, *none)}
         return {"forward_pass_s": lambda: fused._run("weight", lay.spec, lay.phi, phi_up, phi0, ab, ls, s16, zf),
                 "backward_pass_s": lambda: fused._run("weight_rtn", lay.spec, lay.phi, phi_up, phi0, s16, zf)}
 
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     write_json(Path(args.json), {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                              "threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0]},
-                                 "args": vars(args), "parts": {n: w for n, w, _ in PARTS}, "rows": rows, "layer": summary})
+                                 "args": vars(args), "parts": {n: w for n, w, _ in PARTS}, "rows": rows,
+                                 "layer": summary})
     print(f"wrote {args.json}")
     return 0
 

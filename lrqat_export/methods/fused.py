@@ -311,9 +311,12 @@ def _native(phi0, spec: QuantSpec, phi: str, upcast: Callable) -> tuple[int, flo
     """(Φ0's kind, divisor) where the native CPU kernel (fused_native) computes this layer's passes, else None:
     off the CPU, under a Python dispatch mode (it reads raw memory), for int4's packed Φ0, or where it was not
     built."""
-    if phi0.device.type != "cpu" or _get_current_dispatch_mode() is not None or fused_native.lib() is None:
-        return None
-    return fused_native.storage(phi, phi0, spec, upcast)
+    return fused_native.storage(phi, phi0, spec, upcast) if _native_on(phi0.device) else None
+
+
+def _native_on(device: torch.device) -> bool:
+    """The native CPU kernel computes here: on the CPU, outside a Python dispatch mode, where it was built."""
+    return device.type == "cpu" and _get_current_dispatch_mode() is None and fused_native.lib() is not None
 
 
 def _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
@@ -491,8 +494,7 @@ def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
     gs_t = torch.mul(g2.T, s16, out=g2.new_empty(g2.shape[1], g2.shape[0])) if idx.shape[0] else (g2 * s16.T).T
     da = ls * (gs_t @ (x2 @ b.T))  # (out, r)
     db = ls * ((a.T @ gs_t) @ x2)  # (r, in)
-    if idx.shape[0] and x2.device.type == "cpu" and fused_native.lib() is not None \
-            and _get_current_dispatch_mode() is None:  # one C loop over the K entries
+    if idx.shape[0] and _native_on(x2.device):  # one C loop over the K entries
         fused_native.clip_correction(gs_t, x2.contiguous(), a.contiguous(), b.contiguous(), idx, ls, da, db)
     elif idx.shape[0]:
         correction = _correction_csr if x2.device.type in CSR_DEVICES else _correction_gather

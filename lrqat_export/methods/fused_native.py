@@ -164,7 +164,8 @@ def forward(phi0, kind: int, div: float, ab, ls: float, s16, zf, qmin: int, qmax
                           torch.get_num_threads())
     n, nclip, status = counts
     if not events or status:
-        lib().lrq_take(h, None, 0, None, None, in_f)
+        if h:  # events were collected (past the limit): free them
+            lib().lrq_take(h, None, 0, None, None, in_f)
         if status == 2:
             raise MemoryError("fused_native: out of memory collecting the forward's events")
         return w, None

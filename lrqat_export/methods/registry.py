@@ -101,7 +101,8 @@ def grouped_lr_scale(spec) -> float:
     return GROUP32_LR_SCALE if spec.group_size == 32 else GROUPED_LR_SCALE
 
 
-def _peqa_grid(spec) -> dict:
+def _grouped_scales(spec) -> dict:
+    """LR-QAT's and PEQA's default on a grouped grid: the scale lr (`grouped_lr_scale`) and the imatrix start."""
     return {"lr_scale": grouped_lr_scale(spec), **_IMATRIX_START} if grouped_grid(spec) else {}
 
 
@@ -134,8 +135,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            # in), so both keep the weight-only Lp search
            defaults={"alpha": 16.0, "lr_ab": 3e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "kl",
                      "phi": "bf16", "ab_init": "lora", "range_method": "lp"},
-           grid_defaults=lambda spec: ({"lr_scale": grouped_lr_scale(spec), "ab_init": "grad", **_IMATRIX_START}
-                                       if grouped_grid(spec) else {}),
+           grid_defaults=lambda spec: {**_grouped_scales(spec), "ab_init": "grad"} if grouped_grid(spec) else {},
            recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce", "phi": "int8",
                               "ab_init": "lora"}},
            prepare=lrqat.prepare,
@@ -158,7 +158,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            uses_init=True,
            defaults={"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 3e-4, "lr_weight": None, "objective": "kl",
                      "phi": None, "ab_init": None, "range_method": "lp"},
-           grid_defaults=_peqa_grid,  # LR-QAT's start and scale lr on grouped grids: it is PEQA plus adapters there
+           grid_defaults=_grouped_scales,  # LR-QAT's start and scale lr on grouped grids: LR-QAT is PEQA plus adapters
            recipes={"paper": {"lr_scale": 1e-4, "objective": "ce"}},  # 1e-4: our earlier choice (no paper value)
            prepare=baselines.prepare_peqa, fuse=_fuse_baseline("peqa"),
            groups=lambda h: [("scale", (".scale",), h["lr_scale"], 0.0)]),
