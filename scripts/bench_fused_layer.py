@@ -32,6 +32,7 @@ ALLOWED = 1.3  # issue 18's CPU target at 1 × 128: the fused step at most 1.3×
 # "both", "native" (the C kernel, the default) or "compiled" (LRQAT_FUSED_NATIVE=0))
 PARTS = (("FusedLRQATLinear.forward", "forward, all of it", "both"),
          ("_ab", "forward: fp32 A·B", "both"),
+         ("fused_native.scales", "forward: the fp16 scales and fp16_ste's mask, native", "native"),
          ("fused_native.forward", "forward: the native pass, its events collected in the same loop", "native"),
          ("_run", "the compiled element-wise passes (forward's and backward's), with dynamo's call", "compiled"),
          ("flagged_positions", "forward: the event scan", "compiled"),
@@ -39,6 +40,7 @@ PARTS = (("FusedLRQATLinear.forward", "forward, all of it", "both"),
          ("FusedLRQATLinear.backward", "backward, all of it", "both"),
          ("rebuilt_weight", "backward: Ŵ from Φ0 and the events (includes its pass)", "both"),
          ("_lowrank_grads", "backward: dA, dB, ds without G (includes the correction)", "both"),
+         ("fused_native.dy_pass", "backward: (dy·S·α/r)ᵀ and the scale's sums Σ dy·y, native", "native"),
          ("fused_native.clip_correction", "backward: the clipped entries' correction, native", "native"),
          ("_correction_csr", "backward: the clipped entries' correction", "compiled"),
          ("sampled_csr", "backward: the correction's CSR pattern and sampled product", "compiled"))

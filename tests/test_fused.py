@@ -38,7 +38,7 @@ def backend(request, monkeypatch):
         return request.param, calls
     monkeypatch.delenv(fused_native.ENV_OFF, raising=False)
     assert fused_native.lib() is not None, f"the native kernel must build here: {fused_native.why_off()}"
-    for name in ("forward", "rebuild", "clip_correction"):
+    for name in ("forward", "rebuild", "clip_correction"):  # the passes over Φ0 (scales, dy_pass: every φ)
         def counted(*a, _f=getattr(fused_native, name), **k):
             calls[0] += 1
             return _f(*a, **k)
@@ -174,12 +174,14 @@ def test_events_are_not_kept_past_their_fraction(monkeypatch, backend):
     assert fused.weight_and_events(*args)[1] is None
 
 
-@pytest.mark.parametrize("k", [1, 37, 700])
-def test_clip_corrections_agree(k, monkeypatch):
-    """The CPU's CSR correction and the gather route other devices take (chunked here: 3 chunks at k = 700) give
-    the same (dA, dB) parts, and both are the dense −(α/r)·(S·G at the clipped entries) products."""
+@pytest.mark.parametrize("k, shape", [(1, (48, 64, 4, 9)), (37, (48, 64, 4, 9)), (700, (48, 64, 4, 9)),
+                                      (300, (37, 70, 12, 19))])
+def test_clip_corrections_agree(k, shape, monkeypatch):
+    """The CPU's CSR correction, the gather route other devices take (chunked here: 3 chunks at k = 700) and the
+    native kernel's give the same (dA, dB) parts, and all are the dense −(α/r)·(S·G at the clipped entries) products
+    (the last shape: no dimension a multiple of 8, the native transposes' edges)."""
     g = torch.Generator().manual_seed(k)
-    out_f, in_f, r, t = 48, 64, 4, 9
+    out_f, in_f, r, t = shape
     gs_t, x2 = torch.randn(out_f, t, generator=g), torch.randn(t, in_f, generator=g)
     a, b = torch.randn(out_f, r, generator=g), torch.randn(r, in_f, generator=g)
     flat = torch.randperm(out_f * in_f, generator=g)[:k].sort().values
@@ -190,7 +192,7 @@ def test_clip_corrections_agree(k, monkeypatch):
     monkeypatch.setattr(fused, "_GATHER_ELEMENTS", 256 * t)
     def native(gs_t, x2, a, b, idx, ls):
         da, db = torch.zeros_like(a), torch.zeros_like(b)
-        fused_native.clip_correction(gs_t, x2, a, b, idx, ls, da, db)
+        fused_native.clip_correction(gs_t, x2, a, b, idx, -ls, da, db)
         return da, db
 
     assert fused_native.lib() is not None, fused_native.why_off()
@@ -198,6 +200,39 @@ def test_clip_corrections_agree(k, monkeypatch):
         da, db = route(gs_t, x2, a, b, idx, 0.5)
         assert (da - dense @ b.T).abs().max() <= 1e-5 * da.abs().max(), route.__name__
         assert (db - a.T @ dense).abs().max() <= 1e-5 * db.abs().max(), route.__name__
+
+
+def test_native_scales_are_the_fp16_scales_bit_for_bit():
+    """fused_native.scales: fp16(clamp(s)) as float32 and the clamp's identity mask, the values of
+    `fp16_scales(s).float()` and `ds_mask(s)`, on every kind of float32: both sides of each clamp bound, fp16's
+    subnormals, exact ties between neighbouring fp16 values and the floats next to them, NaN and ±inf."""
+    assert fused_native.lib() is not None, fused_native.why_off()
+    g = torch.Generator().manual_seed(0)
+    h = torch.arange(1, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()  # every finite fp16 > 0
+    mid = (h[:-1].double() + h[1:].double()).div(2).float()  # exact ties (representable in float32)
+    near = torch.cat((torch.nextafter(mid, torch.zeros(())), torch.nextafter(mid, torch.full((), 1e9))))
+    wide = torch.exp(torch.empty(200_000).uniform_(-25, 13, generator=g))  # log-uniform 1e-11 .. 4e5
+    edge = torch.tensor([0.0, -0.0, -1.0, 2.0 ** -25, 2.0 ** -24, 2.0 ** -14, 65504.0, 65519.0, 65520.0, 1e30,
+                         float("inf"), float("-inf"), float("nan")])
+    s = torch.cat((h, mid, near, wide, edge)).unsqueeze(1).contiguous()
+    s16, keep = fused_native.scales(s, fused.FP16_TINY, fused.FP16_MAX)
+    ref = fused.fp16_scales(s).float()
+    assert torch.equal(s16.isnan(), ref.isnan())
+    assert torch.equal(s16.nan_to_num(), ref.nan_to_num()), "fp16 rounding differs from torch's"
+    assert torch.equal(keep.bool(), fused.ds_mask(s))
+
+
+@pytest.mark.parametrize("t, out_f, bias", [(18, 48, True), (19, 37, False), (3, 5, True), (128, 576, False)])
+def test_native_dy_pass_is_the_scaled_transposed_gradient(t, out_f, bias):
+    """fused_native.dy_pass: (dy·diag(s·α/r))ᵀ bit for bit (the same two float32 products per element, transposed
+    in blocks of 8 × 8 with scalar edges), and Σ_t dy·(y − b) to float tolerance (its own order)."""
+    g = torch.Generator().manual_seed(t)
+    dy, y = torch.randn(t, out_f, generator=g), torch.randn(t, out_f, generator=g)
+    s, b = torch.rand(out_f, 1, generator=g) + 0.1, torch.randn(out_f, generator=g) if bias else None
+    gs_t, dsum = fused_native.dy_pass(dy, y, b, s, 0.375)
+    assert torch.equal(gs_t, (dy * (s * 0.375).T).T), "the scaled gradient is not exact"
+    ref = (dy * (y - (b if bias else 0.0))).sum(0)
+    assert (dsum - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("preset", ["w4pc", "q4_1"])

@@ -20,9 +20,9 @@ weight gradient G = dyᵀx. Here:
           dA = (α/r)·(G∘SM)·Bᵀ = (α/r)·[ S·dyᵀ·(x·Bᵀ) − (G∘S∘(1−M))·Bᵀ ]
           dB = (α/r)·Aᵀ·(G∘SM) = (α/r)·[ (dy·S·A)ᵀ·x − Aᵀ·(G∘S∘(1−M)) ]
           ds_i = Σ_t dy_ti · (y_ti − b_i) / s_i        (= Σ_j G_ij (c − z)_ij: y/s is x·(c − z)ᵀ)
-      where the clipped entries (usually few) form a sparse CSR pattern on the CPU: dyᵀx is sampled there only
-      (SDDMM) and subtracted by a sparse × dense product and a scatter (elsewhere the entries are gathered in
-      chunks); past 1/64 of the weights the dense route below is cheaper.
+      where the clipped entries (usually few) are corrected one by one: dyᵀx sampled there only, then
+      subtracted (the native kernel's loop; else a sparse CSR pattern on the CPU, SDDMM, a sparse × dense product
+      and a scatter; elsewhere gathers in chunks); past 1/64 of the weights the dense route below is cheaper.
     - grouped scales: G = dyᵀx, then one compiled pass gives G∘S∘M and the per-group sums Σ G·(c − z).
   The gradients are today's eager autograd's (straight-through round, clamp's mask, fp16_ste's identity inside
   its clamp), summed in another order: equal to a float tolerance, not bit for bit.
@@ -35,7 +35,8 @@ the fixed-point Φ0 and on the clip boundaries for every φ and grid.
 
 One path per device: on the CPU the native kernel (`fused_native`: fused_native.c, built once per machine by the
 system C compiler, called through ctypes) computes the forward's pass and its events in one loop, the backward's
-rebuild, and the clipped entries' correction, for Φ0 in fp32, bf16 and int8 (int4's packed nibbles stay compiled);
+rebuild, and the clipped entries' correction, for Φ0 in fp32, bf16 and int8 (int4's packed nibbles stay compiled),
+and for every φ the fp16 scales and the backward's scaled dy (`_s16_keep`, `_lowrank_grads`);
 everything else is `torch.compile` of the element-wise passes (inductor: C++ on the CPU, Triton on CUDA). Without
 the native kernel (no working C compiler, or LRQAT_FUSED_NATIVE=0) the compiled passes do its work, with one log
 line; where torch.compile cannot compile either (no C++ compiler, no Triton) the layer keeps the eager chain, with
@@ -281,6 +282,14 @@ def ds_mask(scale: torch.Tensor) -> torch.Tensor:
     return (s_c >= FP16_TINY) & (s_c <= FP16_MAX)
 
 
+def _s16_keep(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the fp16 scales as float32, fp16_ste's mask): `fp16_scales(scale).float()` and `ds_mask(scale)`, from one
+    native call on the CPU (the same values; the mask as 1.0 / 0.0) instead of seven small torch ops."""
+    if scale.dtype == torch.float32 and scale.is_contiguous() and _native_on(scale.device):
+        return fused_native.scales(scale.detach(), FP16_TINY, FP16_MAX)
+    return fp16_scales(scale).float(), ds_mask(scale)
+
+
 def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
     """fp32 A·B, α/r as a 0-dim tensor, the fp16 scales and float zeros."""
     return (_ab(lora_a, lora_b), *_scales(scale, zero, lora_scale, phi0.device))
@@ -362,7 +371,9 @@ class FusedLRQATLinear(torch.autograd.Function):
                 spec, phi, lora_scale, upcast):
         ctx.per_channel = scale.shape[1] == 1
         events = None
-        ab, ls, s16, zf = _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale)
+        ab, ls = _ab(lora_a, lora_b), _lora_scale(lora_scale, phi0.device)
+        s16, keep = _s16_keep(scale)
+        zf = None if zero is None else zero.float()
         if ctx.per_channel:  # the forward records its events (module docstring), on every per-channel grid
             w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
         else:
@@ -371,7 +382,7 @@ class FusedLRQATLinear(torch.autograd.Function):
         y = linear(x, w, bias)
         # the backward keeps the fp16 scales, float zeros and fp16_ste's mask (out × G each) rather than recompute
         ctx.meta = (spec, phi, lora_scale, upcast, y.dtype, lora_a.dtype, lora_b.dtype, scale.dtype)
-        ctx.save_for_backward(x, phi0, lora_a, lora_b, s16, zf, ds_mask(scale), bias,
+        ctx.save_for_backward(x, phi0, lora_a, lora_b, s16, zf, keep, bias,
                               y if ctx.per_channel else None, *(events or (None, None, None)))
         return y
 
@@ -488,15 +499,22 @@ def clipped_entries(flags: torch.Tensor) -> torch.Tensor:
 def _lowrank_grads(x2, g2, y, bias, a, b, s16, idx, ls):
     """Per-channel gradients of A, B, s without G = dyᵀx (module docstring). x2 (T, in), g2 = dy (T, out) fp32;
     idx (K, 2): the clipped (row, column) entries."""
+    if _native_on(x2.device):  # (dy·S·(α/r))ᵀ and Σ_t dy·y0 from one pass
+        y0 = _f32(y.reshape(-1, g2.shape[1])).contiguous()
+        gs_t, dsum = fused_native.dy_pass(g2.contiguous(), y0, None if bias is None else _f32(bias).contiguous(),
+                                          s16.contiguous(), ls)
+        da = gs_t @ (x2 @ b.T)  # (out, r)
+        db = (a.T @ gs_t) @ x2  # (r, in)
+        if idx.shape[0]:
+            fused_native.clip_correction(gs_t, x2.contiguous(), a.contiguous(), b.contiguous(), idx, -1.0, da, db)
+        return da, db, dsum.unsqueeze(1) / s16
     # (out, T): (dy·S)ᵀ; stored token-minor when the correction below reads its rows (a transposed view is 5× slower
     # to sample), a view of the (T, out) product otherwise; the matmuls take either layout
     # (written row-major by the product itself: `(g2.T * s16).contiguous()` wrote it in g2's layout, then copied it)
     gs_t = torch.mul(g2.T, s16, out=g2.new_empty(g2.shape[1], g2.shape[0])) if idx.shape[0] else (g2 * s16.T).T
     da = ls * (gs_t @ (x2 @ b.T))  # (out, r)
     db = ls * ((a.T @ gs_t) @ x2)  # (r, in)
-    if idx.shape[0] and _native_on(x2.device):  # one C loop over the K entries
-        fused_native.clip_correction(gs_t, x2.contiguous(), a.contiguous(), b.contiguous(), idx, ls, da, db)
-    elif idx.shape[0]:
+    if idx.shape[0]:
         correction = _correction_csr if x2.device.type in CSR_DEVICES else _correction_gather
         da_c, db_c = correction(gs_t, x2, a, b, idx, ls)
         da += da_c

@@ -17,6 +17,54 @@
 #include <omp.h>
 
 #define CHUNK 64
+#define TBLOCK 16
+
+#if defined(__AVX__)
+#include <immintrin.h>
+/* d[c·ldd + k] = s[k·lds + c] for an 8 × 8 block: eight rows loaded, transposed in registers, eight rows stored */
+static inline void tr8x8(const float *s, int64_t lds, float *d, int64_t ldd) {
+    __m256 r[8], t[8], u[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(s + k * lds);
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(d + k * ldd, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+        _mm256_storeu_ps(d + (k + 4) * ldd, _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+    }
+}
+#endif
+
+/* dst (cols × rows, row stride ldd) = srcᵀ, src (rows × cols, row stride lds): 8 × 8 blocks in registers where the
+ * CPU has AVX, element by element at the edges and elsewhere. A copy: the values are moved, never changed. */
+static void transpose(const float *src, int64_t rows, int64_t cols, int64_t lds, float *dst, int64_t ldd) {
+    int64_t r0 = 0, c0 = 0;
+#if defined(__AVX__)
+    for (; r0 + 8 <= rows; r0 += 8)
+        for (c0 = 0; c0 + 8 <= cols; c0 += 8) tr8x8(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+    for (int64_t rr = 0; rr < r0; rr++)  /* the columns past the last block of eight, for the blocked rows */
+        for (int64_t c = c0; c < cols; c++) dst[c * ldd + rr] = src[rr * lds + c];
+#endif
+    for (int64_t rr = r0; rr < rows; rr++)  /* the rows past the last block of eight (all of them without AVX) */
+        for (int64_t c = 0; c < cols; c++) dst[c * ldd + rr] = src[rr * lds + c];
+}
+
+/* The same split over the calling team's threads (inside a parallel region): each takes a range of src's columns,
+ * in multiples of eight. */
+static void transpose_team(const float *src, int64_t rows, int64_t cols, int64_t lds, float *dst, int64_t ldd) {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t blocks = (cols + 7) / 8;
+    const int64_t b0 = blocks * tid / nt, b1 = blocks * (tid + 1) / nt;
+    const int64_t c0 = 8 * b0, c1 = 8 * b1 < cols ? 8 * b1 : cols;
+    if (c1 > c0) transpose(src + c0, rows, c1 - c0, lds, dst + c0 * ldd, ldd);
+}
 
 static inline float up_f32(const void *p, int64_t k) { return ((const float *)p)[k]; }
 /* clip to [lo, hi] with comparisons (fminf / fmaxf's IEEE signed-zero rules keep GCC from vectorising them); the
@@ -223,22 +271,91 @@ void lrq_rebuild(const void *phi0, int kind, float frac_div, const float *s, con
     }
 }
 
+/* A positive float rounded to float16 and back, round half to even: what torch's .half().float() gives. For x in
+ * [2^-24, 65504] (the scales' clamp): 10 mantissa bits kept at or above 2^-14, fp16's subnormal quantum 2^-24 below
+ * (x·2^24 and its rounding are exact in float32). NaN stays NaN. */
+static inline float round_fp16(float x) {
+    if (x != x) return x;
+    if (x < 0x1p-14f) return rintf(x * 0x1p24f) * 0x1p-24f;
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    bits += 0xFFFu + ((bits >> 13) & 1u);
+    bits &= ~0x1FFFu;
+    memcpy(&x, &bits, 4);
+    return x;
+}
+
+/* The forward's per-row values from the n float32 scales: s16 = fp16(clamp(scale, tiny, max)) as float32 (common
+ * .fp16_scales) and keep = 1 where the clamp was the identity (fused.ds_mask: where fp16_ste passes the gradient). */
+void lrq_scales(const float *scale, int64_t n, float tiny, float hi, float *s16, float *keep) {
+    for (int64_t k = 0; k < n; k++) {
+        const float v = scale[k];
+        s16[k] = round_fp16(clip(v, tiny, hi));
+        keep[k] = (v >= tiny) & (v <= hi) ? 1.0f : 0.0f;
+    }
+}
+
+/* The backward's products of dy (T, out), in one pass: gs_t = (dy·diag(s·ls))ᵀ (out, T), the scaled gradient the
+ * low-rank products and the clip correction take, stored token-minor (the correction reads its rows), and
+ * dsum[i] = Σ_t dy[t, i]·(y[t, i] − bias[i]), the scale's gradient times s (y: the forward's output; bias may be
+ * NULL). Threads take blocks of TBLOCK columns; within one, eight tokens at a time are scaled into a small buffer
+ * (rows of dy and y read a line at a time) and transposed into gs_t; each dsum is one sum over t in order. */
+void lrq_dy_pass(const float *dy, const float *y, const float *bias, const float *s, float ls, int64_t T,
+                 int64_t out, float *gs_t, float *dsum, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i0 = 0; i0 < out; i0 += TBLOCK) {
+        const int64_t ni = out - i0 < TBLOCK ? out - i0 : TBLOCK;
+        float sl[TBLOCK], acc[TBLOCK], b0[TBLOCK], buf[8 * TBLOCK];
+        for (int64_t ii = 0; ii < ni; ii++) {
+            sl[ii] = s[i0 + ii] * ls;
+            acc[ii] = 0.0f;
+            b0[ii] = bias ? bias[i0 + ii] : 0.0f;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += 8) {
+            const int64_t nt8 = T - t0 < 8 ? T - t0 : 8;
+            for (int64_t k = 0; k < nt8; k++) {
+                const float *g = dy + (t0 + k) * out + i0, *yt = y + (t0 + k) * out + i0;
+                float *o = buf + k * TBLOCK;
+                if (bias)
+                    for (int64_t ii = 0; ii < ni; ii++) {
+                        o[ii] = g[ii] * sl[ii];
+                        acc[ii] += g[ii] * (yt[ii] - b0[ii]);
+                    }
+                else
+                    for (int64_t ii = 0; ii < ni; ii++) {
+                        o[ii] = g[ii] * sl[ii];
+                        acc[ii] += g[ii] * yt[ii];
+                    }
+            }
+            transpose(buf, nt8, ni, TBLOCK, gs_t + i0 * T + t0, T);
+        }
+        for (int64_t ii = 0; ii < ni; ii++) dsum[i0 + ii] = acc[ii];
+    }
+}
+
 /* The clipped entries' part of dA and dB (the clamp stops their gradient): for each (i, j) of `rc` (K × 2),
- *     g = neg_ls · Σ_t gs_t[i, t]·x[t, j];   da[i, :] += g·b[:, j];   db[:, j] += g·a[i, :]
- * gs_t (out, T) = (dy·S)ᵀ, x (T, in), a (out, r), b (r, in), da (out, r), db (r, in), all row-major float32.
- * The K sampled dot products run in parallel; the scatter, a few flops an entry, on one thread. */
+ *     g = neg · Σ_t gs_t[i, t]·x[t, j];   da[i, :] += g·b[:, j];   db[:, j] += g·a[i, :]
+ * gs_t (out, T) (lrq_dy_pass: (dy·diag(s·α/r))ᵀ), x (T, in), a (out, r), b (r, in), da (out, r), db (r, in), all
+ * row-major float32. x, B and dB are transposed first, so that the K sampled dot products, in parallel, read two
+ * contiguous rows of T, and the scatter, a few flops an entry, on one thread, touches two contiguous rows of r (not
+ * 2r cache lines a column of B and dB apart). Each element of da and db takes the same additions in the same order
+ * as with B and dB as they are. */
 int lrq_clip_correction(const float *gs_t, const float *x, int64_t T, int64_t in, const float *a, const float *b,
-                        int64_t r, const int64_t *rc, int64_t K, float neg_ls, float *da, float *db, int nthreads) {
+                        int64_t r, const int64_t *rc, int64_t K, float neg, float *da, float *db, int nthreads) {
     if (K == 0) return 0;
     float *xt = malloc((size_t)(T * in) * sizeof(float));
     float *g = malloc((size_t)K * sizeof(float));
-    if (!xt || !g) { free(xt); free(g); return -2; }
+    float *bt = malloc((size_t)(2 * r * in) * sizeof(float));
+    if (!xt || !g || !bt) { free(xt); free(g); free(bt); return -2; }
+    float *dbt = bt + r * in;
     if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < in; j++)
-            for (int64_t t = 0; t < T; t++) xt[j * T + t] = x[t * in + j];
+        transpose_team(x, T, in, in, xt, T);
+        transpose_team(b, r, in, in, bt, r);
+        transpose_team(db, r, in, in, dbt, r);
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < K; m++) {
             const float *p = gs_t + rc[2 * m] * T, *q = xt + rc[2 * m + 1] * T;
@@ -249,18 +366,23 @@ int lrq_clip_correction(const float *gs_t, const float *x, int64_t T, int64_t in
             float sum = 0.0f;
             for (; t < T; t++) sum += p[t] * q[t];
             for (int l = 0; l < 8; l++) sum += acc[l];
-            g[m] = neg_ls * sum;
+            g[m] = neg * sum;
         }
     }
     for (int64_t m = 0; m < K; m++) {
         const int64_t i = rc[2 * m], j = rc[2 * m + 1];
-        const float gm = g[m];
+        const float gv = g[m];
+        float *restrict dai = da + i * r, *restrict dbj = dbt + j * r;
+        const float *restrict ai = a + i * r, *restrict bj = bt + j * r;
         for (int64_t q = 0; q < r; q++) {
-            da[i * r + q] += gm * b[q * in + j];
-            db[q * in + j] += gm * a[i * r + q];
+            dai[q] += gv * bj[q];
+            dbj[q] += gv * ai[q];
         }
     }
+#pragma omp parallel num_threads(nthreads)
+    transpose_team(dbt, in, r, r, db, in);
     free(xt);
     free(g);
+    free(bt);
     return 0;
 }

@@ -5,7 +5,10 @@ What it replaces in methods/fused.py, per projection and step, on the CPU:
   (one C loop writes Ŵ and collects the events as it goes);
 * the backward's compiled RTN pass plus the `index_put_` of the events (one loop);
 * the clipped entries' correction of dA and dB: the CSR pattern, `sampled_addmm`, the sparse product and the
-  scatter (one loop over the K entries).
+  scatter (one loop over the K entries);
+* the small ops around them: the fp16 scales and fp16_ste's mask (`scales`, seven torch ops), and the backward's
+  (dy·S·α/r)ᵀ with Σ_t dy·y0 for the scale's gradient (`dy_pass`: a strided product, a product and a reduction,
+  and the two α/r products of dA and dB).
 Each call costs a few µs through ctypes, where a compiled pass went through dynamo's wrapper and guards (about
 0.1 ms) and the correction's torch ops had about 0.4 ms of fixed cost (BENCHMARKS.md, issue 18).
 
@@ -50,6 +53,8 @@ _SIGNATURES = {
     "lrq_take": (None, [_P, _P, _I32, _P, _P, _I64]),
     "lrq_rebuild": (None, [_P, _I32, _F, _P, _P, _I64, _I64, _I64, _F, _F, _P, _P, _I32, _P, _I64, _I32]),
     "lrq_clip_correction": (_I32, [_P, _P, _I64, _I64, _P, _P, _I64, _P, _I64, _F, _P, _P, _I32]),
+    "lrq_scales": (None, [_P, _I64, _F, _F, _P, _P]),
+    "lrq_dy_pass": (None, [_P, _P, _P, _P, _F, _I64, _I64, _P, _P, _I32]),
 }
 
 
@@ -186,12 +191,31 @@ def rebuild(phi0, kind: int, div: float, s16, zf, qmin: int, qmax: int, pos, val
     return w
 
 
-def clip_correction(gs_t, x2, a, b, idx, ls: float, da, db) -> None:
-    """da += the clipped entries' part of dA, db += theirs of dB, in place (fused._correction_csr's values).
-    gs_t (out, T), x2 (T, in), a (out, r), b (r, in), da (out, r), db (r, in): contiguous float32; idx (K, 2)
-    int64."""
+def scales(scale: torch.Tensor, tiny: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s16, keep), float32 like `scale` (contiguous float32): fp16(clamp(scale, tiny, hi)) as float32, and 1.0 where
+    the clamp was the identity, else 0.0."""
+    s16, keep = torch.empty_like(scale), torch.empty_like(scale)
+    lib().lrq_scales(_ptr(scale), scale.numel(), tiny, hi, _ptr(s16), _ptr(keep))
+    return s16, keep
+
+
+def dy_pass(dy, y, bias, s, ls: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gs_t, dsum): gs_t = (dy·diag(s·ls))ᵀ (out, T), dsum = Σ_t dy·(y − bias) (out,). dy, y (T, out), bias (out,)
+    | None, s (out, 1): contiguous float32."""
+    n_tok, out_f = dy.shape
+    gs_t, dsum = torch.empty(out_f, n_tok), torch.empty(out_f)
+    lib().lrq_dy_pass(_ptr(dy), _ptr(y), _ptr(bias), _ptr(s), ls, n_tok, out_f, _ptr(gs_t), _ptr(dsum),
+                      torch.get_num_threads())
+    return gs_t, dsum
+
+
+def clip_correction(gs_t, x2, a, b, idx, neg: float, da, db) -> None:
+    """da += the clipped entries' part of dA, db += theirs of dB, in place: neg·Σ_t gs_t[i, t]·x2[t, j] at each
+    (i, j) of idx (fused._correction_csr's values when gs_t = (dy·S)ᵀ and neg = −α/r; `dy_pass`'s gs_t has α/r in it,
+    then neg = −1). gs_t (out, T), x2 (T, in), a (out, r), b (r, in), da (out, r), db (r, in): contiguous float32;
+    idx (K, 2) int64."""
     rc = idx.contiguous()
     res = lib().lrq_clip_correction(_ptr(gs_t), _ptr(x2), x2.shape[0], x2.shape[1], _ptr(a), _ptr(b), a.shape[1],
-                                    _ptr(rc), rc.shape[0], -ls, _ptr(da), _ptr(db), torch.get_num_threads())
+                                    _ptr(rc), rc.shape[0], neg, _ptr(da), _ptr(db), torch.get_num_threads())
     if res != 0:
         raise MemoryError("fused_native: out of memory in the clip correction")
