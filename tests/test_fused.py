@@ -235,6 +235,30 @@ def test_native_dy_pass_is_the_scaled_transposed_gradient(t, out_f, bias):
     assert (dsum - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_scratch_buffers_are_per_role_and_thread_and_never_returned_to_callers():
+    """fused_native.scratch: one buffer a role and thread, reused (grown for a larger shape); the public fused_weight
+    returns a fresh tensor, so a second layer's pass does not overwrite a first result a caller holds."""
+    import threading
+
+    w1, w2, ab = fused_native.scratch("w", 4, 8), fused_native.scratch("w", 2, 3), fused_native.scratch("ab", 4, 8)
+    assert w1.data_ptr() == w2.data_ptr() != ab.data_ptr() and w2.shape == (2, 3)
+    assert fused_native.scratch("w", 64, 64).numel() == 64 * 64
+    other = []
+    t = threading.Thread(target=lambda: other.append(fused_native.scratch("w", 4, 8).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != fused_native.scratch("w", 4, 8).data_ptr()
+    spec = PRESETS["w4pc"]
+    (_, one, _), (_, two, _) = _pair(spec, "bf16", seed=0), _pair(spec, "bf16", seed=1)
+    args = (spec, "bf16", one.lora_scale, phi_up)
+    w_one = fused.fused_weight(one.phi0, one.lora_A, one.lora_B, one.scale, one.zero, *args)
+    kept = w_one.clone()
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    two(x).sum().backward()  # the autograd path: Ŵ and A·B in the scratch buffers
+    fused.fused_weight(two.phi0, two.lora_A, two.lora_B, two.scale, two.zero, *args)
+    assert torch.equal(w_one, kept)
+
+
 @pytest.mark.parametrize("preset", ["w4pc", "q4_1"])
 def test_fused_training_fuses_to_the_trained_logits_exactly(tiny_llama, tmp_path, preset):
     torch.manual_seed(0)  # B's Kaiming start: the same run whichever tests ran before

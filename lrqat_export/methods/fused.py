@@ -36,7 +36,9 @@ the fixed-point Φ0 and on the clip boundaries for every φ and grid.
 One path per device: on the CPU the native kernel (`fused_native`: fused_native.c, built once per machine by the
 system C compiler, called through ctypes) computes the forward's pass and its events in one loop, the backward's
 rebuild, and the clipped entries' correction, for Φ0 in fp32, bf16 and int8 (int4's packed nibbles stay compiled),
-and for every φ the fp16 scales and the backward's scaled dy (`_s16_keep`, `_lowrank_grads`);
+and for every φ the fp16 scales and the backward's scaled dy (`_s16_keep`, `_lowrank_grads`); inside the autograd
+function the CPU's A·B and Ŵ go to one reused buffer each (`fused_native.scratch`: no fresh weight-sized
+allocation, so no page faults, per projection);
 everything else is `torch.compile` of the element-wise passes (inductor: C++ on the CPU, Triton on CUDA). Without
 the native kernel (no working C compiler, or LRQAT_FUSED_NATIVE=0) the compiled passes do its work, with one log
 line; where torch.compile cannot compile either (no C++ compiler, no Triton) the layer keeps the eager chain, with
@@ -253,10 +255,14 @@ def _dx(dy2, w, cdt, x):
     return _as(_as(dy2, cdt) @ _as(w, cdt), x.dtype).reshape(x.shape)
 
 
-def _ab(lora_a, lora_b):
-    """fp32 A·B (out, in): the matmul `fused_codes` uses."""
+def _ab(lora_a, lora_b, reuse: bool = False):
+    """fp32 A·B (out, in): the matmul `fused_codes` uses. reuse: into this thread's buffer for the shape
+    (`fused_native.scratch`, CPU only), for a product that dies inside the caller."""
     with _fp32_math(lora_a.device):
-        return _f32(lora_a.detach()) @ _f32(lora_b.detach())
+        a, b = _f32(lora_a.detach()), _f32(lora_b.detach())
+        if reuse and a.device.type == "cpu":
+            return torch.matmul(a, b, out=fused_native.scratch("ab", a.shape[0], b.shape[1]))
+        return a @ b
 
 
 def _lora_scale(lora_scale: float, device) -> torch.Tensor:
@@ -336,11 +342,11 @@ def _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
     return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
 
 
-def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
+def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast, reuse=False):
     nat = _native(phi0, spec, phi, upcast)
     if nat is not None:  # Ŵ and the events from one C loop: no flags to scan, no gathers
         w, ev = fused_native.forward(phi0, *nat, ab, float(ls), s16, zf, spec.qmin, spec.qmax, True,
-                                     EVENT_FRACTION * phi0.numel())
+                                     EVENT_FRACTION * phi0.numel(), reuse)
         return w, None if ev is None else Events(*ev)
     w, ev = _run("weight_events", spec, phi, upcast, phi0, ab, ls, s16, zf)
     pos = flagged_positions(ev)
@@ -352,12 +358,13 @@ def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
                      torch.stack((clip // in_f, clip % in_f), 1))
 
 
-def rebuilt_weight(phi0, s16, zf, events: Events, spec: QuantSpec, phi: str, upcast: Callable):
+def rebuilt_weight(phi0, s16, zf, events: Events, spec: QuantSpec, phi: str, upcast: Callable, reuse=False):
     """(Ŵ, (K, 2) clipped entries) from Φ0 and the forward's events, without A·B: RTN's Ŵ from one pass, then the
     forward's own Ŵ values put back at the events, so Ŵ is the forward's bit for bit."""
     nat = _native(phi0, spec, phi, upcast)
     if nat is not None:
-        return fused_native.rebuild(phi0, *nat, s16, zf, spec.qmin, spec.qmax, events.pos, events.w), events.clipped
+        return (fused_native.rebuild(phi0, *nat, s16, zf, spec.qmin, spec.qmax, events.pos, events.w, reuse),
+                events.clipped)
     w = _run("weight_rtn", spec, phi, upcast, phi0, s16, zf)
     w.view(-1).index_put_((events.pos,), events.w)
     return w, events.clipped
@@ -371,11 +378,11 @@ class FusedLRQATLinear(torch.autograd.Function):
                 spec, phi, lora_scale, upcast):
         ctx.per_channel = scale.shape[1] == 1
         events = None
-        ab, ls = _ab(lora_a, lora_b), _lora_scale(lora_scale, phi0.device)
+        ab, ls = _ab(lora_a, lora_b, reuse=True), _lora_scale(lora_scale, phi0.device)
         s16, keep = _s16_keep(scale)
         zf = None if zero is None else zero.float()
         if ctx.per_channel:  # the forward records its events (module docstring), on every per-channel grid
-            w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
+            w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast, reuse=True)
         else:
             w = _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
         del ab
@@ -395,7 +402,7 @@ class FusedLRQATLinear(torch.autograd.Function):
         ab = None
         dy2 = dy.reshape(-1, out_f)
         if events[0] is not None:  # per channel, the forward's events: Ŵ without A·B
-            w, idx = rebuilt_weight(phi0, s16, zf, Events(*events), spec, phi, upcast)
+            w, idx = rebuilt_weight(phi0, s16, zf, Events(*events), spec, phi, upcast, reuse=True)
         elif ctx.per_channel:
             ab = _ab(lora_a, lora_b)
             w, clipped = _run("weight_clipped", spec, phi, upcast, phi0, ab, ls, s16, zf)

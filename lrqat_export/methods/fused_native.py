@@ -33,6 +33,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -152,17 +153,35 @@ def storage(phi: str, phi0: torch.Tensor, spec, upcast) -> tuple[int, float] | N
     return kind, _FRAC[key]
 
 
+_SCRATCH = threading.local()  # per thread: {role: float32 buffer} reused across calls, grown to the largest shape
+
+
+def scratch(role: str, out_f: int, in_f: int) -> torch.Tensor:
+    """A float32 (out_f, in_f) view of this thread's buffer for `role`, the same memory on every call (grown when a
+    larger shape asks): for the weight-sized temporaries (Ŵ, A·B) whose life ends inside one call of the fused layer.
+    Allocating them afresh costs page faults on the CPU (glibc hands large blocks back to the OS and maps them again);
+    one buffer a role holds what one such temporary of the largest layer does at a time anyway."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    n = out_f * in_f
+    buf = bufs.get(role)
+    if buf is None or buf.numel() < n:
+        buf = bufs[role] = torch.empty(n)
+    return buf[:n].view(out_f, in_f)
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
 def forward(phi0, kind: int, div: float, ab, ls: float, s16, zf, qmin: int, qmax: int, events: bool,
-            limit: float):
+            limit: float, reuse: bool = False):
     """(Ŵ (out, in) float32, events | None) from one pass; events = (pos int32 | int64, Ŵ there, (Kc, 2) clipped
     (row, column) int64), exactly sized; None without events or past `limit` of them. s16, zf: (out, G) float32,
     contiguous."""
     out_f, in_f = phi0.shape
-    w = torch.empty(out_f, in_f)
+    w = scratch("w", out_f, in_f) if reuse else torch.empty(out_f, in_f)
     counts = (ctypes.c_int64 * 3)()
     h = lib().lrq_forward(_ptr(phi0), kind, div, _ptr(ab), ls, _ptr(s16), _ptr(zf), out_f, in_f,
                           in_f // s16.shape[1], qmin, qmax, _ptr(w), int(events), int(limit), counts,
@@ -181,10 +200,11 @@ def forward(phi0, kind: int, div: float, ab, ls: float, s16, zf, qmin: int, qmax
     return w, (pos, vals, clip)
 
 
-def rebuild(phi0, kind: int, div: float, s16, zf, qmin: int, qmax: int, pos, vals) -> torch.Tensor:
+def rebuild(phi0, kind: int, div: float, s16, zf, qmin: int, qmax: int, pos, vals, reuse: bool = False
+            ) -> torch.Tensor:
     """RTN's Ŵ from Φ0 with the forward's values put back at its events: the forward's Ŵ bit for bit."""
     out_f, in_f = phi0.shape
-    w = torch.empty(out_f, in_f)
+    w = scratch("w", out_f, in_f) if reuse else torch.empty(out_f, in_f)
     lib().lrq_rebuild(_ptr(phi0), kind, div, _ptr(s16), _ptr(zf), out_f, in_f, in_f // s16.shape[1], qmin, qmax,
                       _ptr(w), _ptr(pos), int(pos.dtype == torch.int64), _ptr(vals), pos.shape[0],
                       torch.get_num_threads())
