@@ -37,8 +37,8 @@ One path per device: on the CPU the native kernel (`fused_native`: fused_native.
 system C compiler, called through ctypes) computes the forward's pass and its events in one loop, the backward's
 rebuild, and the clipped entries' correction, for Φ0 in fp32, bf16 and int8 (int4's packed nibbles stay compiled),
 and for every φ the fp16 scales and the backward's scaled dy (`_s16_keep`, `_lowrank_grads`); inside the autograd
-function the CPU's A·B and Ŵ go to one reused buffer each (`fused_native.scratch`: no fresh weight-sized
-allocation, so no page faults, per projection);
+function the CPU's A·B goes to a reused buffer and the forward's Ŵ overwrites it, the backward's Ŵ to a second one
+(`fused_native.scratch`: no fresh weight-sized allocation, so no page faults, per projection);
 everything else is `torch.compile` of the element-wise passes (inductor: C++ on the CPU, Triton on CUDA). Without
 the native kernel (no working C compiler, or LRQAT_FUSED_NATIVE=0) the compiled passes do its work, with one log
 line; where torch.compile cannot compile either (no C++ compiler, no Triton) the layer keeps the eager chain, with
@@ -342,11 +342,12 @@ def _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast):
     return _run("weight", spec, phi, upcast, phi0, ab, ls, s16, zf)
 
 
-def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast, reuse=False):
+def _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast, in_place=False):
+    """(Ŵ, Events | None) from one pass (in_place: the native pass writes Ŵ over ab, which dies in the caller)."""
     nat = _native(phi0, spec, phi, upcast)
     if nat is not None:  # Ŵ and the events from one C loop: no flags to scan, no gathers
         w, ev = fused_native.forward(phi0, *nat, ab, float(ls), s16, zf, spec.qmin, spec.qmax, True,
-                                     EVENT_FRACTION * phi0.numel(), reuse)
+                                     EVENT_FRACTION * phi0.numel(), in_place)
         return w, None if ev is None else Events(*ev)
     w, ev = _run("weight_events", spec, phi, upcast, phi0, ab, ls, s16, zf)
     pos = flagged_positions(ev)
@@ -382,7 +383,7 @@ class FusedLRQATLinear(torch.autograd.Function):
         s16, keep = _s16_keep(scale)
         zf = None if zero is None else zero.float()
         if ctx.per_channel:  # the forward records its events (module docstring), on every per-channel grid
-            w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast, reuse=True)
+            w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast, in_place=True)  # ab dies here
         else:
             w = _weight_pass(phi0, ab, ls, s16, zf, spec, phi, upcast)
         del ab

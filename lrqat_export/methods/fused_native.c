@@ -119,7 +119,7 @@ static void ev_push(evbuf *b, int64_t pos, float w, int clipped, int64_t limit) 
         int32_t e[CHUNK];                                                                                       \
         int32_t any = 0;                                                                                            \
         const int64_t kk = k + j0;                                                                              \
-        for (int t = 0; t < n; t++) {                                                                           \
+        _Pragma("GCC ivdep") for (int t = 0; t < n; t++) {                                                      \
             const float u = UP(phi0, kk + t) EXTRA;                                                             \
             const float r = rintf(u + ls * ab[kk + t]);                                                         \
             const float c = clip(r, qmin, qmax);                                                                \
@@ -142,7 +142,7 @@ static void ev_push(evbuf *b, int64_t pos, float w, int clipped, int64_t limit) 
     }
 
 #define GROUP_PASS_W(UP, EXTRA)                                                                                 \
-    for (int64_t t = 0; t < len; t++)                                                                           \
+    _Pragma("GCC ivdep") for (int64_t t = 0; t < len; t++)                                                      \
         w[k + t] = (clip(rintf(UP(phi0, k + t) EXTRA + ls * ab[k + t]), qmin, qmax) - zz) * sc;
 
 typedef struct {
@@ -151,7 +151,8 @@ typedef struct {
 } evset;
 
 /* Ŵ (out, in) float32 = (clip(rint(upcast(Φ0) + ls·ab), qmin, qmax) − z)·s, with s and z per (row, group of gs
- * weights). z may be NULL (symmetric: the eager layer subtracts nothing; c − 0 is c). Returns NULL without events.
+ * weights). w may be ab itself (in place: each element is read before it is written, and no other is touched, so
+ * the loops vectorise without alias checks — `ivdep`); it must not overlap ab otherwise. z may be NULL (symmetric: the eager layer subtracts nothing; c − 0 is c). Returns NULL without events.
  * With events, a handle to them: counts = {their number, how many clipped, status (0 kept, 1 past `limit`, 2 out of
  * memory)}; `lrq_take` copies them out and frees the handle. Rows are split into one contiguous range per thread and
  * the ranges are concatenated in order, so the events come out row-major, ascending. */

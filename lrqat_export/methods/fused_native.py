@@ -176,12 +176,12 @@ def _ptr(t: torch.Tensor | None):
 
 
 def forward(phi0, kind: int, div: float, ab, ls: float, s16, zf, qmin: int, qmax: int, events: bool,
-            limit: float, reuse: bool = False):
+            limit: float, in_place: bool = False):
     """(Ŵ (out, in) float32, events | None) from one pass; events = (pos int32 | int64, Ŵ there, (Kc, 2) clipped
     (row, column) int64), exactly sized; None without events or past `limit` of them. s16, zf: (out, G) float32,
-    contiguous."""
+    contiguous. in_place: Ŵ overwrites ab (float32 (out, in), contiguous), which the caller no longer needs."""
     out_f, in_f = phi0.shape
-    w = scratch("w", out_f, in_f) if reuse else torch.empty(out_f, in_f)
+    w = ab if in_place else torch.empty(out_f, in_f)
     counts = (ctypes.c_int64 * 3)()
     h = lib().lrq_forward(_ptr(phi0), kind, div, _ptr(ab), ls, _ptr(s16), _ptr(zf), out_f, in_f,
                           in_f // s16.shape[1], qmin, qmax, _ptr(w), int(events), int(limit), counts,
