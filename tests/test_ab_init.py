@@ -144,7 +144,7 @@ def test_the_default_recipe_depends_on_the_grid_and_reaches_the_checkpoint(tiny_
 
 def test_direct_train_call_takes_the_grid_defaults_of_the_prepared_model(tiny_llama, monkeypatch):
     """loop.train called directly with an unresolved config (no spec): the grid of the model's quantized layers
-    picks the defaults, as `lrqat train` does (grouped q4_0: scale lr 3e-4; per channel: 1e-4)."""
+    picks the defaults, as `lrqat train` does (grouped q4_0: scale lr 2e-4; per channel: 1e-4)."""
     from transformers import AutoModelForCausalLM
 
     from lrqat_export.core.data import text_windows

@@ -203,7 +203,7 @@ def test_every_method_is_complete_and_the_cli_offers_exactly_the_registry():
 
 
 def test_grid_dependent_defaults_reach_every_caller():
-    """LR-QAT's default scale lr depends on the grid (grouped 3e-4, 2e-4 with groups of 32, per channel and K grids
+    """LR-QAT's default scale lr depends on the grid (grouped 4e-4, 2e-4 with groups of 32, per channel and K grids
     1e-4), PEQA's too on grouped grids; the registry, the TrainConfig, the benchmark and the paper recipe agree."""
     sys.path.insert(0, str(ROOT))
     from lrqat_export.core.quant import PRESETS
