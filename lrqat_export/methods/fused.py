@@ -36,7 +36,7 @@ the fixed-point Φ0 and on the clip boundaries for every φ and grid.
 One path per device: on the CPU the native kernel (`fused_native`: fused_native.c, built once per machine by the
 system C compiler, called through ctypes) computes the forward's pass and its events in one loop, the backward's
 rebuild, and the clipped entries' correction, for Φ0 in fp32, bf16 and int8 (int4's packed nibbles stay compiled),
-and for every φ the fp16 scales and the backward's scaled dy (`_s16_keep`, `_lowrank_grads`); inside the autograd
+and for every φ the fp16 scales and the backward's scaled dy (`_scales`, `_lowrank_grads`); inside the autograd
 function the CPU's A·B goes to a reused buffer and the forward's Ŵ overwrites it, the backward's Ŵ to a second one
 (`fused_native.scratch`: no fresh weight-sized allocation, so no page faults, per projection);
 everything else is `torch.compile` of the element-wise passes (inductor: C++ on the CPU, Triton on CUDA). Without
@@ -273,32 +273,28 @@ def _lora_scale(lora_scale: float, device) -> torch.Tensor:
     return ls
 
 
-def _scales(scale, zero, lora_scale, device):
-    """α/r as a 0-dim float32 tensor, the fp16 scales as float32 and the float zeros."""
-    ls = _lora_scale(lora_scale, device)
-    # the value of common.fp16_ste: s_c + (fp16(s_c) − s_c) is fp16(s_c) exactly (the difference is exact)
-    s16 = fp16_scales(scale).float()  # (out, G)
-    zf = None if zero is None else zero.float()
-    return ls, s16, zf
-
-
 def ds_mask(scale: torch.Tensor) -> torch.Tensor:
     """Where common.fp16_ste passes the scale's gradient: the identity inside its clamp to fp16's range."""
     s_c = _f32(scale.detach())
     return (s_c >= FP16_TINY) & (s_c <= FP16_MAX)
 
 
-def _s16_keep(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the fp16 scales as float32, fp16_ste's mask): `fp16_scales(scale).float()` and `ds_mask(scale)`, from one
-    native call on the CPU (the same values; the mask as 1.0 / 0.0) instead of seven small torch ops."""
+def _scales(scale, zero, lora_scale, device, mask: bool = False):
+    """(α/r as a 0-dim float32 tensor, the fp16 scales as float32 (out, G), the float zeros, fp16_ste's mask | None).
+    On the CPU one native call gives the scales and the mask (1.0 / 0.0; the values of `fp16_scales(scale).float()`
+    and `ds_mask(scale)`, seven small torch ops); elsewhere the mask is computed only when asked (`mask`)."""
+    ls = _lora_scale(lora_scale, device)
+    zf = None if zero is None else zero.float()
     if scale.dtype == torch.float32 and scale.is_contiguous() and _native_on(scale.device):
-        return fused_native.scales(scale.detach(), FP16_TINY, FP16_MAX)
-    return fp16_scales(scale).float(), ds_mask(scale)
+        s16, keep = fused_native.scales(scale.detach(), FP16_TINY, FP16_MAX)
+        return ls, s16, zf, keep
+    # the value of common.fp16_ste: s_c + (fp16(s_c) − s_c) is fp16(s_c) exactly (the difference is exact)
+    return ls, fp16_scales(scale).float(), zf, ds_mask(scale) if mask else None
 
 
 def _prologue(phi0, lora_a, lora_b, scale, zero, lora_scale):
     """fp32 A·B, α/r as a 0-dim tensor, the fp16 scales and float zeros."""
-    return (_ab(lora_a, lora_b), *_scales(scale, zero, lora_scale, phi0.device))
+    return (_ab(lora_a, lora_b), *_scales(scale, zero, lora_scale, phi0.device)[:3])
 
 
 def fused_weight(phi0, lora_a, lora_b, scale, zero, spec: QuantSpec, phi: str, lora_scale: float,
@@ -379,9 +375,8 @@ class FusedLRQATLinear(torch.autograd.Function):
                 spec, phi, lora_scale, upcast):
         ctx.per_channel = scale.shape[1] == 1
         events = None
-        ab, ls = _ab(lora_a, lora_b, reuse=True), _lora_scale(lora_scale, phi0.device)
-        s16, keep = _s16_keep(scale)
-        zf = None if zero is None else zero.float()
+        ab = _ab(lora_a, lora_b, reuse=True)
+        ls, s16, zf, keep = _scales(scale, zero, lora_scale, phi0.device, mask=True)
         if ctx.per_channel:  # the forward records its events (module docstring), on every per-channel grid
             w, events = _events_pass(phi0, ab, ls, s16, zf, spec, phi, upcast, in_place=True)  # ab dies here
         else:

@@ -152,7 +152,8 @@ typedef struct {
 
 /* Ŵ (out, in) float32 = (clip(rint(upcast(Φ0) + ls·ab), qmin, qmax) − z)·s, with s and z per (row, group of gs
  * weights). w may be ab itself (in place: each element is read before it is written, and no other is touched, so
- * the loops vectorise without alias checks — `ivdep`); it must not overlap ab otherwise. z may be NULL (symmetric: the eager layer subtracts nothing; c − 0 is c). Returns NULL without events.
+ * the loops vectorise without alias checks — `ivdep`); it must not overlap ab otherwise. z may be NULL (symmetric:
+ * the eager layer subtracts nothing; c − 0 is c). Returns NULL without events.
  * With events, a handle to them: counts = {their number, how many clipped, status (0 kept, 1 past `limit`, 2 out of
  * memory)}; `lrq_take` copies them out and frees the handle. Rows are split into one contiguous range per thread and
  * the ranges are concatenated in order, so the events come out row-major, ascending. */
