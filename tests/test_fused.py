@@ -4,7 +4,9 @@ fused training, the flag, and the eager fallback when torch.compile fails."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -414,9 +416,33 @@ def test_the_native_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
         return subprocess_run(cmd, **k)
 
     monkeypatch.setattr(fused_native.subprocess, "run", no_compile)
+    os.utime(built[0], ns=(stamp - 10**12, stamp - 10**12))  # as if last loaded 1000 s ago
+    inode = built[0].stat().st_ino
     assert fused_native.lib() is not None, fused_native.why_off()
     assert sorted((tmp_path / "lrqat-export" / "native").iterdir()) == built
-    assert built[0].stat().st_mtime_ns == stamp
+    assert built[0].stat().st_ino == inode  # the same file, not rebuilt and renamed over
+    assert built[0].stat().st_mtime_ns > stamp - 10**12  # touched by the load: not stale
+
+
+def test_a_new_build_removes_only_the_cached_libraries_not_loaded_for_stale_days(tmp_path, monkeypatch):
+    """Builds of other versions pile up in the cache as the source changes: a fresh build removes those not loaded
+    for STALE_DAYS and keeps the recent ones (another checkout may use them) and every other file."""
+    monkeypatch.setattr(fused_native, "_STATE", {})
+    monkeypatch.delenv(fused_native.ENV_OFF, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "lrqat-export" / "native"
+    cache.mkdir(parents=True)
+    now = time.time()
+    ages = {"fused_native_0000000000000old.so": fused_native.STALE_DAYS + 1,
+            "fused_native_00000000000recent.so": fused_native.STALE_DAYS - 1,
+            "notes_of_the_user.txt": 10 * fused_native.STALE_DAYS}
+    for name, days in ages.items():
+        (cache / name).write_bytes(b"x")
+        os.utime(cache / name, (now - days * 86400, now - days * 86400))
+    assert fused_native.lib() is not None, fused_native.why_off()
+    left = sorted(p.name for p in cache.iterdir())
+    assert len(left) == 3 and "fused_native_0000000000000old.so" not in left, left
+    assert {"fused_native_00000000000recent.so", "notes_of_the_user.txt"} <= set(left), left
 
 
 def test_a_dispatch_mode_runs_the_eager_passes_and_leaves_the_fused_path_on():

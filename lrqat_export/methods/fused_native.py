@@ -19,7 +19,9 @@ for bit on exact .5 ties and both clip boundaries.
 The library is compiled by the system C compiler (`$CC`, else cc / gcc: the compiler inductor's C++ backend needs
 too) with -march=native and OpenMP, into the user's cache (`$XDG_CACHE_HOME`, else ~/.cache, `lrqat-export/native/`),
 named by a hash of the source, the flags, the compiler and the CPU's feature flags; written to a temporary name and
-renamed, so concurrent first runs cannot load a half-written file. Where no compiler works, or
+renamed, so concurrent first runs cannot load a half-written file. Each load touches its library; a new build removes
+the libraries nobody has loaded for `STALE_DAYS` (an older version's, another compiler's), so upgrades do not pile up
+builds in the cache. Where no compiler works, or
 `LRQAT_FUSED_NATIVE=0` is set, `lib()` is None and fused.py runs its compiled passes instead (one log line says
 why).
 """
@@ -34,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_native.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+STALE_DAYS = 30  # a cached build not loaded for this long is removed by the next build
 ENV_OFF = "LRQAT_FUSED_NATIVE"  # "0": never build or use the native kernel
 KINDS = {"fp32": 0, "bf16": 1, "int8": 2}  # Φ0 storages the kernel reads (int4's packed nibbles stay compiled)
 
@@ -90,6 +94,10 @@ def _build() -> Path:
                                     platform.machine()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"fused_native_{key}.so"
     if out.exists():
+        try:
+            os.utime(out)  # loaded now: not stale (`_prune`)
+        except OSError:
+            pass  # a read-only cache: the library still loads
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
@@ -103,7 +111,20 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _prune(out)
     return out
+
+
+def _prune(keep: Path) -> None:
+    """Remove the cached libraries beside `keep` that no process has loaded for STALE_DAYS (their mtime: `_build`
+    touches a library each time it loads it). A library in use stays mapped even if another checkout removes it."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in keep.parent.glob("fused_native_*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass  # removed meanwhile by another process, or not ours to remove
 
 
 def lib() -> ctypes.CDLL | None:
