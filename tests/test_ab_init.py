@@ -122,15 +122,19 @@ def test_cli_ab_init_reaches_the_checkpoint(tiny_llama, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("extra, ab_init, lr_scale", [
-    (["--preset", "q4_0"], "grad", registry.GROUP32_LR_SCALE),  # the default recipe on a grouped grid, groups of 32
-    (["--preset", "w3g64"], "grad", registry.GROUPED_LR_SCALE),  # larger groups
-    (["--preset", "w4pc"], "lora", 1e-4),  # per channel: the Kaiming start
-    (["--preset", "q4_0", "--recipe", "paper"], "lora", 1e-5),  # the paper's Kaiming start and scale lr
-    (["--preset", "q4_0", "--ab-init", "lora", "--lr-scale", "2e-4"], "lora", 2e-4),  # the user's values win
+@pytest.mark.parametrize("extra, ab_init, lr_scale, lr_ab", [
+    # the default recipe on a grouped grid with groups of 32: the gradient start
+    (["--preset", "q4_0"], "grad", registry.GROUP32_LR_SCALE, 3e-3),
+    (["--preset", "w3g64"], "lora", registry.GROUPED_LR_SCALE, registry.GROUPED_LR_AB),  # larger groups: faster A·B
+    (["--preset", "w4pc"], "lora", 1e-4, 3e-3),  # per channel: the Kaiming start
+    (["--preset", "q4_0", "--recipe", "paper"], "lora", 1e-5, 1e-3),  # the paper's Kaiming start and lrs
+    (["--preset", "w3g64", "--recipe", "paper"], "lora", 1e-5, 1e-3),
+    # the user's values win
+    (["--preset", "q4_0", "--ab-init", "lora", "--lr-scale", "2e-4"], "lora", 2e-4, 3e-3),
+    (["--preset", "w3g64", "--ab-init", "grad", "--lr-ab", "1e-3"], "grad", registry.GROUPED_LR_SCALE, 1e-3),
 ])
 def test_the_default_recipe_depends_on_the_grid_and_reaches_the_checkpoint(tiny_llama, tmp_path, extra, ab_init,
-                                                                          lr_scale):
+                                                                          lr_scale, lr_ab):
     from lrqat_export.app.cli import main
     from lrqat_export.core.intckpt import load_intckpt
 
@@ -140,6 +144,7 @@ def test_the_default_recipe_depends_on_the_grid_and_reaches_the_checkpoint(tiny_
     training = load_intckpt(tmp_path / "a").manifest["training"]
     assert training["lrqat"]["ab_init"] == ab_init
     assert training["config"]["lr_scale"] == lr_scale
+    assert training["config"]["lr_ab"] == lr_ab
 
 
 def test_direct_train_call_takes_the_grid_defaults_of_the_prepared_model(tiny_llama, monkeypatch):

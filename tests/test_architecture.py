@@ -214,10 +214,16 @@ def test_grid_dependent_defaults_reach_every_caller():
     grouped, g32 = registry.GROUPED_LR_SCALE, registry.GROUP32_LR_SCALE
     want = {"q4_0": g32, "q4_1": g32, "w3g64": grouped, "w4g128": grouped, "w4pc": 1e-4, "w8pc": 1e-4,
             "q4_k": 1e-4, "q4_k_m": 1e-4}
-    assert len({grouped, g32, 1e-4}) == 3
+    assert len({grouped, g32, 1e-4}) == 3 and registry.GROUPED_LR_AB != registry.METHODS["lrqat"].defaults["lr_ab"]
     for preset, lr in want.items():
         spec = PRESETS[preset]
-        assert registry.resolve_options("lrqat", spec=spec).ab_init == ("grad" if lr != 1e-4 else "lora")
+        # the adapters: the gradient start with groups of 32, a faster A·B from the Kaiming start with larger ones
+        assert registry.resolve_options("lrqat", spec=spec).ab_init == ("grad" if lr == g32 else "lora"), preset
+        lr_ab = registry.GROUPED_LR_AB if lr == grouped else registry.METHODS["lrqat"].defaults["lr_ab"]
+        assert registry.default("lrqat", "lr_ab", spec=spec) == lr_ab, preset
+        assert TrainConfig().resolved("lrqat", spec=spec).lr_ab == lr_ab, preset
+        assert method_config("lrqat", 60, 2, spec=spec)[2].lr_ab == lr_ab, preset
+        assert TrainConfig().resolved("lrqat", "paper", spec).lr_ab == 1e-3, preset
         assert registry.default("lrqat", "lr_scale", spec=spec) == lr, preset
         assert TrainConfig().resolved("lrqat", spec=spec).lr_scale == lr, preset
         assert method_config("lrqat", 60, 2, spec=spec)[2].lr_scale == lr, preset

@@ -140,7 +140,8 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                         f"top-r principal directions of each layer's inputs; grad = the row space of the loss "
                         f"gradient, both from the first {INIT_STEPS} steps' windows (default "
                         f"{registry.default('lrqat', 'ab_init')}, "
-                        f"{registry.default('lrqat', 'ab_init', spec=PRESETS['q4_0'])} on grouped one-level grids; "
+                        f"{registry.default('lrqat', 'ab_init', spec=PRESETS['q4_0'])} on grouped one-level grids "
+                        f"with groups of 32; "
                         f"{registry.default('lrqat', 'ab_init', recipe='paper')} in --recipe paper)")
     g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=opts.checkpointing,
                    help=f"recompute each layer's fake-quantized weight in backward instead of keeping weight-sized "
@@ -156,11 +157,15 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, opts: MethodOptions 
                    help=f"windows per optimizer step, over all ranks under torchrun (the global batch; default "
                         f"{TRAIN.batch_size})")
     g.add_argument("--grad-accum", type=POSITIVE, default=TRAIN.grad_accum, help="micro-batches per step")
-    g.add_argument("--lr-ab", type=RATE, help=f"learning rate of A and B (default {_method_defaults('lr_ab')})")
+    g.add_argument("--lr-ab", type=RATE, help=f"learning rate of A and B (default {_method_defaults('lr_ab')}; "
+                                               f"lrqat on grouped grids with groups over 32 "
+                                               f"{registry.default('lrqat', 'lr_ab', spec=PRESETS['w3g64']):g})")
     g.add_argument("--lr-scale", type=RATE, help=f"learning rate of the scales (default "
-                                                  f"{_method_defaults('lr_scale')}; lrqat on grouped grids "
-                                                  f"{registry.default('lrqat', 'lr_scale', spec=PRESETS['q4_0']):g}; "
-                                                  f"0 = frozen)")
+                                                  f"{_method_defaults('lr_scale')}; lrqat and peqa on grouped grids "
+                                                  f"{registry.default('lrqat', 'lr_scale', spec=PRESETS['q4_0']):g} "
+                                                  f"with groups of 32, "
+                                                  f"{registry.default('lrqat', 'lr_scale', spec=PRESETS['w3g64']):g} "
+                                                  f"with larger groups; 0 = frozen)")
     g.add_argument("--recipe", default=registry.DEFAULT_RECIPE, choices=list(registry.RECIPES),
                    help="named set of per-method defaults for every option left unset: default (the tool's, tuned "
                         "for short budgets) or paper (each method's paper's settings, cross-entropy)")

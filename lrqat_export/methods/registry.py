@@ -11,9 +11,10 @@ its paper's values and cross-entropy):
 
     method     trains                    defaults (alpha, lr_ab, lr_scale, lr_weight)   output         exact export
     lrqat      A, B, s (inside ⌊·⌉)      16, 3e-3, 1e-4, Φ0 bf16                        IntCheckpoint  yes
-                                         (grouped grids: lr_scale 4e-4, 2e-4 with groups
-                                          of 32, ab_init grad, the imatrix start; peqa
-                                          takes the same lr and start, full-qat the start)
+                                         (grouped grids: the imatrix start; groups of 32:
+                                          lr_scale 2e-4, ab_init grad; larger groups:
+                                          lr_ab 6e-3, lr_scale 4e-4; peqa takes the same
+                                          scale lr and start, full-qat the start)
                                          (paper: 1, 1e-3, 1e-5, Φ0 int8)
     full-qat   W, s (LSQ)                lr_scale 1e-5, lr_weight 5e-5 (the paper's)    IntCheckpoint  yes
     peqa       s                         lr_scale 3e-4 (grouped: LR-QAT's lr_scale;      IntCheckpoint  yes
@@ -40,6 +41,7 @@ ParamGroup = tuple[str, tuple[str, ...], float, float]
 FULL_QAT_WD_W = 0.1  # the paper: weight decay 0.1 on the full-model weights
 GROUPED_LR_SCALE = 4e-4  # LR-QAT's and PEQA's scale lr on grouped one-level grids (the default recipe) ...
 GROUP32_LR_SCALE = 2e-4  # ... and on those with groups of 32 (q4_0, q4_1, q5_0, q8_0): BENCHMARKS.md, run IMXS2
+GROUPED_LR_AB = 6e-3  # LR-QAT's A·B lr on grouped grids with groups larger than 32 (w3g64): BENCHMARKS.md, W3A6L
 # the per-method defaults
 HYPERPARAMETERS = ("alpha", "lr_ab", "lr_scale", "lr_weight", "objective", "phi", "ab_init", "range_method")
 # A recipe is a named set of per-method defaults. "default" is `Method.defaults`, then `Method.grid_defaults(spec)`
@@ -107,6 +109,17 @@ def _grouped_scales(spec) -> dict:
     return {"lr_scale": grouped_lr_scale(spec), **_IMATRIX_START} if grouped_grid(spec) else {}
 
 
+def _lrqat_grid(spec) -> dict:
+    """LR-QAT's default on a grouped grid: the grouped scales and start (`_grouped_scales`); with groups of 32, B
+    starts in the loss gradient's row space (runs GE, GS2, GP); with larger groups A·B learns at `GROUPED_LR_AB` from
+    the Kaiming start (w3g64 over five seeds: 29.99 / 14.887 in / out of domain against 30.28 / 14.980 with lr 3e-3
+    and the gradient start, lower in domain on each seed; BENCHMARKS.md, "A·B at w3g64")."""
+    if not grouped_grid(spec):
+        return {}
+    adapters = {"ab_init": "grad"} if spec.group_size == 32 else {"lr_ab": GROUPED_LR_AB, "ab_init": "lora"}
+    return {**_grouped_scales(spec), **adapters}
+
+
 # the default recipe's start on grouped grids, for every method that starts from a checkpoint (one start for all)
 _IMATRIX_START = {"range_method": "imatrix"}
 
@@ -128,15 +141,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            # Φ0 in bf16 (2 bytes a weight) by default: the paper's int8 Q4.4 keeps every weight at least 1/16 of a
            # step from a rounding boundary, a dead zone A·B must cross before any code moves (the sweep: 58.9 % →
            # 61.7 % of the w4pc out-of-domain gap); --phi int8 halves the frozen weights' memory
-           # grouped one-level grids (q4_0, w3g64, ...): their many scales learn faster, and B starts in the row
-           # space of the first steps' loss gradient (BENCHMARKS.md, the sweep: runs GE, GS2, GP)
+           # grouped one-level grids (q4_0, w3g64, ...): their many scales learn faster; with groups of 32 B starts
+           # in the row space of the first steps' loss gradient (BENCHMARKS.md, the sweep: runs GE, GS2, GP), with
+           # larger groups A·B learns faster from the Kaiming start (`_lrqat_grid`)
            # on grouped grids the start is RTN with llama.cpp's imatrix-weighted scale search on the float model's
            # inputs (BENCHMARKS.md, "The imatrix start": w3g64 18.38 → 15.00 out of domain); per channel it cost in
            # domain and on K plans it left trained LR-QAT level (Q4_K_M 8.955 → 8.930 out of domain, 24.43 → 24.47
            # in), so both keep the weight-only Lp search
            defaults={"alpha": 16.0, "lr_ab": 3e-3, "lr_scale": 1e-4, "lr_weight": None, "objective": "kl",
                      "phi": "bf16", "ab_init": "lora", "range_method": "lp"},
-           grid_defaults=lambda spec: {**_grouped_scales(spec), "ab_init": "grad"} if grouped_grid(spec) else {},
+           grid_defaults=_lrqat_grid,
            recipes={"paper": {"alpha": 1.0, "lr_ab": 1e-3, "lr_scale": 1e-5, "objective": "ce", "phi": "int8",
                               "ab_init": "lora"}},
            prepare=lrqat.prepare,
