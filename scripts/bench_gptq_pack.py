@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     print()
-    print(f"| packer | layers | weights | seconds | Mweights/s |")
-    print(f"|---|---|---|---|---|")
+    print("| packer | layers | weights | seconds | Mweights/s |")
+    print("|---|---|---|---|---|")
     print(f"| lrqat-export (numpy) | {len(rows)} | {n_weights / 1e6:.0f} M | {ours_total:.2f} | "
           f"{n_weights / 1e6 / ours_total:.0f} |")
     if not args.skip_gptqmodel:
