@@ -112,7 +112,7 @@ def _grouped_scales(spec) -> dict:
 def _lrqat_grid(spec) -> dict:
     """LR-QAT's default on a grouped grid: the grouped scales and start (`_grouped_scales`); with groups of 32, B
     starts in the loss gradient's row space (runs GE, GS2, GP); with larger groups A·B learns at `GROUPED_LR_AB` from
-    the Kaiming start (w3g64 over five seeds: 29.99 / 14.887 in / out of domain against 30.28 / 14.980 with lr 3e-3
+    the Kaiming start (w3g64 over five seeds: 30.01 / 14.887 in / out of domain against 30.28 / 14.980 with lr 3e-3
     and the gradient start, lower in domain on each seed; BENCHMARKS.md, "A·B at w3g64")."""
     if not grouped_grid(spec):
         return {}
